@@ -1,0 +1,1 @@
+"""Typer + Rich command-line interface. The only place that imports Typer or Rich."""

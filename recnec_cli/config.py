@@ -1,0 +1,113 @@
+"""One frozen :class:`Settings` object for a run, with units in the names.
+
+Resolution order (STYLE.md habit 5): CLI flag > ``RECNEC_*`` environment variable > default.
+Every field records where its value came from (``Settings.sources``) so the run manifest can show
+it. No setting triggers network access: recnec is offline by design.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import UsageError
+
+
+def default_weights_dir() -> Path:
+    """``weights/`` shipped next to the package (repository checkout or installed data)."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "weights", here.parent / "weights"):
+        if (cand / "manifest.json").exists():
+            return cand
+    return here.parent / "weights"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a scan needs besides the input tree. Units are in the field names."""
+
+    weights_dir: Path = field(default_factory=default_weights_dir)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = 8
+    grid_spacing_mm: float = 1.0  # common co-registration grid (isotropic)
+    hdbet_mode: str = "fast"  # fast (1 fold) | accurate (5 folds)
+    hdbet_tta: bool = False  # HD-BET test-time mirroring (8x slower on CPU)
+    lesion_masks_dir: Path | None = None
+    keep_intermediate_dir: Path | None = None
+    rules_file: Path | None = None  # site rules for series classification (TOML)
+    anisotropy_limit: float = 4.0  # max/min voxel size above which a series is flagged ANISOTROPIC
+    role_confidence_threshold: float = 0.7  # below: UNDETERMINED (see classify.py)
+    allow_derived: bool = False  # accept DERIVED series as candidates
+    max_series_voxels: int = 512 * 512 * 1024  # SERIES_TOO_LARGE above this
+    registration_max_translation_mm: float = 40.0  # post-registration check (FAILURES.md 19)
+    registration_max_rotation_deg: float = 20.0
+    lesion_min_volume_ml: float = 0.1
+    threads: int = 0  # 0 = library default
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k, v in list(d.items()):
+            if isinstance(v, Path):
+                d[k] = str(v)
+        d["sources"] = dict(self.sources)
+        return d
+
+    def validate(self) -> "Settings":
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.hdbet_mode not in ("fast", "accurate"):
+            raise UsageError(f"--hdbet-mode must be 'fast' or 'accurate', got {self.hdbet_mode!r}")
+        dev = self.device
+        if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+        if not (0.3 <= self.grid_spacing_mm <= 3.0):
+            raise UsageError(f"grid spacing must be within 0.3-3.0 mm, got {self.grid_spacing_mm}")
+        return self
+
+
+_CASTS = {bool: lambda s: s.strip().lower() in ("1", "true", "yes", "on")}
+
+
+def resolve_settings(overrides: Mapping[str, Any] | None = None,
+                     environ: Mapping[str, str] | None = None) -> Settings:
+    """Build :class:`Settings` from CLI overrides (non-``None`` values) > ``RECNEC_<FIELD>`` env.
+
+    Raises
+    ------
+    UsageError
+        If an environment value cannot be parsed or a value is out of range.
+    """
+    environ = os.environ if environ is None else environ
+    base = Settings()
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for f in fields(Settings):
+        if f.name == "sources":
+            continue
+        env_key = "RECNEC_" + f.name.upper()
+        if overrides and overrides.get(f.name) is not None:
+            values[f.name] = overrides[f.name]
+            sources[f.name] = "cli"
+        elif env_key in environ:
+            raw = environ[env_key]
+            current = getattr(base, f.name)
+            try:
+                if isinstance(current, bool):
+                    values[f.name] = _CASTS[bool](raw)
+                elif isinstance(current, int):
+                    values[f.name] = int(raw)
+                elif isinstance(current, float):
+                    values[f.name] = float(raw)
+                elif isinstance(current, Path) or f.name.endswith("_dir") or f.name.endswith("_file"):
+                    values[f.name] = Path(raw)
+                else:
+                    values[f.name] = raw
+            except ValueError as exc:
+                raise UsageError(f"cannot parse {env_key}={raw!r}: {exc}") from None
+            sources[f.name] = "env"
+        else:
+            sources[f.name] = "default"
+    return replace(base, **values, sources=sources).validate()
