@@ -145,3 +145,26 @@ class RoleAssignment:
     chosen: Mapping[SeriesRole, Series]
     status: str | None = None
     message: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """One converted 3D volume on a canonical RAS+ grid.
+
+    ``data`` is float32 of shape ``(X, Y, Z)`` (axes towards Right, Anterior, Superior), ``affine``
+    the ``(4, 4)`` voxel -> world (mm, RAS+) matrix. ``flags`` holds non-fatal findings such as
+    ``ANISOTROPIC`` or ``GANTRY_TILT_RESAMPLED``; ``notes`` free-text details for the log.
+    """
+
+    data: "object"  # numpy.ndarray float32 (X, Y, Z); typed loosely to keep this module numpy-free
+    affine: "object"  # numpy.ndarray float64 (4, 4)
+    series_id: str = ""
+    flags: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    @property
+    def spacing_mm(self) -> tuple[float, float, float]:
+        import numpy as np
+
+        a = np.asarray(self.affine)[:3, :3]
+        return tuple(float(v) for v in np.sqrt((a**2).sum(axis=0)))  # type: ignore[return-value]

@@ -1,0 +1,30 @@
+"""Shared fixtures. Real data is read from ``$RECNEC_SHARED_DATA`` (default ``../shared/data``
+beside the repository) and tests that need it skip with a clear reason when it is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("RECNEC_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Root of the real public MRI cases (``.../shared/data``)."""
+    d = shared_data_dir()
+    if not (d / "real").is_dir():
+        pytest.skip(f"real MRI cases not found at {d} (set RECNEC_SHARED_DATA)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def real(shared_data: Path) -> Path:
+    """``.../shared/data/real``: one folder per case, each with SOURCE.md."""
+    return shared_data / "real"
