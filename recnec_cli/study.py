@@ -100,6 +100,9 @@ class Series:
     files: tuple[Path, ...]
     header: SeriesHeader
     sidecar: Path | None = None  # BIDS JSON sidecar, if any
+    # 0-based frame indices inside the single Enhanced (multi-frame) DICOM file of ``files``,
+    # in slice order; empty for classic one-image-per-file DICOM, NIfTI and NRRD.
+    frames: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,262 @@
+"""Conversion: geometry checks, decoders, scaling, 4D/singletons (FAILURES.md 1-5, 10, 11, 13, 14, 20)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from header_corpus import phantom, write_enhanced, write_series
+from recnec_cli.config import Settings
+from recnec_cli.convert import MIN_SLICES, convert_series
+from recnec_cli.discover import discover
+from recnec_cli.errors import ConversionError
+
+S = Settings()
+
+
+def _one_series(root: Path):
+    (st,) = discover(root, settings=S)
+    assert len(st.series) == 1, [s.series_id for s in st.series]
+    return st.series[0]
+
+
+def _code(series, settings=S) -> ConversionError:
+    with pytest.raises(ConversionError) as ei:
+        convert_series(series, settings=settings)
+    return ei.value
+
+
+def test_axial_stack_is_canonical_and_exact(tmp_path):
+    pix = phantom(20)
+    write_series(tmp_path, n=20, spacing=2.0, pixel=0.5, pixels=pix)
+    v = convert_series(_one_series(tmp_path), settings=S)
+    assert v.data.dtype == np.float32 and v.data.shape == (32, 32, 20)
+    assert v.spacing_mm == pytest.approx((0.5, 0.5, 2.0))
+    # DICOM LPS axial (row cosine +x = patient Left): canonical RAS flips i and j
+    assert np.allclose(np.diag(v.affine)[:3], [0.5, 0.5, 2.0])
+    # voxel (i, j, k) of RAS = DICOM pixel (row=31-j, col=31-i) of slice k
+    assert v.data[31 - 3, 31 - 7, 5] == pix[5, 7, 3]
+    # world position of a voxel equals the DICOM position converted to RAS
+    i, j, k = 4, 9, 11
+    world = v.affine @ [i, j, k, 1]
+    dicom_lps = np.array([(31 - i) * 0.5, (31 - j) * 0.5, k * 2.0])
+    assert world[:3] == pytest.approx([-dicom_lps[0], -dicom_lps[1], dicom_lps[2]])
+    assert not v.flags
+
+
+def test_files_are_not_modified(tmp_path):
+    paths = write_series(tmp_path, n=12)
+    before = {p: p.read_bytes() for p in paths}
+    convert_series(_one_series(tmp_path), settings=S)
+    assert all(p.read_bytes() == b for p, b in before.items())
+
+
+def test_gantry_tilt_fails_with_angle(tmp_path):  # kind 1
+    write_series(tmp_path, n=20, tilt_deg=15, tags={"GantryDetectorTilt": 15})
+    e = _code(_one_series(tmp_path))
+    assert e.code == "GANTRY_TILT" and "15.0 deg" in e.message
+
+
+def test_missing_slice_named(tmp_path):  # kind 2
+    write_series(tmp_path, n=20, drop=[7])
+    e = _code(_one_series(tmp_path))
+    assert e.code == "MISSING_SLICES"
+    assert "between slices 6 and 7" in e.message and "about 1 slice(s) missing" in e.message
+
+
+def test_same_position_different_pixels_is_ambiguous(tmp_path):  # kind 3, no echo tags differ
+    write_series(tmp_path, n=12, series_uid="4.4", study_uid="1.1", prefix="a")
+    write_series(tmp_path, n=12, series_uid="4.4", study_uid="1.1", prefix="b", seed=5,
+                 per_slice=lambda k, ds: setattr(ds, "InstanceNumber", 100 + k))
+    assert _code(_one_series(tmp_path)).code == "AMBIGUOUS_STACK"
+
+
+def test_4d_by_temporal_tags_is_not_3d(tmp_path):  # kind 13 (DICOM perfusion)
+    for t in range(3):
+        write_series(tmp_path, n=12, series_uid="8.8", study_uid="1.1", prefix=f"t{t}",
+                     tags={"TemporalPositionIdentifier": t + 1, "AcquisitionNumber": t + 1})
+    s = _one_series(tmp_path)
+    assert s.header.n_temporal == 3
+    assert _code(s).code == "NOT_3D"
+
+
+def test_enhanced_frames_sorted_by_position(tmp_path):  # kind 4
+    write_enhanced(tmp_path / "enh.dcm", n=20, shuffle=True)
+    v = convert_series(_one_series(tmp_path), settings=S)
+    ref = phantom(20, 24, 24)
+    # canonical RAS: k increases superior = IPP z increasing; i, j flipped from LPS
+    assert v.data.shape == (24, 24, 20)
+    assert np.array_equal(v.data[::-1, ::-1, :].transpose(2, 1, 0), ref.astype(np.float32))
+
+
+def test_enhanced_two_stacks_convert_separately(tmp_path):
+    write_enhanced(tmp_path / "enh.dcm", n=20, second_stack=12, shuffle=True)
+    (st,) = discover(tmp_path, settings=S)
+    shapes = sorted(convert_series(s, settings=S).data.shape[2] if s.header.n_slices == 20 else
+                    s.header.n_slices for s in st.series)
+    assert shapes == [12, 20]
+
+
+def test_raw_bytes_claiming_jpeg_fail_decoding(tmp_path):  # kind 5
+    from pydicom.uid import JPEGBaseline8Bit
+
+    def fake_jpeg(k, ds):
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        from pydicom.encaps import encapsulate
+
+        ds.PixelData = encapsulate([b"\x00" * 64])
+        ds["PixelData"].VR = "OB"
+
+    write_series(tmp_path, n=12, per_slice=fake_jpeg)
+    e = _code(_one_series(tmp_path))
+    assert e.code == "PIXEL_DECODE_FAILED"
+
+
+def test_constant_image_rejected(tmp_path):  # kind 5
+    write_series(tmp_path, n=12, pixels=np.zeros((12, 32, 32), np.uint16))
+    assert _code(_one_series(tmp_path)).code == "CONSTANT_IMAGE"
+
+
+def test_missing_geometry(tmp_path):  # kind 10
+    def no_ipp(k, ds):
+        if k == 4:
+            del ds.ImagePositionPatient
+
+    write_series(tmp_path, n=12, per_slice=no_ipp)
+    e = _code(_one_series(tmp_path))
+    assert e.code == "MISSING_GEOMETRY"
+
+
+def test_per_slice_scaling_applied(tmp_path):  # kind 11
+    pix = phantom(12)
+
+    def slopes(k, ds):
+        ds.RescaleSlope = 2.36 if k % 2 else 1.18
+        ds.RescaleIntercept = 0
+        ds.add_new((0x2005, 0x100E), "FL", 0.0075)
+
+    write_series(tmp_path, n=12, pixels=pix, per_slice=slopes)
+    v = convert_series(_one_series(tmp_path), settings=S)
+    lps = v.data[::-1, ::-1, :].transpose(2, 1, 0)
+    for k in (2, 3):
+        assert np.allclose(lps[k], pix[k] * (2.36 if k % 2 else 1.18), rtol=1e-5)
+    assert "PER_SLICE_SCALING" in v.flags
+    assert any("2005,100E" in n for n in v.notes)
+
+
+def test_nifti_singleton_4th_dim_squeezed_and_scaled(tmp_path):  # kind 13
+    data = np.arange(8 * 9 * 12, dtype=np.uint8).reshape(8, 9, 12, 1) % 200
+    img = nib.Nifti1Image(data, np.diag([-1.0, 1.0, 2.0, 1.0]))
+    img.header.set_slope_inter(2.5, 10)
+    nib.save(img, str(tmp_path / "t1.nii.gz"))
+    v = convert_series(_one_series(tmp_path), settings=S)
+    assert v.data.shape == (8, 9, 12)
+    assert v.affine[0, 0] == pytest.approx(1.0)  # canonical: x flipped to +R
+    assert v.data[7, 0, 0] == pytest.approx(data[0, 0, 0, 0] * 2.5 + 10)
+
+
+def test_nifti_4d_not_3d(tmp_path):  # kind 13
+    nib.save(nib.Nifti1Image(np.random.rand(8, 8, 12, 40).astype(np.float32), np.eye(4)),
+             str(tmp_path / "perf.nii.gz"))
+    e = _code(_one_series(tmp_path))
+    assert e.code == "NOT_3D"
+
+
+def test_thick_2d_spacing_from_positions_and_anisotropic(tmp_path):  # kind 14
+    write_series(tmp_path, n=24, spacing=5.0, step=6.0, pixel=0.9,
+                 tags={"MRAcquisitionType": "2D"})
+    s = _one_series(tmp_path)
+    assert s.header.slice_spacing_mm == pytest.approx(6.0)
+    v = convert_series(s, settings=S)
+    assert v.spacing_mm[2] == pytest.approx(6.0)
+    assert "ANISOTROPIC" in v.flags
+    v2 = convert_series(s, settings=replace(S, anisotropy_limit=10.0))
+    assert "ANISOTROPIC" not in v2.flags
+
+
+def test_too_few_slices_and_too_large(tmp_path):  # kind 20
+    write_series(tmp_path / "a", n=MIN_SLICES - 1)
+    assert _code(_one_series(tmp_path / "a")).code == "TOO_FEW_SLICES"
+    write_series(tmp_path / "b", n=12)
+    e = _code(_one_series(tmp_path / "b"), settings=replace(S, max_series_voxels=1000))
+    assert e.code == "SERIES_TOO_LARGE"
+
+
+# ---------------------------------------------------------------- real cases
+def _series_of(real: Path, case: str):
+    (st,) = discover(real / case, settings=S)
+    return st
+
+
+def test_real_transfer_syntaxes_decode_identically(real):
+    """The nine encodings of one EPI mosaic (dcm_qa_ts) give the same pixels (FAILURES.md 5)."""
+    import pydicom
+
+    from recnec_cli.convert import _decode
+
+    arrays = []
+    for p in sorted((real / "dicom_transfer_syntax_variants").glob("*.dcm")):
+        ds = pydicom.dcmread(str(p))
+        arrays.append(_decode(ds, p).astype(np.int32))
+    assert len(arrays) == 9
+    assert all(np.array_equal(a, arrays[0]) for a in arrays[1:])
+    st = _series_of(real, "dicom_transfer_syntax_variants")
+    assert _code(st.series[0]).code == "NOT_3D"  # mosaic EPI is never a volume
+
+
+def test_real_matches_dicom2nifti(real):
+    """Our stack assembly equals dicom2nifti's on a real sagittal 2D series (voxels and affine)."""
+    import pydicom
+    import tempfile
+
+    from dicom2nifti.convert_dicom import dicom_array_to_nifti
+
+    st = _series_of(real, "dicom_siemens_e11_t1_fl2d_sag")
+    s = st.series[0]
+    v = convert_series(s, settings=S)
+    assert v.data.shape == (35, 256, 256) and "ANISOTROPIC" in v.flags
+    with tempfile.TemporaryDirectory() as td:
+        dsl = [pydicom.dcmread(str(p)) for p in s.files]
+        out = dicom_array_to_nifti(dsl, str(Path(td) / "x.nii.gz"), reorient_nifti=True)
+        ref = nib.as_closest_canonical(nib.load(out["NII_FILE"]))
+        assert np.allclose(ref.affine, v.affine, atol=1e-3)
+        assert np.array_equal(np.asarray(ref.dataobj, dtype=np.float32), v.data)
+
+
+@pytest.mark.parametrize("case,shape,code", [
+    ("dicom_siemens_xa30_enhanced_t1", (96, 128, 128), None),  # sagittal
+    ("dicom_philips_elition_t1_mprage", (170, 256, 256), None),
+    ("nifti_niivue_mr_gd_skullstripped", (176, 188, 144), None),
+    ("dicom_siemens_xa30_localizers", None, "TOO_FEW_SLICES"),
+])
+def test_real_cases_convert(real, case, shape, code):
+    st = _series_of(real, case)
+    s = st.series[0]
+    if code:
+        assert _code(s).code == code
+        return
+    v = convert_series(s, settings=S)
+    assert v.data.shape == shape and v.data.dtype == np.float32
+    assert np.isfinite(v.data).all() and v.data.max() > 0
+
+
+def test_real_vendor_stubs_too_few_slices(real):
+    st_all = discover(real / "dicom_dicom2nifti_vendor_stubs", settings=S)
+    codes = set()
+    for st in st_all:
+        for s in st.series:
+            codes.add(_code(s).code)
+    assert codes == {"TOO_FEW_SLICES"}
+
+
+def test_real_dual_echo_split_volumes(real):
+    st = _series_of(real, "dicom_siemens_pd_t2_dualecho_phantom")
+    vols = {s.series_id.split("#")[1]: convert_series(s, settings=S) for s in st.series}
+    assert vols["echo=1"].data.shape == vols["echo=2"].data.shape == (35, 64, 64)
+    assert np.allclose(vols["echo=1"].affine, vols["echo=2"].affine)
+    # the TE 92 echo is darker overall than the TE 11 echo (T2 decay)
+    assert vols["echo=2"].data.mean() < vols["echo=1"].data.mean()
