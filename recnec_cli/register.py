@@ -111,7 +111,7 @@ class RigidResult:
 def _rigid_params(tx) -> tuple[float, float]:
     import SimpleITK as sitk
 
-    euler = sitk.Euler3DTransform(tx) if not isinstance(tx, sitk.Euler3DTransform) else tx
+    euler = tx
     m = np.asarray(euler.GetMatrix()).reshape(3, 3)
     angle = math.degrees(math.acos(max(-1.0, min(1.0, (np.trace(m) - 1.0) / 2.0))))
     # displacement of the fixed image's centre, which is what a rigid offset means to a reader
@@ -135,9 +135,10 @@ def _run(fixed, moving, init_tx, *, seed: int):
     reg.SetShrinkFactorsPerLevel([4, 2, 1])
     reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    reg.SetInitialTransform(init_tx, inPlace=False)
-    final = reg.Execute(fixed, moving)
-    return final, float(reg.GetMetricValue()), int(reg.GetOptimizerIteration())
+    tx = sitk.Euler3DTransform(init_tx)  # optimised in place: the result stays an Euler3DTransform
+    reg.SetInitialTransform(tx, inPlace=True)
+    reg.Execute(fixed, moving)
+    return tx, float(reg.GetMetricValue()), int(reg.GetOptimizerIteration())
 
 
 def register_rigid(fixed: Volume, moving: Volume, *, max_translation_mm: float,
