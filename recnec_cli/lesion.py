@@ -11,8 +11,11 @@ Automatic detection (no mask given) looks for voxels that enhance after contrast
 3. the candidate map is opened with a 1-voxel ball (removes vessels thinner than ~2 mm) and the
    brain mask is eroded by 3 mm first so dura and scalp edges at the mask border do not count;
 4. connected components (26-connectivity); each is filled (so a necrotic rim and its core count as
-   one lesion) and scored by ``filled volume (mL) * mean enhancement``; the best component is the
-   lesion if its enhancing volume is at least ``min_volume_ml``.
+   one lesion) and scored by ``filled volume (mL) * roundness``, where roundness (``sqrt`` of the
+   smallest over the largest principal variance of the component's voxel positions) down-weights
+   the tubes and sheets that enhance normally (veins, dural sinuses, falx). Mean enhancement is
+   deliberately not in the score: venous blood in the sinuses enhances more than tumour does;
+   the best component is the lesion if its enhancing volume is at least ``min_volume_ml``.
 
 The lesion centroid is the centre of mass of the filled component, in world mm (RAS+); the
 reported volume is the filled volume in mL. No component -> :class:`LesionError`
@@ -65,6 +68,19 @@ def _robust_z(x: np.ndarray, inside: np.ndarray) -> np.ndarray:
     if s <= 0:
         s = float(v.std()) or 1.0
     return (x - med) / s
+
+
+def _roundness(mask: np.ndarray, spacing: np.ndarray) -> float:
+    """sqrt(smallest / largest principal variance) of a component's voxel positions (mm).
+
+    1 for a ball, near 0 for the thin tubes and sheets that enhance normally (cortical veins,
+    dural venous sinuses, falx): a lesion is a blob, a vessel is not.
+    """
+    pts = np.argwhere(mask).astype(np.float64) * spacing
+    if len(pts) < 4:
+        return 0.0
+    ev = np.linalg.eigvalsh(np.cov(pts.T))
+    return float(np.sqrt(max(ev[0], 0.0) / ev[-1])) if ev[-1] > 0 else 0.0
 
 
 def _centroid_world(mask: np.ndarray, affine: Affine) -> np.ndarray:
@@ -127,7 +143,7 @@ def detect_enhancing_lesion(t1ce: VolumeRAS, brain_mask: MaskRAS, affine: Affine
             continue
         filled = ndimage.binary_fill_holes(comp)
         mean_enh = float(enh[sl][comp].mean())
-        score = float(filled.sum()) * voxel_ml * mean_enh
+        score = float(filled.sum()) * voxel_ml * _roundness(filled, spacing)
         if best is None or score > best[0]:
             best = (score, idx, sl, filled, mean_enh)
     if best is None:
