@@ -258,7 +258,7 @@ def preprocess_study(study: Study, *, settings: Settings, resources: Resources,
             x = make_model_input([by_name[c] for c in spec.channels], brain, grid_aff, les.centroid_ras_mm, spec)
         if settings.keep_intermediate_dir is not None:
             _write_intermediate(settings.keep_intermediate_dir, study, grid_aff, on_grid, brain, les.mask, x, spec,
-                                les.centroid_ras_mm)
+                                les.centroid_ras_mm, native_mask, fixed.affine)
     except RecnecError as exc:
         # remember where it failed, for the report row; the error itself is unchanged
         exc.stage, exc.timings, exc.assignment = stage, timings, assignment  # type: ignore[attr-defined]
@@ -275,8 +275,14 @@ def study_key(study: Study) -> str:
     return "".join(c if (c.isalnum() or c in "-._") else "_" for c in study.study_id)
 
 
-def _write_intermediate(root: Path, study: Study, affine, on_grid, brain, lesion_mask, x, spec, centre) -> None:
-    """Write co-registered volumes, brain and lesion masks and the model box as NIfTI for review."""
+def _write_intermediate(root: Path, study: Study, affine, on_grid, brain, lesion_mask, x, spec, centre,
+                        native_mask, native_affine) -> None:
+    """Write co-registered volumes, brain and lesion masks and the model box as NIfTI for review.
+
+    Files in ``root/<study key>/``: ``t1_coreg``, ``t2_coreg``, ``t1ce_coreg`` (common grid),
+    ``brain_mask`` and ``lesion_mask`` (common grid), ``brain_mask_t1ce_native`` (HD-BET's mask on the
+    T1ce's own grid) and ``model_input_box`` (the model tensor, channels last, on the box grid).
+    """
     import nibabel as nib
 
     out = Path(root) / study_key(study)
@@ -286,6 +292,8 @@ def _write_intermediate(root: Path, study: Study, affine, on_grid, brain, lesion
         nib.save(nib.Nifti1Image(arr.astype(np.float32), affine), str(out / f"{names[role]}_coreg.nii.gz"))
     nib.save(nib.Nifti1Image(brain.astype(np.uint8), affine), str(out / "brain_mask.nii.gz"))
     nib.save(nib.Nifti1Image(lesion_mask.astype(np.uint8), affine), str(out / "lesion_mask.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(native_mask, dtype=np.uint8), native_affine),
+             str(out / "brain_mask_t1ce_native.nii.gz"))
     box = nib.Nifti1Image(np.moveaxis(x, 0, -1).astype(np.float32), box_affine(centre, spec))
     nib.save(box, str(out / "model_input_box.nii.gz"))
 
