@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from recnec_cli.study import Series, SeriesHeader, SeriesRole
+from recnec_cli.study import Series, SeriesHeader, SeriesRole, Study
 
 MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENH_MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
@@ -341,55 +341,98 @@ PHYSICS = {"T1": None, "T1CE": None, "T2": _t2_tse, "FLAIR": _flair, "PD": _pd, 
 VENDORS = ("SIEMENS", "GE", "Philips", "UIH")
 
 
-def make_corpus(n_per_kind: int = 24, seed: int = 7) -> list[tuple[Series, SeriesRole]]:
-    """Labelled header-only series: ``(series, true_role)``. Deterministic for a given seed.
+def _series_header(kind: str, i: int, rng: random.Random, *, t1_phys: dict | None = None
+                   ) -> SeriesHeader:
+    vendor = VENDORS[i % len(VENDORS)]
+    descr = DESCR[kind][i % len(DESCR[kind])]
+    if kind in ("T1", "T1CE"):
+        phys = dict(t1_phys) if t1_phys is not None else (_t1_3d if i % 3 else _t1_se2d)(vendor, rng)
+    else:
+        phys = PHYSICS[kind](vendor, rng)
+    phys.setdefault("manufacturer", vendor)
+    extra: dict[str, Any] = {}
+    if kind == "T1CE" and i % 2 == 0:
+        extra = dict(contrast_bolus_agent=rng.choice(["Gadovist", "DOTAREM", "GD", "Multihance 15ml",
+                                                      "gadolinium"]),
+                     contrast_bolus_volume_ml=rng.choice([7.5, 15.0, None]))
+    if kind == "T1" and i % 4 == 1:
+        extra = dict(contrast_bolus_agent="")  # present but empty (Philips)
+    if i % 6 == 5 and kind != "LOCALIZER":
+        # stripped header (anonymiser / converter): name only, no TR/TE/TI/sequence type
+        for key in ("repetition_time_ms", "echo_time_ms", "inversion_time_ms",
+                    "scanning_sequence", "sequence_variant", "flip_angle_deg"):
+            phys.pop(key, None)
+    return _h(series_description=descr, protocol_name=descr, **phys, **extra)
 
-    Covers T1 (3D IR-GRE and 2D SE), T1ce (contrast tags present/absent, multilingual tokens),
-    T2 (2D TSE and 3D), and look-alikes: FLAIR, PD, DWI/ADC, SWI/T2*, perfusion (4D), localizers
-    and derived MPR/MIP/SUB/ADC copies of valid T1s (FAILURES.md 6, 7, 13, 15, 16, 17); many
-    descriptions are misleading ("T2" on DWI, SWI, FLAIR, PD) or empty."""
+
+DERIVED_TYPES = [("DERIVED", "SECONDARY", "MPR"), ("DERIVED", "PRIMARY", "M", "SUB"),
+                 ("DERIVED", "PRIMARY", "MIP"), ("DERIVED", "PRIMARY", "DIFFUSION", "ADC"),
+                 ("DERIVED", "PRIMARY", "MOCO"), ("ORIGINAL", "PRIMARY", "M", "ND", "MPR"),
+                 ("DERIVED", "SECONDARY", "REFORMATTED")]
+DERIVED_DESCR = ["T1 MPR cor", "t1_mprage_tra_MPR", "T1 post SUB", "MIP T1+C", "T1 MOCO",
+                 "T1 reformat", None]
+# acquisition order of a typical neuro-oncology session; perfusion (DSC) injects the contrast
+SESSION = ("LOCALIZER", "T1", "T2", "FLAIR", "PD", "DWI", "SWI", "PERFUSION", "T1CE", "DERIVED")
+
+
+def make_corpus_studies(n_studies: int = 32, seed: int = 7
+                        ) -> list[tuple[Study, dict[str, SeriesRole]]]:
+    """Generated studies of header-only series with their true roles.
+
+    Each study holds one series of every kind of :data:`SESSION`, in that acquisition order
+    (AcquisitionTime 5 min apart; perfusion only in every other study), the T1ce repeating the
+    T1's sequence in two studies out of three. Vendors rotate (Siemens, GE, Philips, UIH), so do
+    the description languages (English, German, French, Spanish, Dutch, Italian) and the
+    look-alikes of FAILURES.md 6, 7, 13, 15, 16, 17; one series in six has its physics stripped.
+    Eight extra one-series studies hold non-MR objects."""
     rng = random.Random(seed)
-    out: list[tuple[Series, SeriesRole]] = []
+    out: list[tuple[Study, dict[str, SeriesRole]]] = []
     k = 0
-
-    def add(h: SeriesHeader, role: SeriesRole) -> None:
-        nonlocal k
-        k += 1
-        out.append((Series(series_id=f"corpus-{k:04d}", source="dicom", files=(), header=h), role))
-
-    for kind in ("T1", "T1CE", "T2", "FLAIR", "PD", "DWI", "SWI", "PERFUSION", "LOCALIZER"):
-        for i in range(n_per_kind):
-            vendor = VENDORS[i % len(VENDORS)]
-            descr = DESCR[kind][i % len(DESCR[kind])]
-            if kind in ("T1", "T1CE"):
-                phys = (_t1_3d if i % 3 else _t1_se2d)(vendor, rng)
+    for i in range(n_studies):
+        series: list[Series] = []
+        truth: dict[str, SeriesRole] = {}
+        t1_phys = None
+        for order, kind in enumerate(SESSION):
+            if kind == "PERFUSION" and i % 2:
+                continue
+            k += 1
+            if kind == "DERIVED":
+                vendor = VENDORS[i % len(VENDORS)]
+                phys = _t1_3d(vendor, rng)
+                phys["image_type"] = DERIVED_TYPES[i % len(DERIVED_TYPES)]
+                h = _h(series_description=DERIVED_DESCR[i % len(DERIVED_DESCR)],
+                       manufacturer=vendor, **phys)
+                role = R.DERIVED
             else:
-                phys = PHYSICS[kind](vendor, rng)
-            phys.setdefault("manufacturer", vendor)
-            extra: dict[str, Any] = {}
-            if kind == "T1CE" and i % 2 == 0:
-                extra = dict(contrast_bolus_agent=rng.choice(["Gadovist", "DOTAREM", "GD", "Multihance 15ml", "gadolinium"]),
-                             contrast_bolus_volume_ml=rng.choice([7.5, 15.0, None]))
-            if kind == "T1" and i % 4 == 1:
-                extra = dict(contrast_bolus_agent="")  # present but empty (Philips)
-            role = getattr(R, kind)
-            add(_h(series_description=descr, protocol_name=descr, series_number=i + 2, **phys, **extra), role)
-    # derived / reformatted copies of valid T1 and T1ce series (FAILURES.md 15)
-    derived_types = [("DERIVED", "SECONDARY", "MPR"), ("DERIVED", "PRIMARY", "M", "SUB"),
-                     ("DERIVED", "PRIMARY", "MIP"), ("DERIVED", "PRIMARY", "DIFFUSION", "ADC"),
-                     ("DERIVED", "PRIMARY", "MOCO"), ("ORIGINAL", "PRIMARY", "M", "ND", "MPR"),
-                     ("DERIVED", "SECONDARY", "REFORMATTED")]
-    for i in range(n_per_kind + 4):
-        vendor = VENDORS[i % len(VENDORS)]
-        phys = _t1_3d(vendor, rng)
-        phys["image_type"] = derived_types[i % len(derived_types)]
-        descr = ["T1 MPR cor", "t1_mprage_tra_MPR", "T1 post SUB", "MIP T1+C", "T1 MOCO", "T1 reformat", None][i % 7]
-        add(_h(series_description=descr, manufacturer=vendor, **phys), R.DERIVED)
-    # non-MR objects
-    for i in range(8):
-        add(_h(modality=rng.choice(["CT", "PT", "SR", "OT"]), series_description=["T1 fusion", "Head CT", None, "Dose report"][i % 4],
-               image_type=("ORIGINAL", "PRIMARY", "AXIAL")), R.NON_MR)
+                h = _series_header(kind, i, rng, t1_phys=t1_phys if kind == "T1CE" and i % 3
+                                   else None)
+                role = getattr(R, kind)
+                if kind == "T1":
+                    t1_phys = {f: getattr(h, f) for f in (
+                        "scanning_sequence", "sequence_variant", "mr_acquisition_type",
+                        "repetition_time_ms", "echo_time_ms", "inversion_time_ms",
+                        "flip_angle_deg", "n_slices", "image_type", "manufacturer")}
+            h = replace(h, series_number=order + 1, acquisition_time_s=8 * 3600 + 300.0 * order)
+            sid = f"corpus-{k:04d}"
+            series.append(Series(series_id=sid, source="dicom", files=(), header=h))
+            truth[sid] = role
+        out.append((Study(study_id=f"study-{i:03d}", patient_pseudonym="", source="dicom",
+                          location="", series=tuple(series)), truth))
+    for j in range(8):
+        k += 1
+        h = _h(modality=["CT", "PT", "SR", "OT"][j % 4],
+               series_description=["T1 fusion", "Head CT", None, "Dose report"][j % 4],
+               image_type=("ORIGINAL", "PRIMARY", "AXIAL"), series_number=1)
+        sid = f"corpus-{k:04d}"
+        out.append((Study(study_id=f"nonmr-{j}", patient_pseudonym="", source="dicom",
+                          location="", series=(Series(sid, "dicom", (), h),)), {sid: R.NON_MR}))
     return out
+
+
+def make_corpus(n_studies: int = 32, seed: int = 7) -> list[tuple[Series, SeriesRole]]:
+    """The series of :func:`make_corpus_studies`, flattened: ``(series, true_role)``."""
+    return [(s, truth[s.series_id]) for st, truth in make_corpus_studies(n_studies, seed)
+            for s in st.series]
 
 
 def corpus_stats(rows: list[tuple[SeriesRole, SeriesRole]]) -> dict[str, Any]:
