@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -360,7 +360,34 @@ def volume_to_nifti(volume: Volume) -> Any:
     return img
 
 
-def spacing_from_positions(positions_mm: Sequence[float]) -> float | None:
-    """Median step (mm) between sorted slice positions; ``None`` for fewer than two."""
-    p = np.sort(np.asarray(positions_mm, dtype=float))
-    return float(np.median(np.diff(p))) if p.size > 1 else None
+
+# Transfer syntaxes met in MR exports (DICOM PS3.5 Table A-1 / 10.x); checked at start-up so a
+# missing decoder fails the run once (FAILURES.md kinds 5 and 20) instead of every study.
+COMMON_TRANSFER_SYNTAXES = {
+    "1.2.840.10008.1.2": "Implicit VR Little Endian",
+    "1.2.840.10008.1.2.1": "Explicit VR Little Endian",
+    "1.2.840.10008.1.2.2": "Explicit VR Big Endian",
+    "1.2.840.10008.1.2.5": "RLE Lossless",
+    "1.2.840.10008.1.2.4.50": "JPEG Baseline",
+    "1.2.840.10008.1.2.4.57": "JPEG Lossless",
+    "1.2.840.10008.1.2.4.70": "JPEG Lossless SV1",
+    "1.2.840.10008.1.2.4.80": "JPEG-LS Lossless",
+    "1.2.840.10008.1.2.4.81": "JPEG-LS Near-lossless",
+    "1.2.840.10008.1.2.4.90": "JPEG 2000 Lossless",
+    "1.2.840.10008.1.2.4.91": "JPEG 2000",
+}
+
+
+def decoder_report() -> dict[str, bool]:
+    """``{transfer syntax name: decoder available}`` for :data:`COMMON_TRANSFER_SYNTAXES`, from
+    pydicom's pixel-data backends (pylibjpeg, openjpeg, libjpeg, gdcm); for the run manifest."""
+    from pydicom.pixels import get_decoder
+
+    out = {}
+    for uid, name in COMMON_TRANSFER_SYNTAXES.items():
+        try:
+            out[name] = bool(get_decoder(uid).is_available)
+        except (NotImplementedError, ValueError):
+            out[name] = False
+    log.debug("pixel decoders: %s", out)
+    return out

@@ -260,3 +260,10 @@ def test_real_dual_echo_split_volumes(real):
     assert np.allclose(vols["echo=1"].affine, vols["echo=2"].affine)
     # the TE 92 echo is darker overall than the TE 11 echo (T2 decay)
     assert vols["echo=2"].data.mean() < vols["echo=1"].data.mean()
+
+
+def test_decoder_report_covers_common_syntaxes():
+    from recnec_cli.convert import decoder_report
+
+    rep = decoder_report()
+    assert rep["JPEG 2000 Lossless"] and rep["RLE Lossless"] and rep["JPEG-LS Lossless"]
