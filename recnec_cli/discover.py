@@ -676,7 +676,12 @@ def _read_dicom_header(path: Path) -> Any | None:
     from pydicom.errors import InvalidDicomError
 
     try:
-        if path.stat().st_size < 132:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+        # PS3.10 7.1: 128-byte preamble + "DICM"; preamble-less files start with a group 0002 or
+        # 0008 element (either byte order). Anything else is not parsed at all (fast on big junk).
+        if len(head) < 132 or not (head[128:132] == b"DICM" or head[:2] in (b"\x02\x00", b"\x00\x02", b"\x00\x08",
+                                                                             b"\x08\x00")):
             return None
         ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True)
     except (InvalidDicomError, OSError, ValueError, TypeError, KeyError, AttributeError,
