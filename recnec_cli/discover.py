@@ -680,8 +680,8 @@ def _read_dicom_header(path: Path) -> Any | None:
             head = fh.read(132)
         # PS3.10 7.1: 128-byte preamble + "DICM"; preamble-less files start with a group 0002 or
         # 0008 element (either byte order). Anything else is not parsed at all (fast on big junk).
-        if len(head) < 132 or not (head[128:132] == b"DICM" or head[:2] in (b"\x02\x00", b"\x00\x02", b"\x00\x08",
-                                                                             b"\x08\x00")):
+        starts = (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
+        if len(head) < 132 or not (head[128:132] == b"DICM" or head[:2] in starts):
             return None
         ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True)
     except (InvalidDicomError, OSError, ValueError, TypeError, KeyError, AttributeError,
