@@ -1,0 +1,283 @@
+"""``recnec train`` and ``recnec evaluate``: thin wrappers over :mod:`recnec_cli.train`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .. import DISCLAIMER
+from .common import EXIT_OK, error_boundary, setup_logging
+
+log = logging.getLogger("recnec.train")
+
+
+class Arch(str, Enum):
+    resnet10 = "resnet10"
+    resnet18 = "resnet18"
+    vgg16 = "vgg16"
+    densenet121 = "densenet121"
+
+
+class HdBetMode(str, Enum):
+    fast = "fast"
+    accurate = "accurate"
+
+
+TRAIN_HELP = f"""Train a cross-validated CNN ensemble on a labelled cohort and export it to ONNX.
+
+DATA is either a model-space folder (DATA/tensors/<study_id>.npy, float32 (3, 40, 40, 40), as
+written by `recnec synth --space model`) or a folder of studies (DICOM / NIfTI / NRRD) that is
+preprocessed with exactly the code `recnec scan` uses, each study's tensor cached under --cache.
+LABELS is a CSV with columns study_id,label where label is recurrence or necrosis (1/0).
+
+Stratified k-fold cross-validation: one model per fold forms the ensemble; early stopping on an
+inner validation split (AUC); class-weighted loss; MONAI augmentation; deterministic per --seed.
+The decision threshold is chosen on out-of-fold predictions (Youden's J, or the best specificity
+reaching --target-sensitivity). OUT receives fold<k>.onnx, manifest.json (SHA-256 per file, input
+spec, threshold, CV metrics with bootstrap 95 % CIs, seed, data fingerprint, versions), roc.png
+and epochs.csv. OUT must be new, empty, or a previous recnec ensemble (replaced).
+
+Examples:
+
+  recnec train --reproduce-shipped --out weights/      # the shipped ensemble (~10-20 min, 2 cores)
+
+  recnec train cohort/ --labels cohort/labels.csv --out my_weights/ --cache cache/
+
+  recnec train cohort/ --labels labels.csv --out vgg/ --arch vgg16     # the paper's comparison
+
+{DISCLAIMER}
+"""
+
+EVALUATE_HELP = f"""Score a labelled cohort with an ensemble: AUC, sensitivity, specificity, accuracy.
+
+DATA and LABELS as for `recnec train`. Uses the shipped weights/ unless --weights is given; the
+manifest's threshold decides recurrence (>= threshold) versus necrosis. Writes OUT (JSON with
+top-level auc, sensitivity, specificity, accuracy, bootstrap 95 % CIs under ci95, the confusion
+matrix and one prediction per study) and a ROC curve PNG (OUT's stem + .roc.png).
+
+Example:
+
+  recnec evaluate fresh_cohort/ --labels fresh_cohort/labels.csv --out metrics.json
+
+{DISCLAIMER}
+"""
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train", help=TRAIN_HELP)(train)
+    app.command("evaluate", help=EVALUATE_HELP, no_args_is_help=True)(evaluate)
+
+
+def _settings(device: Optional[str], hdbet_mode: Optional[HdBetMode], lesion_masks: Optional[Path],
+              threads: Optional[int], weights: Optional[Path] = None) -> Any:
+    from ..config import resolve_settings
+
+    return resolve_settings({
+        "device": device, "hdbet_mode": hdbet_mode.value if hdbet_mode else None,
+        "lesion_masks_dir": lesion_masks, "threads": threads, "weights_dir": weights,
+    })
+
+
+def _labels_path(data: Path, labels: Optional[Path]) -> Path:
+    from ..errors import UsageError
+
+    if labels is not None:
+        return labels
+    if (data / "labels.csv").is_file():
+        return data / "labels.csv"
+    raise UsageError("--labels is required (no labels.csv inside DATA)")
+
+
+def train(
+    data: Optional[Path] = typer.Argument(None, help="Model-space folder (tensors/*.npy) or folder of "
+                                          "studies. Not used with --reproduce-shipped.", show_default=False),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV study_id,label "
+                                          "(recurrence/necrosis) [default: DATA/labels.csv]", show_default=False),
+    out: Path = typer.Option(..., "--out", "-o", help="Weights folder to write.", show_default=False),
+    arch: Arch = typer.Option(Arch.resnet10, "--arch", help="Network family (paper: ResNet10 best)."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny profile for tests: 2 folds, 2 epochs, width 4."),
+    folds: Optional[int] = typer.Option(None, "--folds", min=2, help="Cross-validation folds [default: 5]",
+                                        show_default=False),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Maximum epochs per fold "
+                                         "[default: 60, early stopping]", show_default=False),
+    patience: Optional[int] = typer.Option(None, "--patience", min=1, help="Early-stopping patience in "
+                                           "epochs [default: 15]", show_default=False),
+    width: Optional[int] = typer.Option(None, "--width", min=2, help="Base channel width "
+                                        "[default: 16; vgg16: 8]", show_default=False),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2, help="[default: 16]",
+                                             show_default=False),
+    seed: int = typer.Option(0, "--seed", help="Seed for splits, initialisation, augmentation, bootstrap."),
+    target_sensitivity: Optional[float] = typer.Option(None, "--target-sensitivity", min=0.0, max=1.0,
+                                                       help="Choose the threshold reaching this "
+                                                       "sensitivity [default: Youden's J]", show_default=False),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads (recorded; results are "
+                                "reproducible for a fixed value)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Per-study tensor cache (study folders), or "
+                                         "where --reproduce-shipped keeps its synthetic cohort.",
+                                         show_default=False),
+    reproduce_shipped: bool = typer.Option(False, "--reproduce-shipped", help="Regenerate the synthetic "
+                                           "cohort (n=234, seed 0) and train the shipped ensemble."),
+    device: Optional[str] = typer.Option(None, "--device", help="HD-BET device for study folders "
+                                         "(auto | cpu | cuda | cuda:N).", show_default=False),
+    hdbet_mode: Optional[HdBetMode] = typer.Option(None, "--hdbet-mode", help="HD-BET mode for study "
+                                                   "folders [default: fast]", show_default=False),
+    lesion_masks: Optional[Path] = typer.Option(None, "--lesion-masks", help="Lesion masks "
+                                                "<study_id>.nii.gz for study folders.", show_default=False),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings only on stderr; no summary table."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="Debug messages on stderr."),
+) -> None:
+    out = out.expanduser()
+    with error_boundary():
+        from ..errors import UsageError
+
+        setup_logging(verbose=verbose, quiet=quiet)
+        from ..train.loop import make_config
+
+        cfg = make_config(
+            "quick" if quick else "default", arch=arch.value, folds=folds, max_epochs=epochs,
+            patience=patience, width=width, batch_size=batch_size, seed=seed,
+            target_sensitivity=target_sensitivity, threads=threads,
+        )
+        on_epoch = _epoch_reporter(cfg, quiet=quiet)
+        if reproduce_shipped:
+            from ..train.run import SHIPPED_COMMAND, reproduce_shipped as _reproduce
+
+            if data is not None or quick:
+                raise UsageError("--reproduce-shipped takes no DATA and no --quick")
+            if cfg != make_config("default", seed=0, threads=threads):
+                raise UsageError("--reproduce-shipped uses the default profile: drop the other training options")
+            log.info("reproducing the shipped ensemble: %s", SHIPPED_COMMAND)
+            result = _reproduce(out, cache_dir=cache, config=cfg, on_epoch=on_epoch)
+        else:
+            if data is None:
+                raise UsageError("DATA is required (or use --reproduce-shipped)")
+            if not data.is_dir():
+                raise UsageError(f"DATA must be a folder: {data}")
+            from ..train.run import train_ensemble
+
+            lab = _labels_path(data, labels)
+            command = _command_line(data, lab, out, cfg, quick=quick, cache=cache)
+            result = train_ensemble(
+                data, labels=lab, out=out, config=cfg, cache_dir=cache,
+                settings=_settings(device, hdbet_mode, lesion_masks, None), command=command,
+                on_epoch=on_epoch,
+            )
+        if not quiet:
+            _print_train_summary(result.manifest, out)
+    raise typer.Exit(EXIT_OK)
+
+
+def _command_line(data: Path, labels: Path, out: Path, cfg: Any, *, quick: bool, cache: Optional[Path]) -> str:
+    """The equivalent command line, with every training option spelled out (for the manifest)."""
+    parts = ["recnec train", str(data), "--labels", str(labels), "--out", str(out)]
+    if quick:
+        parts.append("--quick")
+    parts += ["--arch", cfg.arch, "--folds", str(cfg.folds), "--epochs", str(cfg.max_epochs),
+              "--patience", str(cfg.patience), "--width", str(cfg.width), "--batch-size", str(cfg.batch_size),
+              "--seed", str(cfg.seed), "--threads", str(cfg.threads)]
+    if cfg.target_sensitivity is not None:
+        parts += ["--target-sensitivity", str(cfg.target_sensitivity)]
+    if cache is not None:
+        parts += ["--cache", str(cache)]
+    return " ".join(parts)
+
+
+def _epoch_reporter(cfg: Any, *, quiet: bool):  # noqa: ANN202
+    """Per-epoch callback: one log line per epoch (DEBUG when a terminal shows fold summaries)."""
+    level = logging.DEBUG if (quiet or sys.stderr.isatty()) else logging.INFO
+
+    def on_epoch(row: dict) -> None:
+        log.log(level, "fold %d/%d epoch %d: train loss %.4f, val loss %.4f, val AUC %.3f (best epoch %d, %.2f s)",
+                row["fold"] + 1, cfg.folds, row["epoch"], row["train_loss"], row["val_loss"], row["val_auc"],
+                row["best_epoch"], row["seconds"])
+        if level == logging.DEBUG and not quiet and row["epoch"] % 10 == 0:
+            log.info("fold %d/%d: epoch %d, val AUC %.3f", row["fold"] + 1, cfg.folds, row["epoch"], row["val_auc"])
+
+    return on_epoch
+
+
+def _fmt_ci(m: dict, key: str) -> str:
+    lo, hi = m["ci95"][key]
+    return f"{m[key]:.3f} ({lo:.3f}-{hi:.3f})"
+
+
+def _print_train_summary(manifest: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    m = manifest["metrics"]["cross_validated"]
+    t = Table(title=f"recnec train: {manifest['model_version']} (research use only)")
+    t.add_column("cross-validated (out-of-fold)")
+    t.add_column("value (95 % CI)")
+    for k in ("auc", "sensitivity", "specificity", "accuracy"):
+        t.add_row(k, _fmt_ci(m, k))
+    t.add_row("threshold", f"{manifest['threshold']:.4f} ({manifest['threshold_selection']['method']})")
+    t.add_row("studies", f"{m['n']} ({m['n_recurrence']} recurrence / {m['n_necrosis']} necrosis)")
+    t.add_row("ensemble", f"{len(manifest['models'])} x {manifest['models'][0]['arch']}, "
+              f"{manifest['ensemble_mb']:.1f} MB, ONNX max |diff| {manifest['onnx']['max_abs_diff_vs_torch']:.2g}")
+    t.add_row("time", f"{manifest['cost']['total_seconds']:.0f} s "
+              f"({manifest['cost']['seconds_per_epoch_median']} s/epoch)")
+    t.add_row("written to", str(out))
+    Console(soft_wrap=False).print(t)
+
+
+def evaluate(
+    data: Path = typer.Argument(..., help="Model-space folder (tensors/*.npy) or folder of studies.",
+                                show_default=False),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV study_id,label "
+                                          "[default: DATA/labels.csv]", show_default=False),
+    out: Path = typer.Option(Path("metrics.json"), "--out", "-o", help="Metrics JSON to write."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Ensemble folder [default: the shipped "
+                                           "weights/]", show_default=False),
+    roc: Optional[Path] = typer.Option(None, "--roc", help="ROC PNG [default: OUT stem + .roc.png]",
+                                       show_default=False),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    n_boot: int = typer.Option(2000, "--n-boot", min=100, help="Bootstrap resamples for the 95 % CIs."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Per-study tensor cache (study folders).",
+                                         show_default=False),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N", show_default=False),
+    threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime threads (0 = default).",
+                                          show_default=False),
+    hdbet_mode: Optional[HdBetMode] = typer.Option(None, "--hdbet-mode", help="HD-BET mode for study folders.",
+                                                   show_default=False),
+    lesion_masks: Optional[Path] = typer.Option(None, "--lesion-masks", help="Lesion masks for study folders.",
+                                                show_default=False),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings only on stderr; no table."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="Debug messages on stderr."),
+) -> None:
+    out = out.expanduser()
+    with error_boundary():
+        from ..errors import UsageError
+
+        setup_logging(verbose=verbose, quiet=quiet)
+        if not data.is_dir():
+            raise UsageError(f"DATA must be a folder: {data}")
+        settings = _settings(device, hdbet_mode, lesion_masks, threads, weights)
+        from ..train.evaluate import evaluate_ensemble
+
+        result = evaluate_ensemble(
+            data, labels=_labels_path(data, labels), weights_dir=settings.weights_dir, out=out,
+            device=settings.device, threads=settings.threads, settings=settings, cache_dir=cache,
+            n_boot=n_boot, seed=seed, roc_png=roc,
+        )
+        if not quiet:
+            from rich.console import Console
+            from rich.table import Table
+
+            t = Table(title=f"recnec evaluate: {result['weights']['model_version']} (research use only)")
+            t.add_column("metric")
+            t.add_column("value (95 % CI)")
+            t.add_column("paper ResNet10")
+            for k in ("auc", "sensitivity", "specificity", "accuracy"):
+                t.add_row(k, _fmt_ci(result, k), f"{result['paper_resnet10'][k]:.2f}")
+            c = result["confusion"]
+            t.add_row("confusion", f"TP {c['tp']} FN {c['fn']} TN {c['tn']} FP {c['fp']}", "")
+            t.add_row("threshold", f"{result['threshold']:.4f}", "")
+            t.add_row("written", f"{out}, {result['roc_png']}", "")
+            Console(soft_wrap=False).print(t)
+    raise typer.Exit(EXIT_OK)

@@ -1,0 +1,79 @@
+"""``recnec evaluate`` as a library call: score a labelled cohort with an ONNX ensemble.
+
+Needs numpy, onnxruntime and matplotlib only (no torch, no MONAI). The cohort is read exactly as
+for training (:func:`recnec_cli.train.dataset.load_cohort`: model-space tensors or study folders
+through the scan pipeline), with the ensemble's own input spec from its manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from .. import DISCLAIMER
+from ..infer import Ensemble
+from .dataset import LABEL_NAMES, load_cohort
+from .metrics import PAPER_RESNET10, plot_roc, summarise
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_ensemble(
+    data: Path, *, labels: Path, weights_dir: Path, out: Path, device: str = "auto",
+    threads: int = 0, settings: Any = None, cache_dir: Path | None = None, n_boot: int = 2000,
+    seed: int = 0, roc_png: Path | None = None, batch_size: int = 32,
+) -> dict[str, Any]:
+    """Score every labelled study with the ensemble at its manifest threshold; write ``out`` (JSON).
+
+    Parameters
+    ----------
+    data, labels:
+        As for :func:`recnec_cli.train.run.train_ensemble`.
+    weights_dir:
+        Ensemble folder (verified by SHA-256 before use).
+    out:
+        ``metrics.json`` path. Top-level numbers ``auc``, ``sensitivity``, ``specificity``,
+        ``accuracy`` (also ``ppv``, ``npv``), ``ci95`` (bootstrap, ``seed``), ``confusion``,
+        ``threshold``, the weights' ``model_version`` and checksums, the data fingerprint, the
+        paper's ResNet10 figures for comparison and one ``predictions`` row per study.
+    roc_png:
+        ROC curve PNG (default: ``out`` with suffix ``.roc.png``).
+
+    Returns
+    -------
+    dict
+        The content written to ``out``.
+    """
+    ens = Ensemble.load(Path(weights_dir), device=device, threads=threads)
+    cohort = load_cohort(Path(data), labels=Path(labels), spec=ens.spec, settings=settings,
+                         cache_dir=cache_dir)
+    pred = ens.predict(cohort.x, batch_size=batch_size)
+    result: dict[str, Any] = summarise(cohort.y, pred.mean, ens.threshold, n_boot=n_boot, seed=seed)
+    trained_on = ens.manifest.get("data", {}).get("fingerprint_sha256")
+    if trained_on == cohort.fingerprint:
+        log.warning("this cohort is the one the ensemble was trained on: the figures are optimistic")
+    roc_png = Path(roc_png) if roc_png is not None else Path(out).with_suffix(".roc.png")
+    plot_roc(cohort.y, pred.mean, roc_png, threshold=ens.threshold, summary=result,
+             title=f"recnec evaluate: {ens.model_version}")
+    result.update({
+        "weights": {"dir": str(weights_dir), "model_version": ens.model_version,
+                    "provider": ens.provider, "n_models": ens.n_models, "checksums": ens.checksums},
+        "data": {"path": str(data), "source": cohort.source, "fingerprint_sha256": cohort.fingerprint,
+                 "same_as_training_data": trained_on == cohort.fingerprint,
+                 "excluded": [{"study_id": s, "code": c, "message": m} for s, c, m in cohort.excluded]},
+        "paper_resnet10": PAPER_RESNET10,
+        "roc_png": str(roc_png),
+        "disclaimer": DISCLAIMER,
+        "predictions": [
+            {"study_id": sid, "label": LABEL_NAMES[int(lab)], "probability": round(float(p), 6),
+             "spread": round(float(s), 6), "predicted": LABEL_NAMES[int(p >= ens.threshold)]}
+            for sid, lab, p, s in zip(cohort.study_ids, cohort.y, pred.mean, pred.spread)
+        ],
+    })
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    log.info("evaluated %d studies: AUC %.3f, sens %.3f, spec %.3f -> %s", result["n"], result["auc"],
+             result["sensitivity"], result["specificity"], out)
+    return result

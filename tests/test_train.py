@@ -1,0 +1,176 @@
+"""``recnec train --quick`` end to end on a tiny synthetic cohort, then ``recnec evaluate``.
+
+One quick ensemble is trained per session (about 10-20 s on 2 shared cores) and shared by the
+tests of this module.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("monai")
+pytest.importorskip("onnxruntime")
+
+from typer.testing import CliRunner  # noqa: E402
+
+from recnec_cli.cli.main import app  # noqa: E402
+from recnec_cli.errors import InferenceError, TrainingError  # noqa: E402
+from recnec_cli.infer import Ensemble, sha256_file  # noqa: E402
+
+runner = CliRunner()
+
+N_TINY = 24
+
+
+def write_tiny_cohort(out: Path, *, n: int, seed: int) -> Path:
+    """A small model-space cohort (``out/tensors/*.npy``, ``out/labels.csv``)."""
+    # TEMPORARY until the synth generator is final: a planted-signal cohort
+    rng = np.random.default_rng(seed)
+    (out / "tensors").mkdir(parents=True, exist_ok=True)
+    r = np.sqrt(((np.indices((40, 40, 40)) - 19.5) ** 2).sum(0))
+    rows = ["study_id,label"]
+    for i in range(n):
+        lab = int(i % 3 != 0)
+        x = rng.normal(0, 1, (3, 40, 40, 40)).astype(np.float32)
+        x[2] += (r < 8) if lab else ((r > 5) & (r < 8))
+        np.save(out / "tensors" / f"s{i:03d}.npy", x)
+        rows.append(f"s{i:03d},{'recurrence' if lab else 'necrosis'}")
+    (out / "labels.csv").write_text("\n".join(rows) + "\n")
+    return out
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    return write_tiny_cohort(tmp_path_factory.mktemp("cohort"), n=N_TINY, seed=11)
+
+
+@pytest.fixture(scope="module")
+def quick_weights(cohort: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("w") / "weights"
+    res = runner.invoke(app, ["train", str(cohort), "--labels", str(cohort / "labels.csv"),
+                              "--out", str(out), "--quick", "--quiet"])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_quick_training_writes_verified_ensemble(quick_weights: Path, cohort: Path) -> None:
+    m = json.loads((quick_weights / "manifest.json").read_text())
+    assert {p.name for p in quick_weights.iterdir()} == {
+        "fold0.onnx", "fold1.onnx", "roc.png", "epochs.csv", "manifest.json"}
+    for name, digest in m["files"].items():
+        assert sha256_file(quick_weights / name) == digest
+    assert m["input"]["shape"] == [3, 40, 40, 40] and m["input"]["channels"] == ["T1", "T2", "T1ce"]
+    assert 0.0 <= m["threshold"] <= 1.0 and m["threshold_selection"]["method"] == "youden"
+    cv = m["metrics"]["cross_validated"]
+    for k in ("auc", "sensitivity", "specificity", "accuracy"):
+        assert isinstance(cv[k], float) and len(cv["ci95"][k]) == 2
+    assert cv["n"] == N_TINY
+    assert m["onnx"]["max_abs_diff_vs_torch"] <= 1e-4
+    assert all(mm["onnx_vs_torch_max_abs_diff"] <= 1e-4 for mm in m["models"])
+    assert m["training"]["seed"] == 0 and m["training"]["torch_threads"] >= 1
+    assert len(m["data"]["fingerprint_sha256"]) == 64 and "RESEARCH USE ONLY" in m["disclaimer"]
+    assert m["command"].startswith("recnec train") and "--quick" in m["command"]
+    assert {"torch", "monai", "onnxruntime", "numpy"} <= set(m["libraries"])
+    assert m["ensemble_mb"] < 40
+    log_lines = (quick_weights / "epochs.csv").read_text().splitlines()
+    assert log_lines[0].startswith("fold,epoch,train_loss,val_loss,val_auc") and len(log_lines) == 1 + 2 * 2
+
+
+def test_onnx_matches_pytorch_on_cohort(quick_weights: Path, cohort: Path) -> None:
+    """The trained ensemble through the production loader: batched == one by one (ORT vs
+    PyTorch is checked at export, recorded per model and asserted in the test above)."""
+    ens = Ensemble.load(quick_weights, device="cpu")
+    x = np.stack([np.load(p) for p in sorted((cohort / "tensors").glob("*.npy"))[:6]])
+    batched = ens.predict(x)
+    single = np.stack([ens.predict(x[i]).per_model[:, 0] for i in range(len(x))], axis=1)
+    np.testing.assert_allclose(batched.per_model, single, atol=1e-5, rtol=0)
+    assert batched.per_model.shape == (2, 6)
+
+
+def test_training_is_deterministic(quick_weights: Path, cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "again"
+    res = runner.invoke(app, ["train", str(cohort), "--out", str(out), "--quick", "--quiet"])
+    assert res.exit_code == 0, res.output
+    a = json.loads((quick_weights / "manifest.json").read_text())
+    b = json.loads((out / "manifest.json").read_text())
+    assert a["metrics"] == b["metrics"] and a["threshold"] == b["threshold"]
+    assert a["files"] == b["files"]  # byte-identical ONNX files, epoch log and ROC plot
+
+
+def test_evaluate_writes_metrics(quick_weights: Path, cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "metrics.json"
+    res = runner.invoke(app, ["evaluate", str(cohort), "--labels", str(cohort / "labels.csv"),
+                              "--weights", str(quick_weights), "--out", str(out), "--n-boot", "200"])
+    assert res.exit_code == 0, res.output
+    m = json.loads(out.read_text())
+    for k in ("auc", "sensitivity", "specificity", "accuracy"):
+        assert isinstance(m[k], float) and 0.0 <= m[k] <= 1.0
+        assert len(m["ci95"][k]) == 2
+    assert sum(m["confusion"]["matrix"][0] + m["confusion"]["matrix"][1]) == N_TINY
+    assert m["data"]["same_as_training_data"] is True
+    assert len(m["predictions"]) == N_TINY
+    assert (tmp_path / "metrics.roc.png").is_file()
+
+
+def test_tampered_weights_refused(quick_weights: Path, cohort: Path, tmp_path: Path) -> None:
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(quick_weights, bad)
+    data = bytearray((bad / "fold1.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad / "fold1.onnx").write_bytes(bytes(data))
+    with pytest.raises(InferenceError) as ei:
+        Ensemble.load(bad)
+    assert ei.value.code == "WEIGHTS_CHECKSUM_MISMATCH"
+    res = runner.invoke(app, ["evaluate", str(cohort), "--weights", str(bad), "--out",
+                              str(tmp_path / "m.json")])
+    assert res.exit_code == 2 and "WEIGHTS_CHECKSUM_MISMATCH" in res.output
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_out_folder_with_foreign_files_refused(cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "notweights"
+    out.mkdir()
+    (out / "thesis.docx").write_text("precious")
+    res = runner.invoke(app, ["train", str(cohort), "--out", str(out), "--quick", "--quiet"])
+    assert res.exit_code == 2 and "OUT_NOT_EMPTY" in res.output
+    assert (out / "thesis.docx").read_text() == "precious"
+
+
+def test_too_few_cases(tmp_path: Path) -> None:
+    from recnec_cli.train.loop import check_cohort_size
+
+    with pytest.raises(TrainingError) as ei:
+        check_cohort_size(np.array([1] * 20 + [0] * 3), folds=2)
+    assert ei.value.code == "TOO_FEW_CASES"
+
+
+@pytest.mark.parametrize("arch", ["resnet10", "resnet18", "vgg16",
+                                  pytest.param("densenet121", marks=pytest.mark.slow)])
+def test_architectures_shape_and_export(arch: str, tmp_path: Path) -> None:
+    import torch
+
+    from recnec_cli.train.export import compare_with_torch, export_onnx
+    from recnec_cli.train.models import ProbabilityHead, build_model
+
+    torch.manual_seed(0)
+    head = ProbabilityHead(build_model(arch, width=4)).eval()
+    x = np.random.default_rng(0).normal(size=(3, 3, 40, 40, 40)).astype(np.float32)
+    with torch.no_grad():
+        assert head(torch.from_numpy(x)).shape == (3,)
+    export_onnx(head, tmp_path / "m.onnx", shape=(3, 40, 40, 40))
+    assert compare_with_torch(head, tmp_path / "m.onnx", x) <= 1e-4
+
+
+def test_train_help_is_fast_and_lists_options() -> None:
+    res = runner.invoke(app, ["train", "--help"])
+    assert res.exit_code == 0
+    for opt in ("--labels", "--out", "--arch", "--quick", "--target-sensitivity", "--reproduce-shipped",
+                "--cache", "--seed"):
+        assert opt in res.output

@@ -1,0 +1,164 @@
+"""Metrics, threshold selection, labels parsing and cohort loading (no torch)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recnec_cli.errors import TrainingError
+from recnec_cli.modelinput import InputSpec
+from recnec_cli.train.dataset import load_cohort, read_labels
+from recnec_cli.train.metrics import (Confusion, auc_score, bootstrap_ci, choose_threshold,
+                                      plot_roc, summarise)
+
+
+def test_auc_matches_sklearn_with_ties() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    p = np.round(rng.random(200) + 0.3 * y, 1)  # many ties
+    assert auc_score(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert np.isnan(auc_score(np.ones(5), np.arange(5.0)))
+
+
+def test_youden_threshold_separates_perfectly() -> None:
+    y = np.array([0, 0, 0, 1, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.8, 0.9])
+    c = choose_threshold(y, p)
+    assert c.method == "youden" and 0.3 < c.value < 0.6 and c.value == pytest.approx(0.45)
+    assert c.sensitivity == 1.0 and c.specificity == 1.0
+    m = summarise(y, p, c.value, n_boot=200)
+    assert m["sensitivity"] == m["specificity"] == m["accuracy"] == m["auc"] == 1.0
+    assert m["confusion"]["matrix"] == [[3, 0], [0, 4]]
+
+
+def test_target_sensitivity_threshold() -> None:
+    y = np.array([0, 1, 0, 1, 0, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    c = choose_threshold(y, p, target_sensitivity=1.0)
+    assert c.sensitivity == 1.0 and c.value < 0.2
+    c80 = choose_threshold(y, p, target_sensitivity=0.8)
+    assert c80.sensitivity >= 0.8 and c80.value > c.value
+    with pytest.raises(TrainingError):
+        choose_threshold(y, p, target_sensitivity=1.5)
+    with pytest.raises(TrainingError):
+        choose_threshold(np.ones(4), np.arange(4.0))
+
+
+def test_bootstrap_seeded_and_brackets_estimate() -> None:
+    rng = np.random.default_rng(1)
+    y = (rng.random(150) < 0.8).astype(int)
+    p = np.clip(0.5 * y + rng.normal(0.3, 0.25, 150), 0, 1)
+    a = bootstrap_ci(y, p, 0.5, n_boot=500, seed=7)
+    b = bootstrap_ci(y, p, 0.5, n_boot=500, seed=7)
+    assert a == b
+    full = summarise(y, p, 0.5, n_boot=500, seed=7)
+    for k in ("auc", "sensitivity", "specificity", "accuracy"):
+        lo, hi = a[k]
+        assert lo <= full[k] <= hi and hi - lo < 0.5
+    c = Confusion.at(y, p, 0.5)
+    assert c.tp + c.fn == y.sum() and c.tn + c.fp == len(y) - y.sum()
+
+
+def test_roc_png(tmp_path: Path) -> None:
+    y = np.array([0, 0, 1, 1, 1])
+    p = np.array([0.2, 0.6, 0.4, 0.7, 0.9])
+    plot_roc(y, p, tmp_path / "roc.png", threshold=0.5, title="t")
+    assert (tmp_path / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_read_labels(tmp_path: Path) -> None:
+    p = tmp_path / "labels.csv"
+    p.write_text("study_id,label,extra\na,recurrence,x\nb,Necrosis,y\nc,1,z\n")
+    assert read_labels(p) == {"a": 1, "b": 0, "c": 1}
+    for bad in ("study_id,label\na,maybe\n", "id,label\na,1\n", "study_id,label\na,1\na,0\n",
+                "study_id,label\n"):
+        p.write_text(bad)
+        with pytest.raises(TrainingError) as ei:
+            read_labels(p)
+        assert ei.value.code == "BAD_LABELS"
+
+
+def _model_space(root: Path, ids: list[str], labels: list[str]) -> None:
+    (root / "tensors").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for sid in ids:
+        np.save(root / "tensors" / f"{sid}.npy", rng.normal(size=(3, 40, 40, 40)).astype(np.float32))
+    (root / "labels.csv").write_text("study_id,label\n" + "".join(f"{s},{l}\n" for s, l in zip(ids, labels)))
+
+
+def test_load_model_space(tmp_path: Path) -> None:
+    _model_space(tmp_path, ["b", "a", "c"], ["necrosis", "recurrence", "recurrence"])
+    np.save(tmp_path / "tensors" / "unlabelled.npy", np.zeros((3, 40, 40, 40), np.float32))
+    c = load_cohort(tmp_path, labels=tmp_path / "labels.csv")
+    assert c.study_ids == ("a", "b", "c") and c.y.tolist() == [1, 0, 1]
+    assert c.x.shape == (3, 3, 40, 40, 40) and c.x.dtype == np.float32 and c.source == "model-space"
+    assert c.fingerprint == load_cohort(tmp_path, labels=tmp_path / "labels.csv").fingerprint
+    np.save(tmp_path / "tensors" / "a.npy", np.zeros((3, 32, 32, 32), np.float32))
+    with pytest.raises(TrainingError) as ei:
+        load_cohort(tmp_path, labels=tmp_path / "labels.csv")
+    assert ei.value.code == "BAD_TENSOR"
+    (tmp_path / "tensors" / "a.npy").unlink()
+    with pytest.raises(TrainingError) as ei:
+        load_cohort(tmp_path, labels=tmp_path / "labels.csv")
+    assert ei.value.code == "MISSING_TENSORS"
+
+
+def test_study_folder_path_uses_pipeline_and_cache(tmp_path: Path, monkeypatch) -> None:
+    """Study folders go through discover + pipeline.preprocess_study once, then the cache."""
+    import recnec_cli.discover as discover_mod
+    import recnec_cli.pipeline as pipeline_mod
+    from recnec_cli.config import Settings
+    from recnec_cli.errors import RegistrationError
+
+    class FakeStudy:
+        def __init__(self, sid: str) -> None:
+            self.study_id = sid
+
+    class FakePre:
+        def __init__(self, x: np.ndarray) -> None:
+            self.model_input = x
+
+    calls: list[str] = []
+
+    def fake_discover(root, *, settings):
+        return [FakeStudy(s) for s in ("1.2.3", "sub/two", "bad")]
+
+    def fake_pre(study, *, settings, resources):
+        calls.append(study.study_id)
+        if study.study_id == "bad":
+            raise RegistrationError("moved too far", code="REGISTRATION_FAILED")
+        return FakePre(np.full(InputSpec().shape, len(calls), np.float32))
+
+    monkeypatch.setattr(discover_mod, "discover", fake_discover)
+    monkeypatch.setattr(pipeline_mod, "preprocess_study", fake_pre)
+    monkeypatch.setattr(pipeline_mod.Resources, "load", classmethod(lambda cls, s, **k: object()))
+    data = tmp_path / "studies"
+    data.mkdir()
+    (tmp_path / "labels.csv").write_text("study_id,label\n1.2.3,recurrence\nsub/two,necrosis\nbad,necrosis\n")
+    cache = tmp_path / "cache"
+    c1 = load_cohort(data, labels=tmp_path / "labels.csv", settings=Settings(), cache_dir=cache)
+    assert c1.source == "studies" and c1.study_ids == ("1.2.3", "sub/two")
+    assert c1.excluded[0][:2] == ("bad", "REGISTRATION_FAILED")
+    assert len(list(cache.glob("*.npy"))) == 2
+    c2 = load_cohort(data, labels=tmp_path / "labels.csv", settings=Settings(), cache_dir=cache)
+    assert calls == ["1.2.3", "bad", "sub/two", "bad"]  # cached studies are not recomputed
+    assert c2.fingerprint == c1.fingerprint
+    (tmp_path / "labels.csv").write_text("study_id,label\nmissing,recurrence\n")
+    with pytest.raises(TrainingError) as ei:
+        load_cohort(data, labels=tmp_path / "labels.csv", settings=Settings(), cache_dir=cache)
+    assert ei.value.code == "MISSING_STUDIES"
+
+
+def test_evaluate_imports_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, recnec_cli.train.evaluate, recnec_cli.cli.main; "
+            "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().replace("'", '"')) == []
