@@ -659,6 +659,8 @@ def _file_study(root: Path, folder: Path, names: list[str], skipped: int) -> Stu
                              source="nrrd" if p.name.lower().endswith(NRRD_SUFFIXES) else "nifti",
                              files=(p,), header=hdr, sidecar=side))
     rel = folder.relative_to(root).as_posix()
+    if rel == ".":  # the scan root is itself the study folder: name it by the folder
+        rel = folder.resolve().name or "study"
     kinds = {s.source for s in series}
     return Study(study_id=rel, patient_pseudonym="", source=kinds.pop() if len(kinds) == 1 else
                  "nifti", location=rel, series=tuple(series),
