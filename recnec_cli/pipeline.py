@@ -69,6 +69,7 @@ class Resources:
     hdbet: Any = None
     ensemble: Any = None
     spec: InputSpec = field(default_factory=InputSpec)
+    decoders: dict[str, bool] = field(default_factory=dict)
 
     @classmethod
     def load(cls, settings: Settings, *, need_model: bool = True, need_hdbet: bool = True,
@@ -86,8 +87,15 @@ class Resources:
             A broken site rules file.
         """
         from .classify import load_rules
+        from .convert import decoder_report
 
         rules = load_rules(settings.rules_file)
+        decoders = decoder_report()
+        missing = sorted(k for k, ok in decoders.items() if not ok)
+        if missing:
+            log.warning("no pixel decoder for: %s (series using them will fail "
+                        "UNSUPPORTED_TRANSFER_SYNTAX; pip install pylibjpeg pylibjpeg-openjpeg "
+                        "pylibjpeg-libjpeg)", ", ".join(missing))
         ensemble = None
         if need_model:
             from .infer import Ensemble
@@ -105,7 +113,7 @@ class Resources:
             hdbet = HdBet(mode=settings.hdbet_mode, device=resolve_torch_device(settings.device),
                           tta=settings.hdbet_tta)
         return cls(settings=settings, rules=rules, hdbet=hdbet, ensemble=ensemble,
-                   spec=spec or InputSpec())
+                   spec=spec or InputSpec(), decoders=decoders)
 
 
 @dataclass(frozen=True, eq=False)

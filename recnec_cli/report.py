@@ -142,7 +142,7 @@ def _versions() -> dict[str, str]:
 
 def run_manifest(*, settings_dict: dict[str, Any], ensemble: Any, results: Iterable[StudyResult],
                  started: datetime, finished: datetime, input_root: str, report_path: str,
-                 n_discovered: int) -> dict[str, Any]:
+                 n_discovered: int, decoders: dict[str, bool] | None = None) -> dict[str, Any]:
     """Provenance of one run (STYLE.md habit 3): versions, provider, checksums, settings, timings."""
     results = list(results)
     stage_totals: dict[str, float] = {}
@@ -167,6 +167,7 @@ def run_manifest(*, settings_dict: dict[str, Any], ensemble: Any, results: Itera
         "model_version": getattr(ensemble, "model_version", None),
         "threshold": getattr(ensemble, "threshold", None),
         "model_checksums": dict(getattr(ensemble, "checksums", {}) or {}),
+        "pixel_decoders": dict(decoders or {}),
         "settings": settings_dict,
         "stage_seconds_total": stage_totals,
     }

@@ -168,7 +168,7 @@ def _run(studies: Path, out: Path, fmt: str, manifest_path: Path, settings, *, q
     finished = utcnow()
     manifest = run_manifest(settings_dict=settings.to_dict(), ensemble=ens, results=results, started=started,
                             finished=finished, input_root=str(studies.resolve()), report_path=str(out.resolve()),
-                            n_discovered=len(found))
+                            n_discovered=len(found), decoders=resources.decoders)
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
     n_ok = sum(r.ok for r in results)
     log.info("wrote %s (%d studies: %d OK, %d failed) and %s", out, len(results), n_ok, len(results) - n_ok,
