@@ -262,14 +262,16 @@ def _ramp(x: np.ndarray) -> np.ndarray:
     return np.clip(x + 0.5, 0.0, 1.0)
 
 
-def sample_template(tpl_pts: np.ndarray) -> dict[str, np.ndarray]:
+def sample_template(tpl_pts: np.ndarray,
+                    names: tuple[str, ...] = ("t1", "gm", "wm", "mask", "sdist"),
+                    ) -> dict[str, np.ndarray]:
     """Template maps at template world points (3, N) mm, trilinear, edge values outside."""
     tpl = load_template()
     inv = np.linalg.inv(tpl.affine)
     idx = np.stack([inv[a, 0] * tpl_pts[0] + inv[a, 1] * tpl_pts[1] + inv[a, 2] * tpl_pts[2]
                     + inv[a, 3] for a in range(3)])
     out = {}
-    for name in ("t1", "gm", "wm", "mask", "sdist"):
+    for name in names:
         out[name] = ndimage.map_coordinates(getattr(tpl, name), idx, order=1, mode="nearest",
                                             prefilter=False)
     return out
@@ -285,7 +287,16 @@ def tissue_probabilities(tpl_pts: np.ndarray, env: EnvelopeParams,
     Returns ``(probs, maps)``: ``probs[t]`` float32 (N,) for each name in :data:`TISSUES`
     (they sum to at most 1; the rest is air) and the raw template samples ``maps``.
     """
-    m = sample_template(tpl_pts)
+    # voxels farther from the brain than the whole envelope are air: skip their template lookups
+    sd_all = sample_template(tpl_pts, ("sdist",))["sdist"]
+    reach = (env.csf_mm + env.dura_mm + env.inner_table_mm + env.diploe_mm + env.outer_table_mm
+             + env.galea_mm + env.fat_mm + env.skin_mm) * 1.2 + env.temporalis_mm + 2.0
+    head = sd_all < reach
+    n_all = sd_all.shape[0]
+    tpl_pts = tpl_pts[:, head]
+    thickness = thickness[head]
+    m = sample_template(tpl_pts, ("t1", "gm", "wm", "mask"))
+    m["sdist"] = sd_all[head]
     mask = m["mask"]
     gm = np.minimum(m["gm"], mask)
     wm = np.minimum(m["wm"], mask - gm)
@@ -313,4 +324,11 @@ def tissue_probabilities(tpl_pts: np.ndarray, env: EnvelopeParams,
         frac = outside * (_ramp(sd - a) - _ramp(sd - b))
         key = "bone" if name == "bone2" else name
         probs[key] = probs[key] + np.clip(frac, 0.0, 1.0)
-    return {k: v.astype(np.float32) for k, v in probs.items()}, m
+    def full(v: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        o = np.full(n_all, fill, dtype=np.float32)
+        o[head] = v
+        return o
+
+    maps = {k: full(v) for k, v in m.items() if k != "sdist"}
+    maps["sdist"] = sd_all
+    return {k: full(v) for k, v in probs.items()}, maps

@@ -40,9 +40,9 @@ def write_series(folder: Path, img: np.ndarray, grid: SeriesGrid, acq: Acquisiti
     Stored pixels are uint16 ``round(img * 1000 / RescaleSlope)``. Returns the number of files.
     """
     from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import ExplicitVRLittleEndian
 
-    from .writers import STORE_GAIN
+    from .writers import STORE_GAIN, derived_uid
 
     folder.mkdir(parents=True, exist_ok=True)
     aff = grid.affine
@@ -56,8 +56,7 @@ def write_series(folder: Path, img: np.ndarray, grid: SeriesGrid, acq: Acquisiti
     t0 = acq.series_time_s
     ni, nj, nk = grid.shape
     for k in range(nk):
-        sop_uid = generate_uid(prefix=None, entropy_srcs=["recnec-synth", str(seed), str(index),
-                                                          "sop", series_uid, str(k)])
+        sop_uid = derived_uid(seed, index, "sop", series_uid, k)
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
         meta.MediaStorageSOPInstanceUID = sop_uid

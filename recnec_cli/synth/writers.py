@@ -1,8 +1,8 @@
 """Write a synthetic cohort: NIfTI or DICOM studies, or model-space tensors, plus labels.
 
 Byte-for-byte reproducible: no wall-clock time anywhere (dates and times come from the seed),
-gzip headers with mtime 0 and no file name, DICOM UIDs derived from the seed with
-:func:`pydicom.uid.generate_uid` ``entropy_srcs`` (a deterministic ``2.25.`` UUID-derived UID).
+gzip headers with mtime 0 and no file name, DICOM UIDs derived from the seed
+(:func:`derived_uid`: ``2.25.`` + a name-based UUID).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -57,16 +58,20 @@ def study_name(index: int) -> str:
     return f"synth-{index + 1:04d}"
 
 
-def _uid(seed: int, index: int, *parts: object) -> str:
-    from pydicom.uid import generate_uid
+def derived_uid(*parts: object) -> str:
+    """A UUID-derived DICOM UID (``2.25.<int>``, PS3.5 B.2) from a name-based UUID (RFC 4122
+    version 5 style: SHA-256 of the parts, version and variant bits set): same parts, same UID."""
+    digest = hashlib.sha256("/".join(str(p) for p in ("recnec-synth", *parts)).encode()).digest()
+    return f"2.25.{uuid.UUID(bytes=digest[:16], version=5).int}"
 
-    return generate_uid(prefix=None, entropy_srcs=["recnec-synth", str(seed), str(index),
-                                                   *(str(p) for p in parts)])
+
+def _uid(seed: int, index: int, *parts: object) -> str:
+    return derived_uid(seed, index, *parts)
 
 
 def _gzip_bytes(raw: bytes) -> bytes:
     buf = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=6) as gz:
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=1) as gz:
         gz.write(raw)
     return buf.getvalue()
 
