@@ -201,3 +201,29 @@ def test_cli_help_and_small_run(tmp_path):
     assert (tmp_path / "o" / "tensors" / "synth-0001.npy").is_file()
     res = runner.invoke(app, ["synth", str(tmp_path / "o"), "--ratio", "x"])
     assert res.exit_code == 2
+
+
+@pytest.mark.slow
+@pytest.mark.veryslow
+def test_scan_pipeline_input_close_to_model_space(tmp_path):
+    """Train/scan drift guard: a synthetic study run through the real scan preprocessing
+    (discover, classify, convert, rigid registration, HD-BET, user lesion mask, crop) gives a
+    model input close to the tensor ``--space model`` writes for the same subject (~2 min)."""
+    from recnec_cli.config import resolve_settings
+    from recnec_cli.discover import discover
+    from recnec_cli.pipeline import Resources, preprocess_study
+
+    index = 3  # seed 0 subject 4: 3D T1 and T1ce, 2D T2
+    truth = generate_subject(seed=0, index=index)
+    write_nifti_study(tmp_path / "synth-0004", "synth-0004", truth,
+                      mask_path=tmp_path / "masks" / "synth-0004.nii.gz")
+    settings = resolve_settings({"lesion_masks_dir": tmp_path / "masks"}, environ={})
+    studies = [s for s in discover(tmp_path, settings=settings) if s.study_id == "synth-0004"]
+    assert len(studies) == 1
+    res = Resources.load(settings, need_model=False)
+    pre = preprocess_study(studies[0], settings=settings, resources=res)
+    direct, centroid = model_tensor(plan_subject(seed=0, index=index))
+    assert np.linalg.norm(np.asarray(pre.lesion_centroid_ras_mm) - centroid) < 2.0
+    for c in range(3):
+        r = np.corrcoef(pre.model_input[c].ravel(), direct[c].ravel())[0, 1]
+        assert r > 0.8, (c, r)
