@@ -190,4 +190,7 @@ def _print_table(rows: list[dict]) -> None:
         table.add_row(str(row["study_id"])[-32:], status, str(row["p_recurrence"]), str(row["ensemble_spread"]),
                       str(row["label"]), str(row["lesion_volume_ml"]), str(row["lesion_source"]),
                       str(row["seconds_total"]))
-    Console(soft_wrap=False).print(table)
+    console = Console()
+    if not console.is_terminal:  # cron / pipes: Rich would assume 80 columns and fold every cell
+        console = Console(width=160)
+    console.print(table)
