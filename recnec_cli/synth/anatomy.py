@@ -277,22 +277,22 @@ def sample_template(tpl_pts: np.ndarray,
     return out
 
 
-def tissue_probabilities(tpl_pts: np.ndarray, env: EnvelopeParams,
-                         thickness: np.ndarray) -> tuple[dict[str, np.ndarray],
-                                                         dict[str, np.ndarray]]:
+def tissue_probabilities(tpl_pts: np.ndarray, env: EnvelopeParams, thickness: np.ndarray,
+                         ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Tissue fractions at template world points ``tpl_pts`` (3, N) mm.
 
     ``thickness`` (N,) is a unit-variance smooth field that modulates layer thickness by +-20 %.
 
-    Returns ``(probs, maps)``: ``probs[t]`` float32 (N,) for each name in :data:`TISSUES`
-    (they sum to at most 1; the rest is air) and the raw template samples ``maps``.
+    Returns ``(head, probs, maps)``: ``head`` bool (N,) marks the points within reach of the
+    head (the others are air: every tissue fraction 0); ``probs[t]`` float32 (``head.sum()``,)
+    for each name in :data:`TISSUES` (summing to at most 1; the rest is air) and ``maps`` the
+    template samples (``t1``, ``gm``, ``wm``, ``mask``, ``sdist``) at the head points.
     """
     # voxels farther from the brain than the whole envelope are air: skip their template lookups
     sd_all = sample_template(tpl_pts, ("sdist",))["sdist"]
     reach = (env.csf_mm + env.dura_mm + env.inner_table_mm + env.diploe_mm + env.outer_table_mm
              + env.galea_mm + env.fat_mm + env.skin_mm) * 1.2 + env.temporalis_mm + 2.0
     head = sd_all < reach
-    n_all = sd_all.shape[0]
     tpl_pts = tpl_pts[:, head]
     thickness = thickness[head]
     m = sample_template(tpl_pts, ("t1", "gm", "wm", "mask"))
@@ -307,28 +307,21 @@ def tissue_probabilities(tpl_pts: np.ndarray, env: EnvelopeParams,
     x, z = tpl_pts[0], tpl_pts[2]
     temporalis = env.temporalis_mm * np.clip((np.abs(x) - 35.0) / 30.0, 0.0, 1.0) * np.exp(
         -(((z + 5.0) / 30.0) ** 2))
-    bounds = []
-    edge = 0.0
+    names = []
+    edges = [0.0]
     for name, th in (("csf", env.csf_mm), ("dura", env.dura_mm), ("bone", env.inner_table_mm),
-                     ("marrow", env.diploe_mm), ("bone2", env.outer_table_mm),
+                     ("marrow", env.diploe_mm), ("bone", env.outer_table_mm),
                      ("muscle", env.galea_mm), ("fat", env.fat_mm), ("skin", env.skin_mm)):
         thick = th * mod
         if name == "muscle":
             thick = thick + temporalis
-        bounds.append((name, edge, edge + thick))
-        edge = edge + thick
+        names.append(name)
+        edges.append(edges[-1] + thick)
     outside = 1.0 - mask
     probs: dict[str, np.ndarray] = {t: np.zeros_like(sd) for t in TISSUES}
     probs["wm"], probs["gm"], probs["csf"] = wm, gm, csf_in
-    for name, a, b in bounds:
-        frac = outside * (_ramp(sd - a) - _ramp(sd - b))
-        key = "bone" if name == "bone2" else name
-        probs[key] = probs[key] + np.clip(frac, 0.0, 1.0)
-    def full(v: np.ndarray, fill: float = 0.0) -> np.ndarray:
-        o = np.full(n_all, fill, dtype=np.float32)
-        o[head] = v
-        return o
-
-    maps = {k: full(v) for k, v in m.items() if k != "sdist"}
-    maps["sdist"] = sd_all
-    return {k: full(v) for k, v in probs.items()}, maps
+    ramps = [_ramp(sd - e) for e in edges]  # partial-volume step at each layer boundary
+    for k, name in enumerate(names):
+        frac = outside * (ramps[k] - ramps[k + 1])
+        probs[name] = probs[name] + np.clip(frac, 0.0, 1.0)
+    return head, {k: v.astype(np.float32) for k, v in probs.items()}, m

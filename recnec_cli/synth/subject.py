@@ -120,8 +120,14 @@ def render(plan: SubjectPlan, box: tuple[slice, slice, slice]) -> dict[str, np.n
     del gx, gy, gz
     tpts = plan.deformation(pts)
     thick = plan.thickness_field.on_grid(*axes).ravel()
-    probs, maps = tissue_probabilities(tpts, plan.envelope, thick)
-    brain = np.clip(maps["mask"], 0.0, 1.0).astype(np.float32)
+    head, probs, maps = tissue_probabilities(tpts, plan.envelope, thick)
+    tpts = tpts[:, head]
+    brain_h = np.clip(maps["mask"], 0.0, 1.0).astype(np.float32)
+    brain = np.zeros(pts.shape[1], dtype=np.float32)
+    brain[head] = brain_h
+    wm_full = np.zeros(pts.shape[1], dtype=np.float32)
+    gm_full = np.zeros(pts.shape[1], dtype=np.float32)
+    wm_full[head], gm_full[head] = probs["wm"], probs["gm"]
 
     # lesion fields only inside the lesion's influence cube
     les = plan.lesion
@@ -133,13 +139,15 @@ def render(plan: SubjectPlan, box: tuple[slice, slice, slice]) -> dict[str, np.n
         sub.append(slice(int(sel[0]), int(sel[-1]) + 1) if len(sel) else slice(0, 0))
     if all(s.stop > s.start for s in sub):
         sub_t = tuple(sub)
-        wm3 = probs["wm"].reshape(bshape)[sub_t]
-        gm3 = probs["gm"].reshape(bshape)[sub_t]
+        wm3 = wm_full.reshape(bshape)[sub_t]
+        gm3 = gm_full.reshape(bshape)[sub_t]
         b3 = brain.reshape(bshape)[sub_t]
         fields = lesion_fields(les, *(ax[s] for ax, s in zip(axes, sub)), wm3, gm3)
         for k, v in fields.items():
             lf[k][sub_t] = v * b3 if k != "texture" else v
-    lf = {k: v.ravel() for k, v in lf.items()}
+    lesion_full = lf["lesion"]
+    lf = {k: v.ravel()[head] for k, v in lf.items()}  # every lesion field is 0 in the air
+    del wm_full, gm_full
 
     # venous sinuses (superior sagittal along the midline, transverse posteriorly) and dura
     tx, ty, tz = tpts[0], tpts[1], tpts[2]
@@ -148,12 +156,12 @@ def render(plan: SubjectPlan, box: tuple[slice, slice, slice]) -> dict[str, np.n
     dural = np.clip(sd - env.csf_mm + 0.5, 0, 1) * np.clip(env.csf_mm + env.dura_mm + 2.5 - sd, 0, 1)
     sinus = dural * (np.clip(4.0 - np.abs(tx), 0, 1) * (tz > -10.0)
                      + np.clip(1.0 - np.abs(tz + 12.0) / 6.0, 0, 1) * (ty < -75.0))
-    sinus = np.clip(sinus, 0.0, 1.0) * (1.0 - brain)
+    sinus = np.clip(sinus, 0.0, 1.0) * (1.0 - brain_h)
     choroid = np.zeros_like(sd)
     for cx, cy, cz in plan.choroid_mm:
         r2 = ((tx - cx) ** 2 + (ty - cy) ** 2 + ((tz - cz) / 1.5) ** 2) / 36.0
         choroid += np.clip(1.5 - r2, 0.0, 1.0)
-    choroid = np.clip(choroid, 0, 1) * probs["csf"] * brain
+    choroid = np.clip(choroid, 0, 1) * probs["csf"] * brain_h
 
     out: dict[str, np.ndarray] = {}
     lesion, enh, nod, oed = lf["lesion"], lf["enhancing"], lf["nodule"], lf["oedema"]
@@ -164,13 +172,13 @@ def render(plan: SubjectPlan, box: tuple[slice, slice, slice]) -> dict[str, np.n
         fam = family(acq.kind)
         tab = INTENSITY[fam]
         ltab = {k: v * con.scale[k] for k, v in LESION_INTENSITY[fam].items()}
-        img = np.zeros(pts.shape[1], dtype=np.float32)
+        img = np.zeros(int(head.sum()), dtype=np.float32)
         for t in TISSUES:
             img += probs[t] * np.float32(tab[t] * plan.tissue_jitter[t] * con.scale[t])
         if fam != "T2":  # real-anatomy texture: half of the brain signal from the template T1
             tissue_brain = sum(probs[t] * np.float32(tab[t] * plan.tissue_jitter[t] * con.scale[t])
                                for t in ("wm", "gm", "csf"))
-            img += 0.5 * brain * (maps["t1"] * np.float32(tab["wm"]) - tissue_brain)
+            img += 0.5 * brain_h * (maps["t1"] * np.float32(tab["wm"]) - tissue_brain)
             np.maximum(img, 0.0, out=img)
         img = img * (1.0 - sinus) + sinus * np.float32(0.05 if fam == "T2" else 0.35)
         img = img * (1.0 - oed) + oed * np.float32(ltab["oedema"])
@@ -180,12 +188,14 @@ def render(plan: SubjectPlan, box: tuple[slice, slice, slice]) -> dict[str, np.n
             gain = np.float32(les.enhancement) * (1.0 + 0.15 * np.clip(lf["texture"], -2, 2))
             img = (img + enh * gain + choroid * np.float32(ENHANCEMENT["choroid"])
                    + sinus * np.float32(ENHANCEMENT["sinus"])
-                   + dural * (1.0 - brain) * probs["dura"] * np.float32(ENHANCEMENT["dura"]))
-        img = img * np.exp(np.float32(con.bias_amp) * con.bias_field.on_grid(*axes).ravel())
+                   + dural * (1.0 - brain_h) * probs["dura"] * np.float32(ENHANCEMENT["dura"]))
+        full = np.zeros(pts.shape[1], dtype=img.dtype)  # air: no signal before noise
+        full[head] = img
+        img = full * np.exp(np.float32(con.bias_amp) * con.bias_field.on_grid(*axes).ravel())
         nz = noise_tiles((_TAG, plan.seed, plan.index, _STREAMS["noise"], ri), shape, box)
         sd_n = np.float32(con.noise_sd)
         img = np.sqrt((img + sd_n * nz[0].reshape(-1)) ** 2 + (sd_n * nz[1].reshape(-1)) ** 2)
         out[role] = img.reshape(bshape).astype(np.float32)
     out["brain"] = brain.reshape(bshape)
-    out["lesion"] = lf["lesion"].reshape(bshape)
+    out["lesion"] = lesion_full
     return out
