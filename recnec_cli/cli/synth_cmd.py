@@ -64,7 +64,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command("synth", help=SYNTH_HELP, no_args_is_help=True)
     def synth(
-        out: Path = typer.Argument(..., help="Output folder (created; existing files are overwritten)."),
+        out: Path = typer.Argument(..., metavar="OUT",
+                                   help="Output folder (created; existing files are overwritten)."),
         n: int = typer.Option(234, "--n", min=1, help="Number of subjects."),
         seed: int = typer.Option(0, "--seed", min=0, help="Cohort seed."),
         fmt: Fmt = typer.Option(Fmt.nifti, "--format", help="Study file format (--space study)."),
