@@ -158,15 +158,18 @@ def detect_enhancing_lesion(t1ce: VolumeRAS, brain_mask: MaskRAS, affine: Affine
 def find_user_mask(study_lesion_mask: Path | None, masks_dir: Path | None, study_id: str) -> Path | None:
     """The user lesion-mask file for a study, if any.
 
-    Looked up in this order: ``masks_dir/<name>.nii.gz`` (or ``.nii``, ``.nrrd``) where ``<name>`` is
-    the study id with ``/`` replaced by ``_``, or the last path component of the study id; then the
-    mask found inside the study folder by discovery (``lesion_mask.nii.gz``).
+    Looked up in this order: ``masks_dir/<name>_lesion_mask.nii.gz`` or ``masks_dir/<name>.nii.gz``
+    (also ``.nii``, ``.nrrd``) where ``<name>`` is the study id with ``/`` replaced by ``_``, or the
+    last path component of the study id; then the mask found inside the study folder by discovery
+    (``lesion_mask.nii.gz``). The ``_lesion_mask`` form is what ``recnec synth`` writes: discovery
+    never mistakes such a folder for a study.
     """
     if masks_dir is not None:
         names = {study_id.replace("/", "_"), study_id.rstrip("/").split("/")[-1]}
         for name in sorted(names):
-            for ext in (".nii.gz", ".nii", ".nrrd"):
-                p = Path(masks_dir) / f"{name}{ext}"
-                if p.is_file():
-                    return p
+            for stem in (f"{name}_lesion_mask", name):
+                for ext in (".nii.gz", ".nii", ".nrrd"):
+                    p = Path(masks_dir) / f"{stem}{ext}"
+                    if p.is_file():
+                        return p
     return study_lesion_mask

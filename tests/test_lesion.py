@@ -67,6 +67,8 @@ def test_find_user_mask(tmp_path):
     (tmp_path / "1.2.3.nii.gz").write_bytes(b"x")
     assert lesion.find_user_mask(None, tmp_path, "1.2.3") == tmp_path / "1.2.3.nii.gz"
     assert lesion.find_user_mask(None, tmp_path, "other") is None
+    (tmp_path / "4.5.6_lesion_mask.nii.gz").write_bytes(b"x")  # the form recnec synth writes
+    assert lesion.find_user_mask(None, tmp_path, "4.5.6") == tmp_path / "4.5.6_lesion_mask.nii.gz"
 
 
 @pytest.mark.slow

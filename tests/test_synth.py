@@ -184,7 +184,7 @@ def test_dicom_cohort_same_seed_same_bytes(tmp_path):
     assert _digests(tmp_path / "a") == _digests(tmp_path / "b")
     rows = list(csv.DictReader(open(tmp_path / "a" / "labels.csv", encoding="utf-8")))
     for r in rows:
-        assert (tmp_path / "a" / "masks" / f"{r['study_id']}.nii.gz").is_file()
+        assert (tmp_path / "a" / "masks" / f"{r['study_id']}_lesion_mask.nii.gz").is_file()
 
 
 def test_cli_help_and_small_run(tmp_path):
@@ -216,7 +216,7 @@ def test_scan_pipeline_input_close_to_model_space(tmp_path):
     index = 3  # seed 0 subject 4: 3D T1 and T1ce, 2D T2
     truth = generate_subject(seed=0, index=index)
     write_nifti_study(tmp_path / "synth-0004", "synth-0004", truth,
-                      mask_path=tmp_path / "masks" / "synth-0004.nii.gz")
+                      mask_path=tmp_path / "masks" / "synth-0004_lesion_mask.nii.gz")
     settings = resolve_settings({"lesion_masks_dir": tmp_path / "masks"}, environ={})
     studies = [s for s in discover(tmp_path, settings=settings) if s.study_id == "synth-0004"]
     assert len(studies) == 1

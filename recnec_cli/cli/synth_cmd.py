@@ -39,10 +39,10 @@ necrosis -> rim / Swiss-cheese / soap-bubble enhancement, low lesion quotient, m
 Output (same seed, same bytes; subject i is the same for any --n):
 
   --space study --format nifti   OUT/synth-0001/synth-0001_{{T1w,T2w,ce-gadolinium_T1w}}.nii.gz
-                                 (+ JSON sidecars); true lesion masks in OUT/masks/<id>.nii.gz
+                                 (+ JSON sidecars); true lesion masks in OUT/masks/<id>_lesion_mask.nii.gz
                                  (--masks-in-study: OUT/<id>/lesion_mask.nii.gz instead)
   --space study --format dicom   OUT/dicom/<pseudonym>/SE<nnnn>/IM<nnnnn>.dcm, one file per slice;
-                                 study id = StudyInstanceUID; masks OUT/masks/<UID>.nii.gz
+                                 study id = StudyInstanceUID; masks OUT/masks/<UID>_lesion_mask.nii.gz
   --space model                  OUT/tensors/<id>.npy, float32 (3, 40, 40, 40) model inputs
   always                         OUT/labels.csv (study_id,label), OUT/truth.csv (drawn lesion
                                  signs: they reveal the label), OUT/cohort.json

@@ -168,7 +168,7 @@ def write_dicom_study(root: Path, truth: SubjectTruth, *, masks_dir: Path) -> tu
                           frame_uid=_uid(seed, index, "frame"))
     mask, grid = acquired["lesion"]
     masks_dir.mkdir(parents=True, exist_ok=True)
-    write_nifti(masks_dir / f"{study_uid}.nii.gz", mask, grid.affine, dtype=np.uint8)
+    write_nifti(masks_dir / f"{study_uid}_lesion_mask.nii.gz", mask, grid.affine, dtype=np.uint8)
     return study_uid, n + 1
 
 
@@ -192,9 +192,10 @@ def write_cohort(out: Path, *, n: int, seed: int, fmt: str = "nifti", space: str
     Layout: ``space="model"``: ``out/tensors/<study_id>.npy`` (float32 ``spec.shape``, from
     :func:`~recnec_cli.modelinput.make_model_input`); ``space="study"`` with ``fmt="nifti"``:
     ``out/synth-0001/{synth-0001_T1w, _T2w, _ce-gadolinium_T1w}.nii.gz`` + JSON sidecars and the
-    lesion mask in ``out/masks/<study_id>.nii.gz`` (or ``out/<study>/lesion_mask.nii.gz`` with
+    lesion mask in ``out/masks/<study_id>_lesion_mask.nii.gz`` (or ``out/<study>/lesion_mask.nii.gz`` with
     ``masks_in_study``); ``fmt="dicom"``: ``out/dicom/<pseudonym>/SE<nnnn>/IM<nnnnn>.dcm`` and
-    ``out/masks/<StudyInstanceUID>.nii.gz``. Always ``out/labels.csv`` (``study_id,label``),
+    ``out/masks/<StudyInstanceUID>_lesion_mask.nii.gz`` (the ``_lesion_mask`` suffix keeps
+    discovery from taking ``masks/`` for a study). Always ``out/labels.csv`` (``study_id,label``),
     ``out/truth.csv`` (the drawn lesion signs: they reveal the label) and ``out/cohort.json``.
     ``on_subject(i, study_id)`` is called after each subject (progress).
 
@@ -236,7 +237,7 @@ def write_cohort(out: Path, *, n: int, seed: int, fmt: str = "nifti", space: str
             centroid = truth.lesion_centroid_ras_mm
             if fmt == "nifti":
                 mpath = (out / sid / "lesion_mask.nii.gz") if masks_in_study else (
-                    out / "masks" / f"{sid}.nii.gz")
+                    out / "masks" / f"{sid}_lesion_mask.nii.gz")
                 files += write_nifti_study(out / sid, sid, truth, mask_path=mpath)
             else:
                 sid, k = write_dicom_study(out / "dicom", truth, masks_dir=out / "masks")
