@@ -1,7 +1,8 @@
 """``recnec train --quick`` end to end on a tiny synthetic cohort, then ``recnec evaluate``.
 
-One quick ensemble is trained per session (about 10-20 s on 2 shared cores) and shared by the
-tests of this module.
+The cohort (16 subjects, 8 recurrence / 8 necrosis, model space) comes from the real
+``recnec_cli.synth.write_cohort`` (~20-40 s); one quick ensemble (2 folds x 2 epochs, ~10 s) is
+trained per module and shared by its tests.
 """
 
 from __future__ import annotations
@@ -24,23 +25,14 @@ from recnec_cli.infer import Ensemble, sha256_file  # noqa: E402
 
 runner = CliRunner()
 
-N_TINY = 24
+N_TINY = 16
 
 
 def write_tiny_cohort(out: Path, *, n: int, seed: int) -> Path:
-    """A small model-space cohort (``out/tensors/*.npy``, ``out/labels.csv``)."""
-    # TEMPORARY until the synth generator is final: a planted-signal cohort
-    rng = np.random.default_rng(seed)
-    (out / "tensors").mkdir(parents=True, exist_ok=True)
-    r = np.sqrt(((np.indices((40, 40, 40)) - 19.5) ** 2).sum(0))
-    rows = ["study_id,label"]
-    for i in range(n):
-        lab = int(i % 3 != 0)
-        x = rng.normal(0, 1, (3, 40, 40, 40)).astype(np.float32)
-        x[2] += (r < 8) if lab else ((r > 5) & (r < 8))
-        np.save(out / "tensors" / f"s{i:03d}.npy", x)
-        rows.append(f"s{i:03d},{'recurrence' if lab else 'necrosis'}")
-    (out / "labels.csv").write_text("\n".join(rows) + "\n")
+    """A balanced model-space cohort from ``recnec synth`` (``out/tensors/*.npy``, ``out/labels.csv``)."""
+    from recnec_cli.synth import write_cohort
+
+    write_cohort(out, n=n, seed=seed, fmt="nifti", space="model", ratio=(1, 1))
     return out
 
 

@@ -44,7 +44,7 @@ and epochs.csv. OUT must be new, empty, or a previous recnec ensemble (replaced)
 
 Examples:
 
-  recnec train --reproduce-shipped --out weights/      # the shipped ensemble (~10-20 min, 2 cores)
+  recnec train --reproduce-shipped --out weights/      # the shipped ensemble (~10-15 min on 2 cores)
 
   recnec train cohort/ --labels cohort/labels.csv --out my_weights/ --cache cache/
 
@@ -104,9 +104,9 @@ def train(
     folds: Optional[int] = typer.Option(None, "--folds", min=2, help="Cross-validation folds [default: 5]",
                                         show_default=False),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Maximum epochs per fold "
-                                         "[default: 60, early stopping]", show_default=False),
+                                         "[default: 80, early stopping]", show_default=False),
     patience: Optional[int] = typer.Option(None, "--patience", min=1, help="Early-stopping patience in "
-                                           "epochs [default: 15]", show_default=False),
+                                           "epochs [default: 20]", show_default=False),
     width: Optional[int] = typer.Option(None, "--width", min=2, help="Base channel width "
                                         "[default: 16; vgg16: 8]", show_default=False),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2, help="[default: 16]",

@@ -51,7 +51,7 @@ class TrainResult:
 
 def _write_epoch_log(path: Path, rows: list[dict[str, Any]]) -> None:
     """Per-epoch CSV (no wall-clock column, so reruns give identical bytes; timings go to the manifest)."""
-    cols = ["fold", "epoch", "train_loss", "val_loss", "val_auc", "lr", "best_epoch"]
+    cols = ["fold", "epoch", "train_loss", "val_loss", "val_auc", "val_auc_smooth", "lr", "best_epoch"]
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
@@ -179,7 +179,9 @@ def train_ensemble(
             "deterministic": "torch.use_deterministic_algorithms(True), monai.utils.set_determinism, "
                              "no DataLoader workers",
             "splits": "StratifiedKFold(shuffle, random_state=seed); inner StratifiedShuffleSplit "
-                      f"val_fraction={cfg.val_fraction} for early stopping on validation AUC",
+                      f"val_fraction={cfg.val_fraction} for early stopping on validation AUC "
+                      f"(mean over {cfg.select_window} epochs, checkpoints from epoch "
+                      f"{cfg.select_from_epoch})",
             "class_balance": "BCEWithLogitsLoss(pos_weight = n_necrosis / n_recurrence)",
             "augmentation": "MONAI SpatialPad(+4 vox)+RandSpatialCrop (shift <= 6 mm), RandFlip(LR), "
                             "RandAffine(p=0.2, rot 10 deg, scale 5 %), RandScaleIntensity, "
