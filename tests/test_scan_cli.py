@@ -171,3 +171,19 @@ def test_real_glioma_study_end_to_end(real, tmp_path):
     dice = 2 * (a & b).sum() / (a.sum() + b.sum())
     assert dice >= 0.95
     print("per-stage seconds:", {k: row[k] for k in row if k.startswith("seconds_")}, "dice", round(dice, 4))
+
+
+def test_no_patient_identifiers_in_outputs(batch_scan):
+    """PatientName / PatientID of the DICOM study appear nowhere: report, manifest, log, terminal."""
+    import pydicom
+
+    first = next(p for p in sorted((batch_scan["studies"] / "dicom").rglob("*")) if p.is_file())
+    ds = pydicom.dcmread(first, stop_before_pixels=True)
+    secrets = {str(ds.PatientName), str(ds.PatientID)}
+    assert all(len(s) > 5 for s in secrets)
+    out = batch_scan["out"]
+    texts = [out.read_text(), out.with_name("report.manifest.json").read_text(), out.with_suffix(".log").read_text(),
+             batch_scan["result"].output]
+    for text in texts:
+        for s in secrets:
+            assert s not in text
