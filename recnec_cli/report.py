@@ -15,7 +15,8 @@ separated), ``flags``, ``lesion_source`` (``mask`` or ``auto``), ``lesion_r_mm``
 ``brain_volume_ml``, ``t1_reg_translation_mm`` ... (rigid offsets onto the T1ce),
 ``p_recurrence`` (ensemble mean probability of recurrence), ``ensemble_spread`` (standard
 deviation across the fold models), ``label`` (``recurrence`` if ``p_recurrence >= threshold``
-else ``necrosis``), ``threshold``, ``model_version``, ``seconds_<stage>`` and ``seconds_total``.
+else ``necrosis``), ``threshold``, ``model_version``, ``seconds_<stage>``, ``seconds_total`` and
+``disclaimer`` (research use only, synthetic-cohort weights, not clinically validated).
 """
 
 from __future__ import annotations
@@ -45,8 +46,11 @@ COLUMNS = (
        "brain_volume_ml"]
     + [f"{p}_reg_{k}" for p in ("t1", "t2") for k in ("translation_mm", "rotation_deg")]
     + ["p_recurrence", "ensemble_spread", "label", "threshold", "model_version"]
-    + [f"seconds_{s}" for s in STAGES] + ["seconds_total"]
+    + [f"seconds_{s}" for s in STAGES] + ["seconds_total", "disclaimer"]
 )
+
+#: written in every row so that no copy of a report travels without it
+ROW_DISCLAIMER = "research use only; weights from a synthetic cohort; not clinically validated"
 
 
 def _r(v: float | None, nd: int = 4) -> Any:
@@ -92,6 +96,7 @@ def result_row(r: StudyResult, *, threshold: float | None, model_version: str) -
         if st in r.timings:
             row[f"seconds_{st}"] = round(r.timings[st], 3)
     row["seconds_total"] = round(r.timings.get("total", sum(r.timings.values())), 3)
+    row["disclaimer"] = ROW_DISCLAIMER
     return row
 
 
