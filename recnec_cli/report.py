@@ -50,7 +50,7 @@ COLUMNS = (
 )
 
 #: written in every row so that no copy of a report travels without it
-ROW_DISCLAIMER = "research use only; weights from a synthetic cohort; not clinically validated"
+ROW_DISCLAIMER = "research use only; not clinically validated (the shipped weights come from a synthetic cohort)"
 
 
 def _r(v: float | None, nd: int = 4) -> Any:
