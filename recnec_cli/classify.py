@@ -312,7 +312,7 @@ def _physics_role(h: SeriesHeader, ph: Mapping[str, float]) -> tuple[SeriesRole 
 
 def _token_roles(texts: Mapping[str, str], rules: Rules) -> dict[SeriesRole, list[str]]:
     out: dict[SeriesRole, list[str]] = {}
-    for key, raw in texts.items():
+    for raw in texts.values():
         norm = normalise(raw)
         if not norm:
             continue

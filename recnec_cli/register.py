@@ -114,7 +114,6 @@ class RigidResult:
 
 
 def _rigid_params(tx) -> tuple[float, float]:
-    import SimpleITK as sitk
 
     euler = tx
     m = np.asarray(euler.GetMatrix()).reshape(3, 3)

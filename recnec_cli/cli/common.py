@@ -10,7 +10,7 @@ from typing import Iterator
 
 import typer
 
-from ..errors import EnvironmentBroken, InferenceError, RecnecError, UsageError
+from ..errors import RecnecError, UsageError
 
 EXIT_OK, EXIT_STUDY_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -53,13 +53,10 @@ def error_boundary() -> Iterator[None]:
         yield
     except typer.Exit:
         raise
-    except (UsageError,) as exc:
+    except UsageError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
-    except (EnvironmentBroken, InferenceError) as exc:
-        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
-    except RecnecError as exc:
+    except RecnecError as exc:  # EnvironmentBroken, InferenceError (tampered weights), ...
         typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
     except KeyboardInterrupt:

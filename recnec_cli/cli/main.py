@@ -56,13 +56,7 @@ def _root(
 
 
 for _name in COMMAND_MODULES:
-    try:
-        _mod = importlib.import_module(f"{__package__}.{_name}")
-    except ModuleNotFoundError as _exc:  # a command module not written yet in a dev checkout
-        if _exc.name != f"{__package__}.{_name}":
-            raise
-        continue
-    _mod.register(app)
+    importlib.import_module(f"{__package__}.{_name}").register(app)
 
 
 def main() -> None:

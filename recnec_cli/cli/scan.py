@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from .. import DISCLAIMER
-from .common import EXIT_OK, EXIT_STUDY_FAILED, EXIT_USAGE, error_boundary, is_inside, setup_logging
+from .common import EXIT_OK, EXIT_STUDY_FAILED, error_boundary, is_inside, setup_logging
 
 log = logging.getLogger("recnec.scan")
 
