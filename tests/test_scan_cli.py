@@ -68,7 +68,11 @@ def batch_scan(tmp_path_factory):
     result = CliRunner().invoke(app, ["scan", str(studies), "--out", str(out), "--batch-size", "2",
                                       "--keep-intermediate", str(qc), "--device", "cpu",
                                       "--weights", str(WEIGHTS)])
-    return {"result": result, "out": out, "qc": qc, "studies": studies, "before": before}
+    truth = {}
+    for cohort in ("c_nii", "c_dcm"):
+        for r in _read_rows(base / cohort / "truth.csv"):
+            truth[r["study_id"]] = np.array([float(v) for v in r["centroid_ras_mm"].split()])
+    return {"result": result, "out": out, "qc": qc, "studies": studies, "before": before, "truth": truth}
 
 
 def test_batch_report_has_every_study_and_exit_code_1(batch_scan):
@@ -187,3 +191,15 @@ def test_no_patient_identifiers_in_outputs(batch_scan):
     for text in texts:
         for s in secrets:
             assert s not in text
+
+
+def test_lesion_found_where_it_was_drawn_left_stays_left(batch_scan):
+    """FAILURES.md kind 12 end to end: DICOM (LPS) and NIfTI studies through conversion, registration,
+    skull stripping and auto localisation land on the true lesion centroid, same side."""
+    rows = [r for r in _read_rows(batch_scan["out"]) if r["status"] == "OK"]
+    assert {r["source"] for r in rows} == {"nifti", "dicom"}
+    for r in rows:
+        truth = batch_scan["truth"][r["study_id"]]
+        got = np.array([float(r["lesion_r_mm"]), float(r["lesion_a_mm"]), float(r["lesion_s_mm"])])
+        assert np.linalg.norm(got - truth) < 3.0, (r["study_id"], got, truth)
+        assert np.sign(got[0]) == np.sign(truth[0])
