@@ -1,29 +1,63 @@
 """One series -> one validated 3D volume on a canonical RAS+ grid.
 
-DICOM stacks are assembled here from pydicom datasets (classic one-image-per-file and Enhanced
-multi-frame alike) after the geometry checks that converters skip (``../shared/FAILURES.md``
-kinds 1-5, 10, 11, 13, 14, 20):
+DICOM: recnec checks the stack, dicom2nifti assembles it, nibabel canonicalises it.
 
-* slice positions are ImagePositionPatient projected on the normal of ImageOrientationPatient
-  (DICOM PS3.3 C.7.6.2.1.1); spacing comes from these positions, never from SliceThickness;
-* a missing slice (a step > 1.5x the median step) fails ``MISSING_SLICES`` naming the gap;
-* a stack whose slice step is not along the normal (gantry tilt / shear, angle > 0.5 deg) fails
-  ``GANTRY_TILT`` with the angle;
-* repeated positions fail ``AMBIGUOUS_STACK`` (or ``NOT_3D`` when time/b-value tags vary);
-* Modality LUT (RescaleSlope/RescaleIntercept, PS3.3 C.11.1.1.2) is applied per slice/frame. The
-  Philips private scale slope (2005,100E) is recorded in ``notes`` but not applied (dcm2niix's
-  default, display values): recnec normalises intensities inside the brain, so a global scale
-  does not matter, while per-slice differences do.
+1. Checks (recnec, before and independent of any converter; ``../shared/FAILURES.md`` kinds 1-5,
+   10, 11, 13, 14, 20), on the images discovery put in one (possibly split) series:
 
-The affine is built directly from the DICOM geometry (LPS) and converted once to RAS
-(``diag(-1, -1, 1)``); the voxels are then reordered with ``nibabel.as_closest_canonical``.
-dicom2nifti (``convert_dicom.dicom_array_to_nifti``) reproduces the same voxels and affine on the
-real cases (see ``tests/test_convert.py``); it is not used at run time because it refuses split
-series, writes float64 LAS with qform_code 0 and applies vendor scaling globally.
+   * slice positions are ImagePositionPatient projected on the normal of ImageOrientationPatient
+     (DICOM PS3.3 C.7.6.2.1.1); spacing comes from these positions, never from SliceThickness;
+   * a missing slice (a step > 1.5x the median step) fails ``MISSING_SLICES`` naming the gap;
+   * a stack whose slice step is not along the normal (gantry tilt / shear, angle > 0.5 deg)
+     fails ``GANTRY_TILT`` with the angle;
+   * repeated positions fail ``AMBIGUOUS_STACK`` (or ``NOT_3D`` when time/b-value tags vary).
+
+2. Assembly by dicom2nifti, on the datasets sorted by position along the normal:
+
+   * classic one-image-per-file series (every real case but the Enhanced one):
+     ``dicom2nifti.common.get_volume_pixeldata`` (decodes each slice through pydicom and its
+     pylibjpeg/openjpeg decoders and applies that slice's own Modality LUT, RescaleSlope /
+     RescaleIntercept PS3.3 C.11.1.1.2) and ``dicom2nifti.common.create_affine`` (voxel ->
+     RAS mm from the first and last ImagePositionPatient);
+   * an Enhanced multi-frame file whose series is the whole file, one stack stored in slice order
+     (the real Siemens XA30 T1): ``common.multiframe_to_block`` and
+     ``common.multiframe_create_affine``.
+
+   These are the functions dicom2nifti's own entry points end in for a 3D anatomical stack. The
+   entry points themselves (``convert_dicom.dicom_array_to_nifti``,
+   ``convert_generic.dicom_to_nifti``) are not called: before assembling they group the images
+   by InstanceNumber order and call the series 4D when positions do not rise with it (a valid
+   20-slice stack with interleaved InstanceNumbers comes back as 10 x 2 volumes; without
+   InstanceNumber they raise AttributeError), and they drop localizers/duplicates silently,
+   all of which discovery already decided with reasons. Calling the assembly functions needs no
+   ``dicom2nifti.settings`` change (those are process-wide globals), writes no file and no
+   temporary directory.
+
+   Enhanced files dicom2nifti cannot take keep recnec's own assembly (:func:`_own_stack`): a
+   frame subset (two stacks, echoes or orientations in one file, as discovery splits them), or
+   frames not stored in slice order (FAILURES.md kind 4: shuffled per-frame positions). dicom2nifti
+   only converts whole files, places frames by InStackPositionNumber but takes the slice step
+   from the first and last frame in file order, and applies only per-frame (not shared)
+   PixelValueTransformation; on such files it fails SLICE_INCREMENT_INCONSISTENT /
+   IMAGE_ORIENTATION_INCONSISTENT, or with its validation off returns a wrong affine. When
+   dicom2nifti raises on a file it was given although its pixels decode (functional groups it
+   does not expect), the own assembly takes over too. Which assembly ran is in ``notes``.
+
+   Either way the block must have the header's shape and its affine must agree with the checked
+   geometry within ``AFFINE_TOL_MM``. Scaling: Modality LUT per slice/frame (``PER_SLICE_SCALING``
+   when it differs), as before; the Philips private scale slope (2005,100E) is recorded in
+   ``notes`` but not applied (neither dicom2nifti's anatomical path nor dcm2niix's default apply
+   it): recnec normalises intensities inside the brain, so a global scale does not matter, while
+   per-slice differences do.
+
+3. The float64/integer block is cast to float32 and reordered with
+   ``nibabel.as_closest_canonical``; the affine stays exact (no resampling).
 
 NIfTI is read with nibabel (``scl_slope``/``scl_inter`` applied, trailing singleton dimensions
 squeezed), NRRD with pynrrd (``space`` LPS/RAS/LAS honoured). No temporary files are written and
-input files are only ever opened for reading.
+input files are only ever opened for reading. dicom2nifti is imported only when a DICOM series is
+converted (0.4 s; importing it also extends pydicom's character-set table, its
+``patch_pydicom_encodings``).
 """
 
 from __future__ import annotations
@@ -50,6 +84,8 @@ GAP_FACTOR = 1.5  # a step larger than 1.5 x median step means at least one slic
 NONUNIFORM_TOL = 0.1  # steps differing by more than 10 % from the median: ambiguous stack
 TILT_TOL_DEG = 0.5  # angle between slice step and slice normal regarded as gantry tilt / shear
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# dicom2nifti's affine must agree with the geometry our checks accepted (mm, any element)
+AFFINE_TOL_MM = 1e-3
 
 
 def _err(code: str, message: str) -> ConversionError:
@@ -92,7 +128,7 @@ def _decode(ds: Any, path: Path) -> np.ndarray:
     ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
     try:
         return np.asarray(ds.pixel_array)
-    except Exception as exc:  # pydicom/pylibjpeg raise many exception types on bad pixel data
+    except Exception as exc:  # noqa: BLE001 - pydicom/pylibjpeg raise many types on bad pixels
         try:
             from pydicom.pixels import get_decoder
 
@@ -141,17 +177,11 @@ def _check_positions(pos: np.ndarray, steps_vec: np.ndarray, normal: np.ndarray,
     return med, notes
 
 
-def _dicom_volume(series: Series, settings: Settings) -> tuple[np.ndarray, np.ndarray,
-                                                               list[str], list[str]]:
+def _read_datasets(series: Series) -> list[tuple[Path, Any]]:
+    """Every file of ``series`` read with pydicom (pixel bytes loaded, not decoded)."""
     import pydicom
 
-    from .discover import _units_from_dataset
-
-    flags: list[str] = []
-    notes: list[str] = []
-    units = []
-    slices: list[np.ndarray] = []
-    frames_wanted = series.frames
+    out = []
     for path in series.files:
         try:
             ds = pydicom.dcmread(str(path), force=True)
@@ -162,24 +192,135 @@ def _dicom_volume(series: Series, settings: Settings) -> tuple[np.ndarray, np.nd
         if not photometric.upper().startswith("MONOCHROME"):
             raise _err("NOT_GREYSCALE", f"{path.name}: PhotometricInterpretation {photometric} "
                        "(colour secondary capture?), not an MR magnitude image")
-        us = _units_from_dataset(ds, path)
+        out.append((path, ds))
+    return out
+
+
+def _decode_failure(pairs: list[tuple[Path, Any]], exc: Exception) -> ConversionError:
+    """Name the file and cause when dicom2nifti's pixel reading raised ``exc``: re-decode with
+    :func:`_decode` (failure path only) so the codes match FAILURES.md kind 5."""
+    for path, ds in pairs:
+        _decode(ds, path)  # raises UNSUPPORTED_TRANSFER_SYNTAX / PIXEL_DECODE_FAILED
+    return _err("PIXEL_DECODE_FAILED", f"dicom2nifti: {type(exc).__name__}: {str(exc)[:200]}")
+
+
+def _d2n_classic(pairs: list[tuple[Path, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """dicom2nifti's anatomical assembly of position-sorted classic instances.
+
+    ``common.get_volume_pixeldata`` decodes each slice and applies its own Modality LUT
+    (pydicom ``apply_modality_lut``: RescaleSlope/RescaleIntercept per slice, no Philips private
+    scale); ``common.create_affine`` builds the affine from the first and last
+    ImagePositionPatient. Returns data ``(cols, rows, slices)`` and the voxel -> RAS mm affine.
+    """
+    from dicom2nifti import common
+    from dicom2nifti.exceptions import ConversionError as D2NError
+
+    dsl = [ds for _, ds in pairs]
+    try:
+        data = common.get_volume_pixeldata(dsl)
+        affine, _ = common.create_affine(dsl)
+    except D2NError as exc:
+        raise _err("AMBIGUOUS_STACK", f"dicom2nifti refused the stack: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - pydicom/pylibjpeg raise many types on bad pixels
+        raise _decode_failure(pairs, exc) from None
+    return data, np.asarray(affine, dtype=np.float64)
+
+
+def _d2n_enhanced_refusal(ds: Any, frames: tuple[int, ...]) -> str | None:
+    """Why dicom2nifti's multi-frame assembly cannot take this Enhanced file as it is, or ``None``.
+
+    ``common.multiframe_to_block`` takes the whole file, places frames by InStackPositionNumber and
+    applies only per-frame PixelValueTransformation; ``common.multiframe_create_affine`` takes the
+    slice step from the first and last frame *in file order*. So it is exact only for a single
+    stack stored in slice order."""
+    from dicom2nifti import common
+
+    n = int(ds.get("NumberOfFrames") or 1)
+    if sorted(frames) != list(range(n)):
+        return f"{len(frames)} of the file's {n} frames (several stacks/volumes in one file)"
+    if list(frames) not in (list(range(n)), list(range(n - 1, -1, -1))):
+        return "frames not stored in slice order"
+    try:
+        n_stacks, _ = common.multiframe_get_stack_count([ds])
+    except Exception:  # noqa: BLE001 - malformed functional groups: let our assembly decide
+        return "functional groups dicom2nifti cannot count stacks from"
+    if n_stacks != 1:
+        return f"dicom2nifti counts {n_stacks} stacks"
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    shared_pvt = shared[0].get("PixelValueTransformationSequence") if shared else None
+    for k, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        content = item.get("FrameContentSequence")
+        stack_pos = content[0].get("InStackPositionNumber") if content else None
+        if stack_pos is not None and int(stack_pos) != k + 1:
+            return "InStackPositionNumber differs from the stored frame order"
+        if shared_pvt and "PixelValueTransformationSequence" not in item:
+            pvt = shared_pvt[0]
+            if float(pvt.get("RescaleSlope", 1) or 1) != 1 or \
+                    float(pvt.get("RescaleIntercept", 0) or 0) != 0:
+                return "rescale only in the shared functional groups"
+    return None
+
+
+def _d2n_enhanced(path: Path, ds: Any) -> tuple[np.ndarray, np.ndarray] | str:
+    """dicom2nifti's assembly of one whole single-stack Enhanced file (see
+    :func:`_d2n_enhanced_refusal`). Returns data ``(cols, rows, frames)`` in stored frame order
+    and the RAS affine, or why dicom2nifti failed when the pixels themselves decode (functional
+    groups it does not expect): the caller then falls back to recnec's own assembly."""
+    from dicom2nifti import common
+
+    try:
+        data = common.multiframe_to_block(ds)
+        affine, _ = common.multiframe_create_affine([ds], data)
+    except Exception as exc:  # noqa: BLE001 - pydicom/pylibjpeg/dicom2nifti raise many types
+        _decode(ds, path)  # a real decoding problem keeps its code (FAILURES.md kind 5)
+        return f"dicom2nifti failed ({type(exc).__name__}: {str(exc)[:120]})"
+    return data, np.asarray(affine, dtype=np.float64)
+
+
+def _own_stack(pairs: list[tuple[Path, Any]], frames: tuple[int, ...],
+               rescales: list[tuple[float, float]]) -> np.ndarray:
+    """recnec's own assembly: the images of ``pairs`` (classic) or ``frames`` of its single file
+    (Enhanced), already in slice order, with per-image ``(slope, intercept)`` applied in float64.
+    Returns ``(cols, rows, slices)`` float32."""
+    slices: list[np.ndarray] = []
+    for path, ds in pairs:
         arr = _decode(ds, path)
-        if frames_wanted:
-            if arr.ndim == 2:
-                arr = arr[None]
-            for f in frames_wanted:
-                units.append(us[f])
-                slices.append(arr[f])
+        if frames:
+            arr = arr[None] if arr.ndim == 2 else arr
+            slices.extend(arr[f] for f in frames)
         else:
-            if arr.ndim != 2:
-                raise _err("AMBIGUOUS_STACK", f"{path.name}: pixel data of shape {arr.shape} "
-                           "in a classic (single-frame) instance")
-            units.append(us[0])
             slices.append(arr)
+    stack = np.empty((len(slices),) + slices[0].shape, dtype=np.float32)
+    for k, (s, (slope, inter)) in enumerate(zip(slices, rescales)):
+        stack[k] = s.astype(np.float64) * slope + inter
+    return stack.transpose(2, 1, 0)
+
+
+def _dicom_volume(series: Series, settings: Settings, *, own: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """Checked, assembled DICOM stack: data ``(cols, rows, slices)`` float32 in slice order,
+    voxel -> RAS mm affine, flags, notes. ``own=True`` forces recnec's own assembly for every
+    series (the reference the dicom2nifti path is tested against)."""
+    from .discover import _units_from_dataset
+
+    flags: list[str] = []
+    notes: list[str] = []
+    pairs = _read_datasets(series)
+    if series.frames:
+        path, ds = pairs[0]
+        us = _units_from_dataset(ds, path)
+        units = [us[f] for f in series.frames]
+    else:
+        units = []
+        for path, ds in pairs:
+            if int(ds.get("NumberOfFrames") or 1) > 1:
+                raise _err("AMBIGUOUS_STACK", f"{path.name}: {ds.NumberOfFrames} frames in a "
+                           "classic (single-frame) instance")
+            units.append(_units_from_dataset(ds, path)[0])
     if any(u.ipp is None or u.iop is None or u.pixel_spacing is None for u in units):
         raise _err("MISSING_GEOMETRY", "image(s) without ImagePositionPatient, "
                    "ImageOrientationPatient or PixelSpacing")
-    shapes = {s.shape for s in slices}
+    shapes = {(u.rows, u.cols) for u in units}
     if len(shapes) > 1:
         raise _err("AMBIGUOUS_STACK", f"images of different matrices {sorted(shapes)}")
     iops = np.array([u.iop for u in units], dtype=float)
@@ -193,16 +334,49 @@ def _dicom_volume(series: Series, settings: Settings) -> tuple[np.ndarray, np.nd
     pos = ipps @ normal
     order = np.argsort(pos, kind="stable")
     pos, ipps = pos[order], ipps[order]
-    slices = [slices[i] for i in order]
     units = [units[i] for i in order]
     if len(units) < MIN_SLICES:
         raise _err("TOO_FEW_SLICES", f"{len(units)} slice(s); at least {MIN_SLICES} needed")
     _check_positions(pos, np.diff(ipps, axis=0), normal, dict(series.header.extra))
-    # per-slice Modality LUT (FAILURES.md kind 11)
+    # the geometry the checks above accepted: voxel (col i, row j, slice k) -> LPS -> RAS mm
+    dr, dc = units[0].pixel_spacing  # PixelSpacing = (row spacing, column spacing), mm
+    n = len(units)
+    aff_lps = np.eye(4)
+    aff_lps[:3, 0] = row_dir * dc  # i: column index, along the row cosine
+    aff_lps[:3, 1] = col_dir * dr  # j: row index, along the column cosine
+    aff_lps[:3, 2] = (ipps[-1] - ipps[0]) / (n - 1)
+    aff_lps[:3, 3] = ipps[0]
+    expected = LPS_TO_RAS @ aff_lps
     rescales = [u.rescale or (1.0, 0.0) for u in units]
-    stack = np.empty((len(slices),) + slices[0].shape, dtype=np.float32)
-    for k, (s, (slope, inter)) in enumerate(zip(slices, rescales)):
-        stack[k] = s.astype(np.float32) * np.float32(slope) + np.float32(inter)
+    frames = tuple(series.frames[i] for i in order) if series.frames else ()
+    if own:
+        sorted_pairs = pairs if frames else [pairs[i] for i in order]
+        data, affine = _own_stack(sorted_pairs, frames, rescales), expected
+        notes.append("assembled by recnec (reference)")
+    elif not frames:
+        data, affine = _d2n_classic([pairs[i] for i in order])
+        notes.append("assembled by dicom2nifti (common.get_volume_pixeldata/create_affine)")
+    else:
+        result = _d2n_enhanced_refusal(pairs[0][1], frames) or _d2n_enhanced(*pairs[0])
+        if isinstance(result, str):
+            data, affine = _own_stack(pairs, frames, rescales), expected
+            notes.append(f"Enhanced frames assembled by recnec: {result}")
+        else:
+            data, affine = result
+            if frames[0] != 0:  # stored in descending position: flip k to our ascending order
+                data = data[:, :, ::-1]
+                affine = affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, -1, n - 1],
+                                            [0, 0, 0, 1]], dtype=np.float64)
+            notes.append("assembled by dicom2nifti (common.multiframe_to_block/create_affine)")
+    rows, cols = units[0].rows, units[0].cols
+    if data.shape != (cols, rows, n):
+        raise _err("AMBIGUOUS_STACK", f"assembled block of shape {data.shape}, expected "
+                   f"{(cols, rows, n)} from the headers")
+    dev = float(np.abs(affine - expected).max())
+    if dev > AFFINE_TOL_MM:
+        raise _err("AMBIGUOUS_STACK", f"dicom2nifti's affine differs from the checked slice "
+                   f"geometry by {dev:.3g} mm")
+    # per-slice Modality LUT (FAILURES.md kind 11): recorded here, applied by the assembly
     uniq = sorted(set(rescales))
     if len(uniq) > 1:
         notes.append(f"per-slice rescale applied: {len(uniq)} different slope/intercept pairs")
@@ -212,16 +386,7 @@ def _dicom_volume(series: Series, settings: Settings) -> tuple[np.ndarray, np.nd
     if series.header.extra.get("philips_private_scale_slope"):
         notes.append("Philips private scale slope (2005,100E) "
                      f"{series.header.extra['philips_private_scale_slope']} present, not applied")
-    dr, dc = units[0].pixel_spacing  # PixelSpacing = (row spacing, column spacing), mm
-    n = len(units)
-    step = (ipps[-1] - ipps[0]) / (n - 1)
-    aff_lps = np.eye(4)
-    aff_lps[:3, 0] = row_dir * dc  # i: column index, along the row cosine
-    aff_lps[:3, 1] = col_dir * dr  # j: row index, along the column cosine
-    aff_lps[:3, 2] = step
-    aff_lps[:3, 3] = ipps[0]
-    data = np.ascontiguousarray(stack.transpose(2, 1, 0))  # (cols=i, rows=j, slices=k)
-    return data, LPS_TO_RAS @ aff_lps, flags, notes
+    return np.asarray(data, dtype=np.float32), affine, flags, notes
 
 
 # --------------------------------------------------------------------------------------------

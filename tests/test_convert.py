@@ -148,6 +148,94 @@ def test_per_slice_scaling_applied(tmp_path):  # kind 11
     assert any("2005,100E" in n for n in v.notes)
 
 
+def test_instance_numbers_do_not_order_the_stack(tmp_path):
+    """dicom2nifti's entry points group slices by InstanceNumber and call a valid stack 4D when
+    positions do not rise with it; recnec hands its assembly functions the position order."""
+    pix = phantom(20)
+    write_series(tmp_path / "a", n=20, pixels=pix,
+                 per_slice=lambda k, ds: setattr(ds, "InstanceNumber", (k % 2) * 10 + k // 2 + 1))
+    write_series(tmp_path / "b", n=20, pixels=pix,
+                 per_slice=lambda k, ds: delattr(ds, "InstanceNumber"))
+    for sub in ("a", "b"):
+        v = convert_series(_one_series(tmp_path / sub), settings=S)
+        assert v.data.shape == (32, 32, 20)
+        assert np.array_equal(v.data[::-1, ::-1, :].transpose(2, 1, 0), pix.astype(np.float32))
+
+
+def test_no_files_written_and_dicom2nifti_settings_untouched(tmp_path, monkeypatch):
+    import tempfile
+
+    import dicom2nifti.settings as d2n_settings
+
+    def refuse(*a, **k):
+        raise AssertionError("conversion tried to write a file")
+
+    for name in ("mkdtemp", "mkstemp", "NamedTemporaryFile", "TemporaryDirectory"):
+        monkeypatch.setattr(tempfile, name, refuse)
+    monkeypatch.setattr(nib.Nifti1Image, "to_filename", refuse)
+    monkeypatch.setattr(nib, "save", refuse)
+    before = {k: v for k, v in vars(d2n_settings).items() if isinstance(v, (bool, int, float))}
+    write_series(tmp_path / "c", n=12)
+    write_enhanced(tmp_path / "e" / "enh.dcm", n=20, shuffle=False)
+    for sub in ("c", "e"):
+        v = convert_series(_one_series(tmp_path / sub), settings=S)
+        assert any("assembled by dicom2nifti" in n for n in v.notes), v.notes
+    assert {k: v for k, v in vars(d2n_settings).items()
+            if isinstance(v, (bool, int, float))} == before
+
+
+def test_enhanced_assembly_choice(tmp_path):  # kind 4
+    """Whole single-stack file stored in slice order -> dicom2nifti; shuffled frames or a frame
+    subset (one of two stacks) -> recnec's own assembly, same voxels as the ordered file."""
+    ref = phantom(20, 24, 24).astype(np.float32)
+    vols = {}
+    for name, kw in (("ordered", {"shuffle": False}), ("shuffled", {"shuffle": True})):
+        write_enhanced(tmp_path / name / "enh.dcm", n=20, **kw)
+        vols[name] = convert_series(_one_series(tmp_path / name), settings=S)
+    assert any("dicom2nifti" in n for n in vols["ordered"].notes)
+    assert any("not stored in slice order" in n for n in vols["shuffled"].notes)
+    for v in vols.values():
+        assert np.array_equal(v.data[::-1, ::-1, :].transpose(2, 1, 0), ref)
+    assert np.allclose(vols["ordered"].affine, vols["shuffled"].affine)
+    write_enhanced(tmp_path / "two" / "enh.dcm", n=20, second_stack=12, shuffle=False)
+    (st,) = discover(tmp_path / "two", settings=S)
+    (s,) = [s for s in st.series if s.header.n_slices == 20]
+    v = convert_series(s, settings=S)
+    assert any("20 of the file's 32 frames" in n for n in v.notes), v.notes
+
+
+def test_enhanced_dicom2nifti_failure_falls_back(tmp_path):
+    """FrameContentSequence without InStackPositionNumber makes dicom2nifti's multiframe_to_block
+    raise AttributeError; the pixels decode, so recnec's own assembly takes over."""
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    path = write_enhanced(tmp_path / "enh.dcm", n=20, shuffle=False)
+    ds = pydicom.dcmread(str(path))
+    for k, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        content = Dataset()
+        content.FrameAcquisitionNumber = k + 1
+        item.FrameContentSequence = Sequence([content])
+    ds.save_as(str(path))
+    v = convert_series(_one_series(tmp_path), settings=S)
+    assert any("dicom2nifti failed (AttributeError" in n for n in v.notes), v.notes
+    ref = phantom(20, 24, 24).astype(np.float32)
+    assert np.array_equal(v.data[::-1, ::-1, :].transpose(2, 1, 0), ref)
+
+
+def test_unknown_transfer_syntax_unsupported(tmp_path):  # kind 5
+    def mpeg(k, ds):
+        from pydicom.encaps import encapsulate
+
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2 MP@ML
+        ds.PixelData = encapsulate([b"\x00" * 64])
+        ds["PixelData"].VR = "OB"
+
+    write_series(tmp_path, n=12, per_slice=mpeg)
+    assert _code(_one_series(tmp_path)).code == "UNSUPPORTED_TRANSFER_SYNTAX"
+
+
 def test_nifti_singleton_4th_dim_squeezed_and_scaled(tmp_path):  # kind 13
     data = np.arange(8 * 9 * 12, dtype=np.uint8).reshape(8, 9, 12, 1) % 200
     img = nib.Nifti1Image(data, np.diag([-1.0, 1.0, 2.0, 1.0]))
@@ -208,23 +296,46 @@ def test_real_transfer_syntaxes_decode_identically(real):
     assert _code(st.series[0]).code == "NOT_3D"  # mosaic EPI is never a volume
 
 
-def test_real_matches_dicom2nifti(real):
-    """Our stack assembly equals dicom2nifti's on a real sagittal 2D series (voxels and affine)."""
-    import pydicom
-    import tempfile
+@pytest.mark.parametrize("case,n_series", [
+    ("dicom_siemens_e11_t1_fl2d_sag", 1),
+    ("dicom_siemens_pd_t2_dualecho_phantom", 2),  # split by discovery into two echo series
+    ("dicom_philips_elition_t1_mprage", 1),  # RescaleSlope + private (2005,100E) scale
+    ("dicom_siemens_xa30_enhanced_t1", 1),  # whole Enhanced file, frames stored descending
+    pytest.param("dicom_tcia_vs_seg_001_t1ce_siemens_j2k", 1, marks=pytest.mark.slow),
+    pytest.param("dicom_uih_umr770_t1_3d_j2k", 1, marks=pytest.mark.slow),
+])
+def test_real_dicom2nifti_assembly_equals_own(real, case, n_series):
+    """Regression: dicom2nifti's assembly (run time) against recnec's own stack assembly (the
+    code it replaced, kept for Enhanced frame subsets): voxels equal, affine within 1e-3 mm."""
+    from recnec_cli.convert import _dicom_volume
 
+    st = _series_of(real, case)
+    assert len(st.series) == n_series
+    for s in st.series:
+        data, aff, flags, notes = _dicom_volume(s, S)
+        ref, ref_aff, ref_flags, _ = _dicom_volume(s, S, own=True)
+        assert any("assembled by dicom2nifti" in n for n in notes), notes
+        assert data.dtype == np.float32 and data.shape == ref.shape
+        assert np.array_equal(data, ref)
+        assert np.allclose(aff, ref_aff, atol=1e-3)
+        assert flags == ref_flags
+
+
+def test_real_equals_dicom2nifti_entry_point(real):
+    """On a plain stack our calls give what dicom2nifti's public entry point gives, in memory
+    (no output file), once canonicalised."""
+    import pydicom
     from dicom2nifti.convert_dicom import dicom_array_to_nifti
 
-    st = _series_of(real, "dicom_siemens_e11_t1_fl2d_sag")
-    s = st.series[0]
+    s = _series_of(real, "dicom_siemens_e11_t1_fl2d_sag").series[0]
     v = convert_series(s, settings=S)
     assert v.data.shape == (35, 256, 256) and "ANISOTROPIC" in v.flags
-    with tempfile.TemporaryDirectory() as td:
-        dsl = [pydicom.dcmread(str(p)) for p in s.files]
-        out = dicom_array_to_nifti(dsl, str(Path(td) / "x.nii.gz"), reorient_nifti=True)
-        ref = nib.as_closest_canonical(nib.load(out["NII_FILE"]))
-        assert np.allclose(ref.affine, v.affine, atol=1e-3)
-        assert np.array_equal(np.asarray(ref.dataobj, dtype=np.float32), v.data)
+    out = dicom_array_to_nifti([pydicom.dcmread(str(p)) for p in s.files], None,
+                               reorient_nifti=False)
+    ref = nib.as_closest_canonical(out["NII"])
+    assert out["NII_FILE"] is None
+    assert np.allclose(ref.affine, v.affine, atol=1e-3)
+    assert np.array_equal(np.asarray(ref.dataobj, dtype=np.float32), v.data)
 
 
 @pytest.mark.parametrize("case,shape,code", [
