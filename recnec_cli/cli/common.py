@@ -34,6 +34,7 @@ def setup_logging(*, verbose: int = 0, quiet: bool = False, log_file: Path | Non
         console_handler = logging.StreamHandler(sys.stderr)
         console_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     console_handler.setLevel(level)
+    console_handler._recnec = True  # type: ignore[attr-defined]
     root.addHandler(console_handler)
     root.setLevel(logging.DEBUG if log_file is not None else level)
     if log_file is not None:
@@ -41,6 +42,7 @@ def setup_logging(*, verbose: int = 0, quiet: bool = False, log_file: Path | Non
         fh = logging.FileHandler(log_file, mode="w", encoding="utf-8")
         fh.setLevel(logging.DEBUG)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        fh._recnec = True  # type: ignore[attr-defined]
         root.addHandler(fh)
     for noisy in ("dicom2nifti", "pydicom", "matplotlib", "PIL", "numba"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -62,6 +64,18 @@ def error_boundary() -> Iterator[None]:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
+    finally:
+        _remove_handlers()
+
+
+def _remove_handlers() -> None:
+    """Close the handlers :func:`setup_logging` installed (the log file is flushed and closed; an
+    in-process caller such as a test runner is not left with handlers on a closed stream)."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_recnec", False):
+            root.removeHandler(h)
+            h.close()
 
 
 def is_inside(child: Path, parent: Path) -> bool:
