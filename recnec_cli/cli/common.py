@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Iterator
 
@@ -13,6 +14,13 @@ import typer
 from ..errors import RecnecError, UsageError
 
 EXIT_OK, EXIT_STUDY_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class HdBetMode(str, Enum):
+    """HD-BET mode choices shared by every command that skull-strips."""
+
+    fast = "fast"
+    accurate = "accurate"
 
 
 def setup_logging(*, verbose: int = 0, quiet: bool = False, log_file: Path | None = None) -> None:

@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from .. import DISCLAIMER
-from .common import EXIT_OK, EXIT_STUDY_FAILED, error_boundary, is_inside, setup_logging
+from .common import EXIT_OK, EXIT_STUDY_FAILED, HdBetMode, error_boundary, is_inside, setup_logging
 
 log = logging.getLogger("recnec.scan")
 
@@ -20,11 +20,6 @@ log = logging.getLogger("recnec.scan")
 class ReportFormat(str, Enum):
     csv = "csv"
     json = "json"
-
-
-class HdBetMode(str, Enum):
-    fast = "fast"
-    accurate = "accurate"
 
 
 SCAN_HELP = f"""Scan a folder of studies and write one report row per study.

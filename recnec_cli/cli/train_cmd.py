@@ -11,7 +11,7 @@ from typing import Any, Optional
 import typer
 
 from .. import DISCLAIMER
-from .common import EXIT_OK, error_boundary, setup_logging
+from .common import EXIT_OK, HdBetMode, error_boundary, setup_logging
 
 log = logging.getLogger("recnec.train")
 
@@ -21,11 +21,6 @@ class Arch(str, Enum):
     resnet18 = "resnet18"
     vgg16 = "vgg16"
     densenet121 = "densenet121"
-
-
-class HdBetMode(str, Enum):
-    fast = "fast"
-    accurate = "accurate"
 
 
 TRAIN_HELP = f"""Train a cross-validated CNN ensemble on a labelled cohort and export it to ONNX.
