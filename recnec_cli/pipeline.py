@@ -209,7 +209,10 @@ def preprocess_study(study: Study, *, settings: Settings, resources: Resources,
             if assignment.status:
                 from .errors import ClassificationError
 
-                raise ClassificationError(assignment.message or assignment.status, code=assignment.status)
+                msg = assignment.message or assignment.status
+                if study.issues:  # e.g. an unreadable file explains a missing role
+                    msg += " (discovery: " + "; ".join(study.issues) + ")"
+                raise ClassificationError(msg, code=assignment.status)
         stage = "convert"
         vols: dict[SeriesRole, Volume] = {}
         with _timed(timings, stage):
