@@ -245,15 +245,36 @@ def _hits(patterns: Iterable[re.Pattern], text: str) -> list[str]:
     return out
 
 
+# BIDS entities whose values are arbitrary labels or indices, never a description of the image
+# (BIDS 1.9 Appendix "Entities": sub, ses, task are free labels; run, echo, flip, inv, chunk,
+# split are indices). ``sub-01_ses-post_T1w`` is the session "post", not a post-contrast T1.
+# acq-, rec-, ce-, mt-, part- and desc- do describe the acquisition and are kept.
+BIDS_LABEL_ENTITIES = ("sub", "ses", "task", "run", "echo", "flip", "inv", "chunk", "split")
+_BIDS_LABEL_RE = re.compile(r"(?:^|(?<=_))(?:" + "|".join(BIDS_LABEL_ENTITIES)
+                            + r")-[A-Za-z0-9]+(?:_|(?=\.)|$)")
+_BIDS_CE_RE = re.compile(r"(?:^|_)ce-([A-Za-z0-9]+)(?=_|\.|$)")
+BIDS_CE_NEGATIVE = ("none", "no", "pre", "native", "nativ", "without")
+
+
+def name_text(name: str) -> str:
+    """A file name (or its stem) as text for token matching: the values of BIDS label entities
+    (:data:`BIDS_LABEL_ENTITIES`) removed, so that ``sub-01_ses-post_ce-gadolinium_T1w.nii.gz``
+    reads ``ce-gadolinium_T1w.nii.gz``. Non-BIDS names are returned unchanged."""
+    return _BIDS_LABEL_RE.sub("", name)
+
+
 def _texts(h: SeriesHeader, series: Series) -> dict[str, str]:
+    desc = h.series_description or ""
     d = {
-        "series_description": h.series_description or "",
+        "series_description": desc,
         "protocol_name": h.protocol_name or "",
         "sequence_name": h.sequence_name or "",
     }
     if series.source in ("nifti", "nrrd"):
         name = Path(series.series_id).name
-        d["file_name"] = name
+        d["file_name"] = name_text(name)
+        if desc and name.startswith(desc):  # no sidecar: discover used the file stem
+            d["series_description"] = name_text(desc)
     return d
 
 
@@ -342,16 +363,21 @@ def _contrast(h: SeriesHeader, texts: Mapping[str, str], rules: Rules
     if h.contrast_bolus_volume_ml and h.contrast_bolus_volume_ml > 0:
         reasons.append(f"ContrastBolusVolume {h.contrast_bolus_volume_ml:g} ml")
         tag_pos = True
+    # BIDS ce-<label> entity (BIDS 1.9 "ce": contrast agent): an explicit statement that decides
+    # over generic words anywhere in the names ("acq-pre_ce-gadolinium_T1w" is post-contrast)
+    m = _BIDS_CE_RE.search(texts.get("file_name", ""))
+    if m and not tag_pos:
+        if m.group(1).lower() in BIDS_CE_NEGATIVE:
+            reasons.append(f"BIDS entity ce-{m.group(1)} (explicitly no contrast agent)")
+            return "negative", reasons, conf["contrast_tokens"]
+        reasons.append(f"BIDS entity ce-{m.group(1)} (contrast agent named; decides over "
+                       "contrast words)")
+        return "positive", reasons, conf["contrast_tokens"]
     pos_hits, neg_hits = [], []
     for key, raw in texts.items():
         norm = normalise(raw)
         if not norm:
             continue
-        if key == "file_name":
-            # BIDS ce-<label> entity (BIDS 1.9 "ce": contrast agent)
-            m = re.search(r"(?:^|_)ce-([A-Za-z0-9]+)", raw)
-            if m and m.group(1).lower() not in ("none", "pre", "no"):
-                pos_hits.append(f"BIDS entity ce-{m.group(1)}")
         for p in rules.contrast["neutral"]:
             norm = p.sub(" ", norm)
         neg_hits += [f"'{x}'" for x in _hits(rules.contrast["negative"], norm)

@@ -107,6 +107,32 @@ def test_contrast_tags_and_bids_entity():
     assert classify_series(brats, rules=RULES).role is R.T1
 
 
+def _bids(name: str, **kw) -> tuple[R, tuple[str, ...]]:
+    stem = name.split(".nii")[0]
+    d = classify_series(ser(sid=f"sub-01/anat/{name}", source="nifti", series_description=stem,
+                            image_type=(), **kw), rules=RULES)
+    return d.role, d.reasons
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("sub-01_ses-post_T1w.nii.gz", R.T1),                  # session label, not post-contrast
+    ("sub-01_ses-pre_ce-gadolinium_T1w.nii.gz", R.T1CE),   # ce- entity, session "pre" ignored
+    ("sub-post_ses-gd_run-01_T1w.nii.gz", R.T1),           # subject label ignored too
+    ("sub-01_ses-preop_T1w.nii.gz", R.T1), ("sub-01_ses-postop_T1w.nii.gz", R.T1),
+    ("sub-01_ses-postop_ce-gadolinium_T1w.nii.gz", R.T1CE),
+    ("sub-01_acq-pre_ce-gadolinium_T1w.nii.gz", R.T1CE),   # ce- wins over generic words
+    ("sub-01_ce-none_T1w.nii.gz", R.T1),
+    ("sub-t2_ses-flair_T1w.nii.gz", R.T1),                 # labels never read as series types
+    ("t1_sans_gado.nii.gz", R.T1), ("t1_sin_contraste.nii.gz", R.T1),
+    ("t1_post_gad.nii.gz", R.T1CE), ("T1_ohne_KM.nii.gz", R.T1),
+])
+def test_bids_labels_are_not_contrast_words(name, expected):
+    r, reasons = _bids(name)
+    assert r is expected, reasons
+    if "ses-" in name:
+        assert not any("'post'" in x or "'pre'" in x for x in reasons), reasons
+
+
 def test_silent_t1_lists_competitors():
     d = classify_series(ser(series_description="t1_mpr_tra_gk_v4", **MPRAGE), rules=RULES)
     assert d.role is R.UNDETERMINED and {r for r, _ in d.competing} == {R.T1, R.T1CE}
