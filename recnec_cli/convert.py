@@ -177,8 +177,40 @@ def _check_positions(pos: np.ndarray, steps_vec: np.ndarray, normal: np.ndarray,
     return med, notes
 
 
+def _fill_transfer_syntax(ds: Any) -> str | None:
+    """Give a dataset read without file meta (no preamble, no group 0002: FAILURES.md kind 9)
+    the TransferSyntaxUID pydicom's parse found, so that pixel decoding (pydicom, dicom2nifti)
+    knows the encoding. Returns the UID set, or ``None`` when the file already had one or the
+    encoding is unknown. Only the in-memory dataset changes; the file is never written.
+
+    Without file meta the pixel data can only be native (uncompressed): an encapsulated stream
+    needs the transfer syntax to be found at all, so the encoding of the dataset itself (implicit
+    or explicit VR, little or big endian) is the transfer syntax.
+    """
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID"):
+        return None
+    implicit, little = getattr(ds, "original_encoding", (None, None))  # pydicom >= 3
+    if implicit is None:  # pragma: no cover - pydicom 2 attributes
+        implicit = getattr(ds, "is_implicit_VR", None)
+        little = getattr(ds, "is_little_endian", None)
+    if implicit is None or little is None:
+        return None
+    uid = ImplicitVRLittleEndian if implicit else (
+        ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    if meta is None:
+        meta = ds.file_meta = FileMetaDataset()
+    meta.TransferSyntaxUID = uid
+    return str(uid)
+
+
 def _read_datasets(series: Series) -> list[tuple[Path, Any]]:
-    """Every file of ``series`` read with pydicom (pixel bytes loaded, not decoded)."""
+    """Every file of ``series`` read with pydicom (pixel bytes loaded, not decoded); a file
+    without file meta gets the TransferSyntaxUID of its parsed encoding
+    (:func:`_fill_transfer_syntax`)."""
     import pydicom
 
     out = []
@@ -188,6 +220,10 @@ def _read_datasets(series: Series) -> list[tuple[Path, Any]]:
         except Exception as exc:  # noqa: BLE001 - unreadable file becomes a coded error
             raise _err("PIXEL_DECODE_FAILED", f"{path.name}: cannot read ({type(exc).__name__})"
                        ) from None
+        filled = _fill_transfer_syntax(ds)
+        if filled:
+            log.debug("%s: no file meta; transfer syntax %s from the parsed encoding",
+                      path.name, filled)
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
         if not photometric.upper().startswith("MONOCHROME"):
             raise _err("NOT_GREYSCALE", f"{path.name}: PhotometricInterpretation {photometric} "

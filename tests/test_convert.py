@@ -116,6 +116,35 @@ def test_raw_bytes_claiming_jpeg_fail_decoding(tmp_path):  # kind 5
     assert e.code == "PIXEL_DECODE_FAILED"
 
 
+@pytest.mark.parametrize("implicit", [True, False])
+def test_preambleless_dicom_decodes(tmp_path, implicit):  # kind 9: no preamble, no file meta
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+
+    from recnec_cli.convert import _dicom_volume
+
+    pix = phantom(12)
+    paths = write_series(tmp_path / "ref", n=12, pixels=pix)
+    raw_dir = tmp_path / "raw"
+    raw_dir.mkdir()
+    for k, p in enumerate(paths):
+        ds = pydicom.dcmread(str(p))
+        ds.file_meta, ds.preamble = FileMetaDataset(), None
+        out = raw_dir / f"IM{k + 1:05d}.dcm"
+        pydicom.dcmwrite(str(out), ds, implicit_vr=implicit, little_endian=True,
+                         enforce_file_format=False)
+        raw = out.read_bytes()
+        assert raw[128:132] != b"DICM" and b"\x02\x00\x10\x00" not in raw[:256]
+    ref = convert_series(_one_series(tmp_path / "ref"), settings=S)
+    series = _one_series(raw_dir)
+    v = convert_series(series, settings=S)  # dicom2nifti path
+    assert np.array_equal(v.data, ref.data) and np.allclose(v.affine, ref.affine)
+    own, _, _, _ = _dicom_volume(series, S, own=True)  # recnec's own assembly
+    d2n, _, _, _ = _dicom_volume(series, S)
+    assert np.array_equal(own, d2n)
+    assert all(p.read_bytes()[128:132] != b"DICM" for p in raw_dir.iterdir())  # not rewritten
+
+
 def test_constant_image_rejected(tmp_path):  # kind 5
     write_series(tmp_path, n=12, pixels=np.zeros((12, 32, 32), np.uint16))
     assert _code(_one_series(tmp_path)).code == "CONSTANT_IMAGE"
