@@ -57,12 +57,13 @@ class Settings:
 
     def validate(self) -> "Settings":
         if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise UsageError(f"batch size (--batch-size / RECNEC_BATCH_SIZE) must be >= 1, got {self.batch_size}")
         if self.hdbet_mode not in ("fast", "accurate"):
-            raise UsageError(f"--hdbet-mode must be 'fast' or 'accurate', got {self.hdbet_mode!r}")
+            raise UsageError(f"HD-BET mode (--hdbet-mode / RECNEC_HDBET_MODE) must be 'fast' or 'accurate', "
+                             f"got {self.hdbet_mode!r}")
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
-            raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+            raise UsageError(f"device (--device / RECNEC_DEVICE) must be auto, cpu, cuda or cuda:N, got {dev!r}")
         if not (0.3 <= self.grid_spacing_mm <= 3.0):
             raise UsageError(f"grid spacing must be within 0.3-3.0 mm, got {self.grid_spacing_mm}")
         return self

@@ -40,6 +40,10 @@ ENHANCEMENT_Z = 3.0
 T1CE_Z = 2.0
 BORDER_EROSION_MM = 3.0
 
+#: a user lesion mask must lie at least this much inside the brain mask (a mask on another grid or
+#: in another patient's space lands mostly outside: FAILURES.md-style silent wrong result)
+MIN_MASK_IN_BRAIN = 0.5
+
 #: File names recognised as a user lesion mask inside a NIfTI study folder (documented in README).
 LESION_MASK_NAMES = ("lesion_mask.nii.gz", "lesion_mask.nii")
 

@@ -14,8 +14,9 @@ the stages; a failure becomes the row's ``status``/``error_code``, the batch goe
 3. register (``register``): T1 and T2 rigidly onto the T1ce, all resampled to a
    ``grid_spacing_mm`` isotropic grid covering the T1ce field of view, post-checked;
 4. skullstrip (``skullstrip``): HD-BET on the native T1ce, plausibility check, mask resampled;
-5. lesion (``lesion``): user mask (``--lesion-masks`` or ``lesion_mask.nii.gz`` in the study) or
-   automatic enhancing-lesion detection;
+5. lesion (``lesion``): user mask (``--lesion-masks`` or ``lesion_mask.nii.gz`` in the study), which
+   must be on the grid of one of the study's T1 / T2 / T1ce series and lie mostly inside the brain,
+   or automatic enhancing-lesion detection;
 6. model input (``modelinput.make_model_input``) with the weights manifest's recipe;
 7. inference (``infer.Ensemble.predict``), batched over studies.
 """
@@ -53,7 +54,8 @@ def resolve_torch_device(device: str) -> str | int:
     if device == "auto":
         return 0 if torch.cuda.is_available() else "cpu"
     if not torch.cuda.is_available():
-        raise EnvironmentBroken(f"--device {device} requested but torch sees no CUDA device")
+        raise EnvironmentBroken(f"device {device} requested (--device / RECNEC_DEVICE) but torch sees no "
+                                "CUDA device", code="CUDA_UNAVAILABLE")
     return int(device.split(":")[1]) if ":" in device else 0
 
 
@@ -210,6 +212,8 @@ def preprocess_study(study: Study, *, settings: Settings, resources: Resources,
                 from .errors import ClassificationError
 
                 msg = assignment.message or assignment.status
+                if assignment.decisions:  # what was found instead, so the row explains itself
+                    msg += "; found: " + _decisions_summary(assignment)
                 if study.issues:  # e.g. an unreadable file explains a missing role
                     msg += " (discovery: " + "; ".join(study.issues) + ")"
                 raise ClassificationError(msg, code=assignment.status)
@@ -217,8 +221,25 @@ def preprocess_study(study: Study, *, settings: Settings, resources: Resources,
         vols: dict[SeriesRole, Volume] = {}
         with _timed(timings, stage):
             for role in SeriesRole.model_roles():
-                vols[role] = convert.convert_series(assignment.chosen[role], settings=settings)
+                series = assignment.chosen[role]
+                try:
+                    vols[role] = convert.convert_series(series, settings=settings)
+                except RecnecError as exc:  # name the series the error is about
+                    exc.message = f"{exc.message} [{role.value} series {_short_id(series.series_id)}]"
+                    raise
                 flags.extend(f"{role.value}:{f}" for f in vols[role].flags)
+        stage = "lesion"  # a user mask is checked now, before the expensive stages
+        with _timed(timings, stage):
+            mask_path = lesion.find_user_mask(study.lesion_mask, settings.lesion_masks_dir, study.study_id)
+            mvol = None
+            if mask_path is not None:
+                mvol = _load_mask_file(mask_path)
+                if not any(_same_grid(mvol, vols[r]) for r in SeriesRole.model_roles()):
+                    raise LesionError(
+                        f"user lesion mask {mask_path.name} (shape {tuple(np.shape(mvol.data))}, voxel "
+                        f"{tuple(round(v, 2) for v in mvol.spacing_mm)} mm) is on none of the study's T1 / T2 / "
+                        "T1ce grids; save it on the grid of the series it was drawn on",
+                        code="LESION_MASK_GRID_MISMATCH")
         stage = "register"
         with _timed(timings, stage):
             fixed = vols[SeriesRole.T1CE]
@@ -228,9 +249,13 @@ def preprocess_study(study: Study, *, settings: Settings, resources: Resources,
             transforms: dict[SeriesRole, Any] = {}
             reg_info: dict[str, dict[str, float | str]] = {}
             for role in (SeriesRole.T1, SeriesRole.T2):
-                res = register.register_rigid(
-                    fixed, vols[role], max_translation_mm=settings.registration_max_translation_mm,
-                    max_rotation_deg=settings.registration_max_rotation_deg)
+                try:
+                    res = register.register_rigid(
+                        fixed, vols[role], max_translation_mm=settings.registration_max_translation_mm,
+                        max_rotation_deg=settings.registration_max_rotation_deg)
+                except RecnecError as exc:
+                    exc.message = f"{role.value} onto T1ce: {exc.message}"
+                    raise
                 transforms[role] = res.transform
                 reg_info[role.value] = {"translation_mm": round(res.translation_mm, 3),
                                         "rotation_deg": round(res.rotation_deg, 3),
@@ -253,11 +278,15 @@ def preprocess_study(study: Study, *, settings: Settings, resources: Resources,
                         f"(need {MIN_BRAIN_COVERAGE:.0%})", code="INCOMPLETE_COVERAGE")
         stage = "lesion"
         with _timed(timings, stage):
-            mask_path = lesion.find_user_mask(study.lesion_mask, settings.lesion_masks_dir, study.study_id)
-            if mask_path is not None:
-                mvol = _load_mask_file(mask_path)
+            if mvol is not None:
                 m = register.resample_to_grid(mvol, shape, grid_aff, order=0) > 0.5
                 les = lesion.lesion_from_mask(m, grid_aff)
+                inside = float(np.count_nonzero(m & brain)) / max(1, int(np.count_nonzero(m)))
+                if inside < lesion.MIN_MASK_IN_BRAIN:
+                    raise LesionError(
+                        f"user lesion mask {mask_path.name}: only {inside:.0%} of it lies inside the brain "
+                        f"(need {lesion.MIN_MASK_IN_BRAIN:.0%}); is it on this study's grid?",
+                        code="LESION_MASK_OUTSIDE_BRAIN")
             else:
                 les = lesion.detect_enhancing_lesion(
                     on_grid[SeriesRole.T1CE], brain, grid_aff, t1=on_grid[SeriesRole.T1],
@@ -279,6 +308,32 @@ def preprocess_study(study: Study, *, settings: Settings, resources: Resources,
         lesion_centroid_ras_mm=tuple(float(v) for v in les.centroid_ras_mm),  # type: ignore[arg-type]
         lesion_volume_ml=les.volume_ml, brain_volume_ml=check.volume_ml, registration=reg_info,
         flags=tuple(flags), timings=timings)
+
+
+def _same_grid(a: Volume, b: Volume, tol_mm: float = 0.1) -> bool:
+    """True when two canonical volumes share shape and voxel->world affine (within ``tol_mm``)."""
+    return (np.shape(a.data) == np.shape(b.data)
+            and bool(np.allclose(np.asarray(a.affine), np.asarray(b.affine), atol=tol_mm)))
+
+
+def _short_id(series_id: str) -> str:
+    """A series id short enough for a message: the file name, or the UID's last digits."""
+    if "/" in series_id or series_id.lower().endswith((".nii", ".nii.gz", ".nrrd")):
+        return series_id.rsplit("/", 1)[-1]
+    return series_id if len(series_id) <= 20 else "..." + series_id[-16:]
+
+
+def _decisions_summary(assignment: RoleAssignment, limit: int = 8) -> str:
+    """``name=ROLE`` per series (with the first reason for non-model roles), for MISSING_ROLE rows."""
+    parts = []
+    for d in assignment.decisions[:limit]:
+        item = f"{_short_id(d.series_id)}={d.role.value}"
+        if d.role not in SeriesRole.model_roles() and d.reasons:
+            item += f" ({d.reasons[0][:60]})"
+        parts.append(item)
+    if len(assignment.decisions) > limit:
+        parts.append(f"+{len(assignment.decisions) - limit} more")
+    return ", ".join(parts)
 
 
 def study_key(study: Study) -> str:

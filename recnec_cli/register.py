@@ -147,6 +147,18 @@ def _run(fixed, moving, init_tx, *, seed: int):
     return tx, float(reg.GetMetricValue()), int(reg.GetOptimizerIteration())
 
 
+def _itk_reason(text: str) -> str:
+    """A readable one-line reason from an ITK exception text (no object addresses, no file names)."""
+    import re
+
+    if "All samples map outside" in text or "Too many samples map outside" in text:
+        return "the images do not overlap (metric samples map outside the moving image)"
+    line = next((ln for ln in reversed(text.splitlines()) if ln.strip()), text)
+    line = re.sub(r"\(0x[0-9a-fA-F]+\)", "", line)
+    line = re.sub(r"^.*?(ITK ERROR|sitk::ERROR):\s*", "", line)
+    return line.strip()[:160]
+
+
 def register_rigid(fixed: Volume, moving: Volume, *, max_translation_mm: float,
                    max_rotation_deg: float, seed: int = 1234) -> RigidResult:
     """Rigidly register ``moving`` onto ``fixed`` (both canonical RAS+ volumes).
@@ -178,7 +190,7 @@ def register_rigid(fixed: Volume, moving: Volume, *, max_translation_mm: float,
         try:
             tx, metric, iters = _run(f_img, m_img, init, seed=seed)
         except RuntimeError as exc:  # SimpleITK raises RuntimeError with ITK's message
-            failures.append(f"{name}: {str(exc).splitlines()[-1][:200]}")
+            failures.append(f"{name}: {_itk_reason(str(exc))}")
             continue
         trans, rot = _rigid_params(tx)
         log.debug("registration %s: |t|=%.2f mm rot=%.2f deg metric=%.4f iters=%d",

@@ -65,3 +65,25 @@ def test_missing_input_folder_exits_2(tmp_path):
 
 def test_disclaimer_mentions_synthetic():
     assert "synthetic" in DISCLAIMER
+
+
+@pytest.mark.parametrize("case", ["out_is_folder", "out_under_file", "qc_is_file", "masks_missing"])
+def test_bad_output_and_input_paths_exit_2_before_any_work(tmp_path, case):
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    afile = tmp_path / "afile.txt"
+    afile.write_text("x")
+    out = tmp_path / "r.csv"
+    extra = []
+    if case == "out_is_folder":
+        out = tmp_path / "outdir"
+        out.mkdir()
+    elif case == "out_under_file":
+        out = afile / "r.csv"
+    elif case == "qc_is_file":
+        extra = ["--keep-intermediate", str(afile)]
+    else:
+        extra = ["--lesion-masks", str(tmp_path / "nope")]
+    res = runner.invoke(app, ["scan", str(studies), "--out", str(out), *extra])
+    assert res.exit_code == 2, res.output
+    assert "error" in res.output and "Traceback" not in res.output

@@ -39,7 +39,8 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def batch_scan(tmp_path_factory):
-    """Two synthetic studies (NIfTI + DICOM), one broken NIfTI study, one study missing its T2."""
+    """Two synthetic studies (NIfTI + DICOM), one broken NIfTI study, one missing its T2, one with a
+    lesion mask on a foreign grid."""
     from recnec_cli.synth import write_cohort
 
     base = tmp_path_factory.mktemp("batch")
@@ -62,6 +63,12 @@ def batch_scan(tmp_path_factory):
     shutil.copytree(nii_study, incomplete)
     for f in incomplete.glob("*T2w*"):
         f.unlink()
+    # a user lesion mask saved on some other grid (10 mm cube at the world origin)
+    import nibabel as nib
+
+    wrong = studies / "wrong-grid-mask"
+    shutil.copytree(nii_study, wrong)
+    nib.save(nib.Nifti1Image(np.ones((10, 10, 10), np.uint8), np.eye(4)), str(wrong / "lesion_mask.nii.gz"))
     before = _tree_digest(studies)
     out = base / "out" / "report.csv"
     qc = base / "qc"
@@ -79,7 +86,7 @@ def test_batch_report_has_every_study_and_exit_code_1(batch_scan):
     res = batch_scan["result"]
     assert res.exit_code == 1, res.output
     rows = _read_rows(batch_scan["out"])
-    assert len(rows) == 4
+    assert len(rows) == 5
     by_loc = {r["location"] or "dicom": r for r in rows}
     ok = [r for r in rows if r["status"] == "OK"]
     assert len(ok) == 2, [(r["study_id"], r["status"], r["error_message"]) for r in rows]
@@ -96,6 +103,9 @@ def test_batch_report_has_every_study_and_exit_code_1(batch_scan):
     broken = by_loc["broken-study"]
     assert broken["status"] not in ("OK", "INTERNAL_ERROR")
     assert "ce-gadolinium" in broken["error_message"]  # the message names the unreadable file
+    wrong = by_loc["wrong-grid-mask"]
+    assert wrong["status"] == "LESION_MASK_GRID_MISMATCH" and wrong["failed_stage"] == "lesion"
+    assert wrong["seconds_skullstrip"] == ""  # refused before the expensive stages
 
 
 def test_input_tree_untouched_and_manifest_written(batch_scan):
@@ -105,7 +115,7 @@ def test_input_tree_untouched_and_manifest_written(batch_scan):
     assert "not clinically validated" in manifest["disclaimer"]
     assert manifest["execution_provider"] == "CPUExecutionProvider"
     assert manifest["model_checksums"] and all(len(v) == 64 for v in manifest["model_checksums"].values())
-    assert manifest["studies_discovered"] == 4
+    assert manifest["studies_discovered"] == 5
     assert manifest["status_counts"]["OK"] == 2
     assert out.with_suffix(".log").exists()
 

@@ -67,7 +67,8 @@ def error_boundary() -> Iterator[None]:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
     except RecnecError as exc:  # EnvironmentBroken, InferenceError (tampered weights), ...
-        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
+        msg = exc.message[len(exc.code) + 1:].strip() if exc.message.startswith(f"{exc.code}:") else exc.message
+        typer.echo(f"error [{exc.code}]: {msg}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
@@ -84,6 +85,24 @@ def _remove_handlers() -> None:
         if getattr(h, "_recnec", False):
             root.removeHandler(h)
             h.close()
+
+
+def check_writable_file(path: Path, what: str) -> None:
+    """Refuse, before any work, an output file path that cannot be written (exit code 2)."""
+    if path.exists() and path.is_dir():
+        raise UsageError(f"{what} {path} is a folder; give a file name such as {path / 'report.csv'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{what} {path}: {parent} is a file, not a folder")
+            break
+
+
+def check_writable_dir(path: Path, what: str) -> None:
+    """Refuse, before any work, an output folder path that is a file or lies under a file."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{what} {path} is a file, not a folder")
+    check_writable_file(path / "x", what)
 
 
 def is_inside(child: Path, parent: Path) -> bool:

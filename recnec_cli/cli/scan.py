@@ -12,7 +12,8 @@ from typing import Optional
 import typer
 
 from .. import DISCLAIMER
-from .common import EXIT_OK, EXIT_STUDY_FAILED, HdBetMode, error_boundary, is_inside, setup_logging
+from .common import (EXIT_OK, EXIT_STUDY_FAILED, HdBetMode, check_writable_dir, check_writable_file, error_boundary,
+                     is_inside, setup_logging)
 
 log = logging.getLogger("recnec.scan")
 
@@ -98,6 +99,14 @@ def scan(
         for what, p in (("--out", out), ("--keep-intermediate", keep_intermediate)):
             if p is not None and is_inside(p, studies):
                 raise UsageError(f"{what} {p} lies inside the input tree {studies}; recnec never writes there")
+        check_writable_file(out, "--out")
+        if keep_intermediate is not None:
+            check_writable_dir(keep_intermediate, "--keep-intermediate")
+        for what, p in (("--lesion-masks", lesion_masks), ("--weights", weights)):
+            if p is not None and not p.is_dir():
+                raise UsageError(f"{what} {p} is not a folder")
+        if rules is not None and not rules.is_file():
+            raise UsageError(f"--rules {rules} is not a file")
         settings = resolve_settings({
             "weights_dir": weights, "device": device, "batch_size": batch_size,
             "hdbet_mode": hdbet_mode.value if hdbet_mode else None, "hdbet_tta": tta,
@@ -135,7 +144,8 @@ def _run(studies: Path, out: Path, fmt: str, manifest_path: Path, settings, *, q
         done_count[0] += 1
         row = result_row(r, threshold=ens.threshold, model_version=ens.model_version)
         msg = (f"p_recurrence={row['p_recurrence']} label={row['label']}" if r.ok
-               else f"{r.error_code}: {r.error_message}")
+               else r.error_message if r.error_message.startswith(r.error_code) else
+               f"{r.error_code}: {r.error_message}")
         log.info("[%d/%d] %s %s %s (%.1f s)", done_count[0], len(found), row["study_id"], r.status, msg,
                  r.timings.get("total", 0.0))
 
@@ -181,8 +191,12 @@ def _print_table(rows: list[dict]) -> None:
     for col in ("study", "status", "p_recurrence", "spread", "label", "lesion mL", "lesion src", "seconds"):
         table.add_column(col, overflow="fold")
     for row in rows:
-        status = row["status"] if row["status"] == "OK" else f"{row['status']}: {row['error_message'][:60]}"
-        table.add_row(str(row["study_id"])[-32:], status, str(row["p_recurrence"]), str(row["ensemble_spread"]),
+        msg = str(row["error_message"])
+        if msg.startswith(f"{row['status']}:"):
+            msg = msg[len(row["status"]) + 1:].strip()
+        status = row["status"] if row["status"] == "OK" else f"{row['status']}: {msg[:70]}"
+        sid = str(row["study_id"])
+        table.add_row(sid if len(sid) <= 32 else "..." + sid[-29:], status, str(row["p_recurrence"]), str(row["ensemble_spread"]),
                       str(row["label"]), str(row["lesion_volume_ml"]), str(row["lesion_source"]),
                       str(row["seconds_total"]))
     console = Console()
