@@ -6,8 +6,8 @@ never leaves a half-written report over a good one.
 Columns (one row per study; empty where a stage did not run):
 
 ``study_id`` (StudyInstanceUID, or folder relative to the scan root), ``patient_pseudonym``
-(SHA-256 prefix of PatientID), ``source``, ``location`` (NIfTI/NRRD folders only; DICOM folder
-names may hold patient names), ``status`` (``OK`` or the error code), ``error_code``,
+(SHA-256 prefix of PatientID), ``source``, ``location`` (NIfTI/NRRD folders; DICOM folders only
+with ``--dicom-locations``, since export folder names may hold patient names), ``status`` (``OK`` or the error code), ``error_code``,
 ``error_message``, ``failed_stage``, ``t1_series`` / ``t2_series`` / ``t1ce_series``
 (SeriesInstanceUID or file), ``*_confidence`` and ``*_reasons`` (classifier evidence, ``; ``
 separated), ``flags``, ``lesion_source`` (``mask`` or ``auto``), ``lesion_r_mm`` /
@@ -57,12 +57,17 @@ def _r(v: float | None, nd: int = 4) -> Any:
     return "" if v is None else round(float(v), nd)
 
 
-def result_row(r: StudyResult, *, threshold: float | None, model_version: str) -> dict[str, Any]:
-    """One flat report row (keys = :data:`COLUMNS`) for a study result."""
+def result_row(r: StudyResult, *, threshold: float | None, model_version: str,
+               dicom_locations: bool = False) -> dict[str, Any]:
+    """One flat report row (keys = :data:`COLUMNS`) for a study result.
+
+    DICOM folder names often hold patient names, so ``location`` stays empty for DICOM studies
+    unless ``dicom_locations`` is set (``recnec scan --dicom-locations``).
+    """
     s = r.study
     row: dict[str, Any] = {c: "" for c in COLUMNS}
     row.update(study_id=s.study_id, patient_pseudonym=s.patient_pseudonym, source=s.source,
-               location=s.location if s.source != "dicom" else "", status=r.status,
+               location=s.location if (s.source != "dicom" or dicom_locations) else "", status=r.status,
                error_code=r.error_code, error_message=r.error_message, failed_stage=r.failed_stage)
     if r.assignment is not None:
         decisions = {d.series_id: d for d in r.assignment.decisions}

@@ -41,11 +41,11 @@ Examples:
 
   recnec scan /data/exports --out report.json --format json --keep-intermediate qc/
 
-  # cron: plain log lines, no colours; exit code 1 if any study failed
-  recnec scan /data/exports --out /reports/$(date +%F).csv --quiet
+  # cron: plain log lines, no colours (add --quiet for warnings only); exit code 1 if any study failed
+  recnec scan /data/exports --out /reports/$(date +%F).csv
 
 Exit codes: 0 every study OK, 1 some studies failed (see status / error_code), 2 usage or
-environment error (nothing scanned).
+environment error (nothing scanned; only the .log is written), 130 interrupted (no report).
 
 {DISCLAIMER}
 """
@@ -73,7 +73,8 @@ def scan(
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="HD-BET test-time mirroring "
                                        "(~8x slower on CPU) [default: off]", show_default=False),
     lesion_masks: Optional[Path] = typer.Option(None, "--lesion-masks", help="Folder of lesion masks named "
-                                                "<study_id>.nii.gz (DICOM: the StudyInstanceUID).",
+                                                "<study_id>.nii.gz or <study_id>_lesion_mask.nii.gz (DICOM: the "
+                                                "StudyInstanceUID), each on the grid of one of the study's series.",
                                                 show_default=False),
     keep_intermediate: Optional[Path] = typer.Option(None, "--keep-intermediate", help="Write per-study "
                                                      "co-registered volumes, brain and lesion masks and the model "
@@ -84,6 +85,9 @@ def scan(
                                                  "[default: 1.0]", show_default=False),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch/ONNX Runtime "
                                           "(0 = library default).", show_default=False),
+    dicom_locations: bool = typer.Option(False, "--dicom-locations", help="Also report the folders of DICOM "
+                                         "studies (off by default: export folder names may contain patient "
+                                         "names)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings only on stderr; no table."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="Debug messages on stderr."),
 ) -> None:
@@ -114,11 +118,12 @@ def scan(
             "rules_file": rules, "grid_spacing_mm": grid_spacing, "threads": threads,
         })
         setup_logging(verbose=verbose, quiet=quiet, log_file=log_file)
-        code = _run(studies, out, fmt.value, manifest_path, settings, quiet=quiet)
+        code = _run(studies, out, fmt.value, manifest_path, settings, quiet=quiet, dicom_locations=dicom_locations)
     raise typer.Exit(code)
 
 
-def _run(studies: Path, out: Path, fmt: str, manifest_path: Path, settings, *, quiet: bool) -> int:
+def _run(studies: Path, out: Path, fmt: str, manifest_path: Path, settings, *, quiet: bool,
+         dicom_locations: bool = False) -> int:
     from ..discover import discover
     from ..pipeline import Resources, run_batch
     from ..report import atomic_write_text, result_row, run_manifest, utcnow, write_report
@@ -142,7 +147,8 @@ def _run(studies: Path, out: Path, fmt: str, manifest_path: Path, settings, *, q
 
     def on_done(r) -> None:
         done_count[0] += 1
-        row = result_row(r, threshold=ens.threshold, model_version=ens.model_version)
+        row = result_row(r, threshold=ens.threshold, model_version=ens.model_version,
+                         dicom_locations=dicom_locations)
         msg = (f"p_recurrence={row['p_recurrence']} label={row['label']}" if r.ok
                else r.error_message if r.error_message.startswith(r.error_code) else
                f"{r.error_code}: {r.error_message}")
@@ -168,7 +174,8 @@ def _run(studies: Path, out: Path, fmt: str, manifest_path: Path, settings, *, q
     else:
         results = run_batch(found, settings=settings, resources=resources, on_study_done=on_done)
 
-    rows = [result_row(r, threshold=ens.threshold, model_version=ens.model_version) for r in results]
+    rows = [result_row(r, threshold=ens.threshold, model_version=ens.model_version, dicom_locations=dicom_locations)
+            for r in results]
     write_report(out, rows, fmt=fmt)
     finished = utcnow()
     manifest = run_manifest(settings_dict=settings.to_dict(), ensemble=ens, results=results, started=started,
