@@ -87,6 +87,15 @@ def _remove_handlers() -> None:
             h.close()
 
 
+def results_console():
+    """Rich console for results on stdout; 160 columns when stdout is not a terminal (cron, pipes),
+    where Rich would otherwise assume 80 and fold every cell."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
 def check_writable_file(path: Path, what: str) -> None:
     """Refuse, before any work, an output file path that cannot be written (exit code 2)."""
     if path.exists() and path.is_dir():

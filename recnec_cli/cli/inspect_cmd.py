@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .common import EXIT_OK, error_boundary, setup_logging
+from .common import EXIT_OK, error_boundary, results_console, setup_logging
 
 
 class InspectFormat(str, Enum):
@@ -73,10 +73,9 @@ def inspect(
 
 
 def _table(rows: list[dict]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = results_console()
     studies: dict[str, list[dict]] = {}
     for r in rows:
         studies.setdefault(r["study_id"], []).append(r)

@@ -12,8 +12,17 @@ from typing import Optional
 import typer
 
 from .. import DISCLAIMER
-from .common import (EXIT_OK, EXIT_STUDY_FAILED, HdBetMode, check_writable_dir, check_writable_file, error_boundary,
-                     is_inside, setup_logging)
+from .common import (
+    EXIT_OK,
+    EXIT_STUDY_FAILED,
+    HdBetMode,
+    check_writable_dir,
+    check_writable_file,
+    error_boundary,
+    is_inside,
+    results_console,
+    setup_logging,
+)
 
 log = logging.getLogger("recnec.scan")
 
@@ -126,7 +135,13 @@ def _run(studies: Path, out: Path, fmt: str, manifest_path: Path, settings, *, q
          dicom_locations: bool = False) -> int:
     from ..discover import discover
     from ..pipeline import Resources, run_batch
-    from ..report import atomic_write_text, result_row, run_manifest, utcnow, write_report
+    from ..report import (
+        atomic_write_text,
+        result_row,
+        run_manifest,
+        utcnow,
+        write_report,
+    )
 
     started = utcnow()
     log.info("loading models (HD-BET %s%s, ONNX ensemble from %s)", settings.hdbet_mode,
@@ -156,7 +171,13 @@ def _run(studies: Path, out: Path, fmt: str, manifest_path: Path, settings, *, q
                  r.timings.get("total", 0.0))
 
     if use_bar:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       transient=True) as progress:
@@ -191,7 +212,6 @@ def _run(studies: Path, out: Path, fmt: str, manifest_path: Path, settings, *, q
 
 
 def _print_table(rows: list[dict]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="recnec scan (research use only; synthetic-cohort weights, not clinically validated)")
@@ -206,7 +226,4 @@ def _print_table(rows: list[dict]) -> None:
         table.add_row(sid if len(sid) <= 32 else "..." + sid[-29:], status, str(row["p_recurrence"]), str(row["ensemble_spread"]),
                       str(row["label"]), str(row["lesion_volume_ml"]), str(row["lesion_source"]),
                       str(row["seconds_total"]))
-    console = Console()
-    if not console.is_terminal:  # cron / pipes: Rich would assume 80 columns and fold every cell
-        console = Console(width=160)
-    console.print(table)
+    results_console().print(table)

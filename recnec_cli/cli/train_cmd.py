@@ -11,7 +11,7 @@ from typing import Any, Optional
 import typer
 
 from .. import DISCLAIMER
-from .common import EXIT_OK, HdBetMode, error_boundary, setup_logging
+from .common import EXIT_OK, HdBetMode, error_boundary, results_console, setup_logging
 
 log = logging.getLogger("recnec.train")
 
@@ -140,7 +140,8 @@ def train(
         )
         on_epoch = _epoch_reporter(cfg, quiet=quiet)
         if reproduce_shipped:
-            from ..train.run import SHIPPED_COMMAND, reproduce_shipped as _reproduce
+            from ..train.run import SHIPPED_COMMAND
+            from ..train.run import reproduce_shipped as _reproduce
 
             if data is not None or quick:
                 raise UsageError("--reproduce-shipped takes no DATA and no --quick")
@@ -202,7 +203,6 @@ def _fmt_ci(m: dict, key: str) -> str:
 
 
 def _print_train_summary(manifest: dict, out: Path) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     m = manifest["metrics"]["cross_validated"]
@@ -218,7 +218,7 @@ def _print_train_summary(manifest: dict, out: Path) -> None:
     t.add_row("time", f"{manifest['cost']['total_seconds']:.0f} s "
               f"({manifest['cost']['seconds_per_epoch_median']} s/epoch)")
     t.add_row("written to", str(out))
-    Console(soft_wrap=False).print(t)
+    results_console().print(t)
 
 
 def evaluate(
@@ -261,7 +261,6 @@ def evaluate(
             n_boot=n_boot, seed=seed, roc_png=roc,
         )
         if not quiet:
-            from rich.console import Console
             from rich.table import Table
 
             t = Table(title=f"recnec evaluate: {result['weights']['model_version']} (research use only)")
@@ -274,5 +273,5 @@ def evaluate(
             t.add_row("confusion", f"TP {c['tp']} FN {c['fn']} TN {c['tn']} FP {c['fp']}", "")
             t.add_row("threshold", f"{result['threshold']:.4f}", "")
             t.add_row("written", f"{out}, {result['roc_png']}", "")
-            Console(soft_wrap=False).print(t)
+            results_console().print(t)
     raise typer.Exit(EXIT_OK)
