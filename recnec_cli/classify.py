@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -883,12 +883,56 @@ def _study_pass(study: Study, verdicts: dict[str, _Verdict], rules: Rules) -> bo
     return any(verdicts[sid].contrast != "silent" for sid in silent)
 
 
-def _candidate_rank(s: Series) -> tuple:
-    """Prefer ORIGINAL, 3D, most slices, finest slice spacing (FAILURES.md 14, 15)."""
-    h = s.header
-    original = 1 if not h.image_type or h.image_type[0].upper() == "ORIGINAL" else 0
-    three_d = 1 if (h.mr_acquisition_type or "").upper() == "3D" else 0
-    return (original, three_d, h.n_slices, -(h.slice_spacing_mm or 99.0))
+def _fmt_time(t: float) -> str:
+    t = int(round(t))
+    return f"{t // 3600:02d}:{t % 3600 // 60:02d}:{t % 60:02d}"
+
+
+# The documented preference among the candidates of one role (FAILURES.md 14, 15), strongest
+# first: (criterion, key, how a value is shown). Higher key wins. The last three only break ties
+# between series the first five cannot tell apart, deterministically: a later acquisition (of
+# two equivalent post-contrast series the later one has the more complete enhancement; of two
+# pre-contrast ones, the later is the one repeated after a problem), a higher SeriesNumber,
+# then the series id (file name) in alphabetical order.
+_PREFERENCE: tuple[tuple[str, Any, Any], ...] = (
+    ("ORIGINAL over DERIVED",
+     lambda s, c: 1 if not s.header.image_type or s.header.image_type[0].upper() == "ORIGINAL"
+     else 0, lambda s: (s.header.image_type or ("ORIGINAL",))[0].upper()),
+    ("3D over 2D", lambda s, c: 1 if (s.header.mr_acquisition_type or "").upper() == "3D" else 0,
+     lambda s: s.header.mr_acquisition_type or "?"),
+    ("more slices", lambda s, c: s.header.n_slices, lambda s: f"{s.header.n_slices} slices"),
+    ("finer slice spacing", lambda s, c: -(s.header.slice_spacing_mm or 99.0),
+     lambda s: f"{s.header.slice_spacing_mm:g} mm" if s.header.slice_spacing_mm else "? mm"),
+    ("stronger role evidence", lambda s, c: round(c.get(s.series_id, 0.0), 3),
+     None),
+    ("later acquisition", lambda s, c: s.header.acquisition_time_s
+     if s.header.acquisition_time_s is not None else float("-inf"),
+     lambda s: _fmt_time(s.header.acquisition_time_s)
+     if s.header.acquisition_time_s is not None else "no AcquisitionTime"),
+    ("higher SeriesNumber", lambda s, c: s.header.series_number
+     if s.header.series_number is not None else -1,
+     lambda s: f"#{s.header.series_number}" if s.header.series_number is not None else "no #"),
+    ("series id in alphabetical order (nothing else tells them apart)", None, None),
+)
+
+
+def _candidate_rank(s: Series, conf: Mapping[str, float] | None = None) -> tuple:
+    """Sort key of :data:`_PREFERENCE` (larger is preferred), the series id last (earlier wins)."""
+    c = conf or {}
+    return tuple(k(s, c) for _, k, _ in _PREFERENCE[:-1]) + (
+        tuple(-ord(ch) for ch in s.series_id),)
+
+
+def _why_preferred(best: Series, other: Series, conf: Mapping[str, float]) -> str:
+    """The first criterion of :data:`_PREFERENCE` on which ``best`` beats ``other``, with values."""
+    for name, key, show in _PREFERENCE[:-1]:
+        kb, ko = key(best, conf), key(other, conf)
+        if kb != ko:
+            if show is None:
+                return f"{name} ({conf.get(best.series_id, 0):.2f} vs " \
+                       f"{conf.get(other.series_id, 0):.2f})"
+            return f"{name} ({show(best)} vs {show(other)})"
+    return _PREFERENCE[-1][0]
 
 
 def _not_candidate(s: Series, settings: Settings) -> str | None:
@@ -912,9 +956,16 @@ def assign_roles(study: Study, *, settings: Settings, rules: Rules | None = None
     T1-weighted series silent about contrast, then (``use_image_evidence=True``; for each
     T1-weighted candidate still silent: conversion, HD-BET fast and N4, 20-50 s on a 2-core CPU)
     the image measure of :func:`enhancement_evidence`, which decides T1 or T1ce only beyond its
-    documented margins. Among the series of one role, the ORIGINAL 3D series with the
-    most slices is chosen; localizers, derived, DWI/ADC, SWI, FLAIR, PD, perfusion, 4D and
-    series of fewer than 10 slices never are (each rejection is logged at DEBUG with its reason).
+    documented margins. The measure is skipped (and the reason says so) when no series of the
+    study is or might be its T2: such a study fails ``MISSING_ROLE`` whatever the image shows
+    (:func:`inspect_study` measures it anyway). Among the series of one role, the order of :data:`_PREFERENCE` picks
+    one: ORIGINAL, 3D, most slices, finest slice spacing, stronger role evidence, then (ties
+    only) later acquisition, higher SeriesNumber, series id. The chosen series' reasons name
+    every candidate it was preferred over and the deciding criterion; each other candidate's
+    reasons say which series was preferred and why (FAILURES.md 15). Two candidates are never
+    a failure: both passed the role evidence, so either is a valid input, and the choice is
+    reported. Localizers, derived, DWI/ADC, SWI, FLAIR, PD, perfusion, 4D and series of fewer
+    than 10 slices are never candidates (the reason is added to their decision).
 
     Returns
     -------
@@ -923,17 +974,45 @@ def assign_roles(study: Study, *, settings: Settings, rules: Rules | None = None
         is missing while T1-weighted series of unresolved contrast exist (``message`` lists them
         with confidences); otherwise ``MISSING_ROLE`` with ``message`` like ``MISSING_ROLE: T2``.
     """
+    return _assign(study, settings=settings, rules=rules, use_image_evidence=use_image_evidence,
+                   image_evidence_if_incomplete=False)
+
+
+def _t2_possible(study: Study, verdicts: Mapping[str, _Verdict], settings: Settings) -> bool:
+    """Whether any candidate series of the study is, or might yet be, the T2 (its verdict says
+    T2 at any confidence, or T2 is among its competing roles)."""
+    return any((v.role is R.T2 or any(r is R.T2 for r, _ in v.competing))
+               and _not_candidate(s, settings) is None
+               for s in study.series for v in (verdicts[s.series_id],))
+
+
+def _assign(study: Study, *, settings: Settings, rules: Rules | None, use_image_evidence: bool,
+            image_evidence_if_incomplete: bool) -> RoleAssignment:
+    """:func:`assign_roles`; ``image_evidence_if_incomplete=True`` (``inspect``) measures image
+    evidence even in a study that cannot be complete (no T2), where the user asked about it."""
     rules = rules or default_rules()
     thr = settings.role_confidence_threshold
     verdicts = {s.series_id: _classify(s, rules) for s in study.series}
     _study_context(study, verdicts, rules)
     if use_image_evidence:
-        for s in study.series:
-            v = verdicts[s.series_id]
-            if v.family_t1 and v.contrast == "silent" and _not_candidate(s, settings) is None:
-                _image_verdict(s, v, settings, rules)
+        open_t1 = [s for s in study.series if verdicts[s.series_id].family_t1
+                   and verdicts[s.series_id].contrast == "silent"
+                   and _not_candidate(s, settings) is None]
+        if open_t1 and not image_evidence_if_incomplete and \
+                not _t2_possible(study, verdicts, settings):
+            # 20-50 s per series spent on a study that fails MISSING_ROLE whatever it says
+            for s in open_t1:
+                verdicts[s.series_id].reasons.append(
+                    "image evidence skipped: study has no T2 (it cannot be complete; "
+                    "`recnec inspect` measures it)")
+            log.debug("study %s: image evidence skipped, no T2 candidate", study.study_id)
+        else:
+            for s in open_t1:
+                _image_verdict(s, verdicts[s.series_id], settings, rules)
     decisions = tuple(_decision(s, verdicts[s.series_id], thr) for s in study.series)
     by_id = {s.series_id: s for s in study.series}
+    conf = {d.series_id: d.confidence for d in decisions}
+    extra: dict[str, list[str]] = {}
     chosen: dict[SeriesRole, Series] = {}
     for role in SeriesRole.model_roles():
         cands = []
@@ -943,15 +1022,29 @@ def assign_roles(study: Study, *, settings: Settings, rules: Rules | None = None
             why = _not_candidate(by_id[d.series_id], settings)
             if why:
                 log.debug("series %s (%s) not a candidate: %s", d.series_id, role.value, why)
+                extra.setdefault(d.series_id, []).append(
+                    f"not a candidate for {role.value}: {why}")
                 continue
             cands.append(by_id[d.series_id])
         if cands:
-            best = max(cands, key=_candidate_rank)
+            best = max(cands, key=lambda x: _candidate_rank(x, conf))
             chosen[role] = best
+            over = []
             for c in cands:
-                if c is not best:
-                    log.debug("series %s (%s) not chosen: %s preferred (ORIGINAL/3D/slices)",
-                              c.series_id, role.value, best.series_id)
+                if c is best:
+                    continue
+                why = _why_preferred(best, c, conf)
+                over.append(f"{c.series_id} ({why})")
+                log.debug("series %s (%s) not chosen: %s preferred by %s", c.series_id,
+                          role.value, best.series_id, why)
+                extra.setdefault(c.series_id, []).append(
+                    f"not chosen as {role.value}: {best.series_id} preferred by {why}")
+            if over:
+                extra.setdefault(best.series_id, []).append(
+                    f"chosen as {role.value} over " + "; ".join(over))
+    if extra:
+        decisions = tuple(replace(d, reasons=d.reasons + tuple(extra[d.series_id]))
+                          if d.series_id in extra else d for d in decisions)
     missing = [r for r in SeriesRole.model_roles() if r not in chosen]
     status, message = None, ""
     if missing:
@@ -989,8 +1082,8 @@ def inspect_study(path: Path, *, settings: Settings, rules: Rules | None = None,
     rules = rules or (load_rules(settings.rules_file) if settings.rules_file else default_rules())
     rows: list[dict] = []
     for study in discover(Path(path), settings=settings):
-        a = assign_roles(study, settings=settings, rules=rules,
-                         use_image_evidence=use_image_evidence)
+        a = _assign(study, settings=settings, rules=rules, use_image_evidence=use_image_evidence,
+                    image_evidence_if_incomplete=True)
         chosen_ids = {s.series_id: r for r, s in a.chosen.items()}
         by_id = {s.series_id: s for s in study.series}
         for d in a.decisions:

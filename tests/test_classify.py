@@ -209,6 +209,54 @@ def test_choice_prefers_original_3d_most_slices():
     assert a2.chosen[R.T1CE].series_id == "ce3d"  # ORIGINAL still preferred
 
 
+SE_T1 = dict(scanning_sequence=("SE",), mr_acquisition_type="2D", repetition_time_ms=500.0,
+             echo_time_ms=10.0, n_slices=24, slice_spacing_mm=6.0)
+
+
+def test_equal_candidates_choice_is_explained():
+    """FAILURES.md 15: a duplicated post-contrast series is chosen by a named criterion, and
+    the one left out says why; the study stays OK."""
+    t = 8 * 3600.0
+    st = study_of(
+        ser("pre", series_description="T1W_SE", acquisition_time_s=t, series_number=3, **SE_T1),
+        ser("t2", series_description="T2W_TSE", acquisition_time_s=t + 60, series_number=4,
+            **TSE_T2),
+        ser("ce", series_description="T1W_SE +C", acquisition_time_s=t + 600, series_number=7,
+            **SE_T1),
+        ser("ce_late", series_description="T1W_SE +C late", acquisition_time_s=t + 900,
+            series_number=8, **SE_T1),
+        ser("ce_thin", series_description="T1W_SE +C", acquisition_time_s=t + 950,
+            series_number=9, **{**SE_T1, "n_slices": 8}),
+    )
+    a = assign_roles(st, settings=S, rules=RULES, use_image_evidence=False)
+    assert a.status is None and a.chosen[R.T1CE].series_id == "ce_late"
+    d = {x.series_id: x for x in a.decisions}
+    assert d["ce"].confidence == d["ce_late"].confidence
+    assert any(r.startswith("chosen as T1ce over ce (later acquisition (08:15:00 vs 08:10:00))")
+               for r in d["ce_late"].reasons), d["ce_late"].reasons
+    assert "not chosen as T1ce: ce_late preferred by later acquisition (08:15:00 vs 08:10:00)" \
+        in d["ce"].reasons
+    assert "not a candidate for T1ce: only 8 slice(s)" in d["ce_thin"].reasons
+    assert not any("chosen" in r for r in d["pre"].reasons)  # a single candidate: nothing to say
+
+
+def test_equal_nifti_candidates_tie_break_by_name():
+    st = Study(study_id="st", patient_pseudonym="", source="nifti", location="", series=tuple(
+        ser(f"sub-01/anat/{n}.nii.gz", source="nifti", series_description=n, image_type=(),
+            n_slices=150, slice_spacing_mm=1.0)
+        for n in ("sub-01_T1w", "sub-01_T2w", "sub-01_acq-b_ce-gadolinium_T1w",
+                  "sub-01_acq-a_ce-gadolinium_T1w")))
+    a = assign_roles(st, settings=S, rules=RULES, use_image_evidence=False)
+    ce_a, ce_b = "sub-01/anat/sub-01_acq-a_ce-gadolinium_T1w.nii.gz", \
+        "sub-01/anat/sub-01_acq-b_ce-gadolinium_T1w.nii.gz"
+    assert a.status is None and a.chosen[R.T1CE].series_id == ce_a
+    d = {x.series_id: x for x in a.decisions}
+    assert any(r.startswith(f"chosen as T1ce over {ce_b} (series id in alphabetical order")
+               for r in d[ce_a].reasons), d[ce_a].reasons
+    assert any(r.startswith(f"not chosen as T1ce: {ce_a} preferred by series id")
+               for r in d[ce_b].reasons), d[ce_b].reasons
+
+
 def test_missing_role_message():
     st = study_of(ser("pre", series_description="T1 nativ", **MPRAGE),
                   ser("ce", series_description="T1 KM", **MPRAGE))
@@ -456,13 +504,48 @@ def test_real_roles_with_image_evidence(image_case, monkeypatch, case):
 
     monkeypatch.setattr(convert_mod, "convert_series", lambda series, settings: vol)
     monkeypatch.setattr(classify_mod, "enhancement_evidence", cached_evidence)
-    a = assign_roles(st, settings=S, rules=RULES, use_image_evidence=True)
+    # one series, no T2: assign_roles skips the measure (the study cannot be complete); the
+    # inspect path (image_evidence_if_incomplete=True) measures it
+    (skipped,) = assign_roles(st, settings=S, rules=RULES, use_image_evidence=True).decisions
+    assert skipped.role is R.UNDETERMINED and any(
+        r.startswith("image evidence skipped: study has no T2") for r in skipped.reasons)
+    a = classify_mod._assign(st, settings=S, rules=RULES, use_image_evidence=True,
+                             image_evidence_if_incomplete=True)
     (d,) = a.decisions
     want = IMAGE_CASES[case]
     assert d.role is want and d.confidence == RULES.confidence["image_strong"], d
     assert any(r.startswith("image evidence") for r in d.reasons), d.reasons
     assert a.chosen[want] is st.series[0]
     assert a.status == "MISSING_ROLE" and "T2" in a.message, a.message
+
+
+def test_image_evidence_skipped_without_t2(monkeypatch):
+    """The 20-50 s image measure is not spent on a study that fails MISSING_ROLE anyway; with a
+    T2 (or a series that might be one) it runs; inspect runs it whatever the study."""
+    calls = []
+
+    def fake(series, v, settings, rules):
+        calls.append(series.series_id)
+        v.reasons.append("image evidence: faked")
+
+    monkeypatch.setattr(classify_mod, "_image_verdict", fake)
+    no_t2 = study_of(ser("x", series_description="t1_mpr_tra", **MPRAGE),
+                     ser("fl", series_description="t2_flair", scanning_sequence=("SE", "IR"),
+                         repetition_time_ms=9000.0, echo_time_ms=90.0, inversion_time_ms=2500.0,
+                         n_slices=30))
+    a = assign_roles(no_t2, settings=S, rules=RULES, use_image_evidence=True)
+    assert calls == [] and a.status == "T1CE_UNDETERMINED" and "T2" in a.message
+    d = {x.series_id: x for x in a.decisions}
+    assert "image evidence skipped: study has no T2 (it cannot be complete; `recnec inspect` " \
+           "measures it)" in d["x"].reasons
+    a2 = classify_mod._assign(no_t2, settings=S, rules=RULES, use_image_evidence=True,
+                              image_evidence_if_incomplete=True)
+    assert calls == ["x"] and not any("skipped" in r for r in a2.decisions[0].reasons)
+    calls.clear()
+    with_t2 = study_of(ser("x", series_description="t1_mpr_tra", **MPRAGE),
+                       ser("t2", series_description="t2", source="dicom"))  # T2 by name, 0.6
+    assign_roles(with_t2, settings=S, rules=RULES, use_image_evidence=True)
+    assert calls == ["x"]
 
 
 def test_image_evidence_only_for_silent_t1(real, monkeypatch):
