@@ -64,6 +64,31 @@ def test_bootstrap_seeded_and_brackets_estimate() -> None:
     assert c.tp + c.fn == y.sum() and c.tn + c.fp == len(y) - y.sum()
 
 
+@pytest.mark.parametrize("n_nec", [1, 8])
+def test_small_class_ci_flagged_unreliable(n_nec: int) -> None:
+    """`recnec evaluate` on 1 or 8 necroses, all recognised: the bootstrap gives specificity
+    1.000 (1.000-1.000); the summary now says that interval cannot be trusted."""
+    rng = np.random.default_rng(3)
+    y = np.array([0] * n_nec + [1] * 40)
+    p = np.concatenate([rng.uniform(0.0, 0.3, n_nec), rng.uniform(0.2, 1.0, 40)])
+    m = summarise(y, p, 0.4, n_boot=500, seed=0)
+    assert m["specificity"] == 1.0 and m["ci95"]["specificity"] == [1.0, 1.0]  # numbers unchanged
+    assert "zero-width interval (1.000-1.000)" in m["ci95_unreliable"]["specificity"]
+    assert f"only {n_nec} necrosis case(s) (< 10)" in m["ci95_unreliable"]["specificity"]
+    assert "sensitivity" not in m["ci95_unreliable"] and "auc" in m["ci95_unreliable"]
+    assert any(w.startswith("specificity 95 % CI unreliable") for w in m["warnings"])
+    assert any(w.startswith(f"only {n_nec} necrosis case(s)") for w in m["warnings"])
+    json.dumps(m)  # still JSON-ready
+
+
+def test_large_balanced_sample_has_no_ci_warnings() -> None:
+    rng = np.random.default_rng(1)
+    y = np.array([0, 1] * 60)
+    p = np.clip(0.4 * y + rng.normal(0.3, 0.2, 120), 0, 1)
+    m = summarise(y, p, 0.5, n_boot=500, seed=0)
+    assert m["warnings"] == [] and m["ci95_unreliable"] == {}
+
+
 def test_roc_png(tmp_path: Path) -> None:
     y = np.array([0, 0, 1, 1, 1])
     p = np.array([0.2, 0.6, 0.4, 0.7, 0.9])

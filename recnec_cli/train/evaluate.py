@@ -37,7 +37,8 @@ def evaluate_ensemble(
         ``metrics.json`` path. Top-level numbers ``auc``, ``sensitivity``, ``specificity``,
         ``accuracy`` (also ``ppv``, ``npv``), ``ci95`` (bootstrap, ``seed``), ``confusion``,
         ``threshold``, the weights' ``model_version`` and checksums, the data fingerprint, the
-        paper's ResNet10 figures for comparison and one ``predictions`` row per study.
+        paper's ResNet10 figures for comparison, one ``predictions`` row per study, and
+        ``warnings`` / ``ci95_unreliable`` (small classes, zero-width bootstrap intervals).
     roc_png:
         ROC curve PNG (default: ``out`` with suffix ``.roc.png``).
 
@@ -54,6 +55,11 @@ def evaluate_ensemble(
     trained_on = ens.manifest.get("data", {}).get("fingerprint_sha256")
     if trained_on == cohort.fingerprint:
         log.warning("this cohort is the one the ensemble was trained on: the figures are optimistic")
+        result["warnings"].append("this cohort is the one the ensemble was trained on: the "
+                                  "figures are optimistic")
+    for w in result["warnings"]:
+        if not w.startswith("this cohort"):
+            log.warning("%s", w)
     roc_png = Path(roc_png) if roc_png is not None else Path(out).with_suffix(".roc.png")
     plot_roc(cohort.y, pred.mean, roc_png, threshold=ens.threshold, summary=result,
              title=f"recnec evaluate: {ens.model_version}")

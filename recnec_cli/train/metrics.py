@@ -113,21 +113,22 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, 
     }
 
 
-def bootstrap_ci(
-    y: np.ndarray, p: np.ndarray, threshold: float, *, n_boot: int = 2000, seed: int = 0,
-    level: float = 0.95,
-) -> dict[str, list[float]]:
-    """Percentile bootstrap intervals ``{metric: [low, high]}`` for :data:`METRIC_NAMES`.
+#: a class with fewer cases than this gives a percentile-bootstrap interval that cannot be trusted
+#: for the metrics that use it (sensitivity: recurrences; specificity: necroses; AUC: both)
+MIN_CI_CASES = 10
+#: bootstrap resamples that miss a class are skipped; above this fraction the interval is suspect
+MAX_SKIPPED_FRACTION = 0.05
 
-    Studies are resampled with replacement ``n_boot`` times with ``default_rng(seed)``; the
-    threshold is held fixed (the interval does not include threshold-selection uncertainty).
-    """
-    y, p = _check(y, p)
+
+def _bootstrap(
+    y: np.ndarray, p: np.ndarray, threshold: float, *, n_boot: int, seed: int, level: float,
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Percentile intervals and, per metric, the fraction of resamples that could not give it."""
     rng = np.random.default_rng(seed)
     n = len(y)
-    out: dict[str, list[float]] = {}
     if n == 0:
-        return {k: [float("nan"), float("nan")] for k in METRIC_NAMES}
+        return ({k: [float("nan"), float("nan")] for k in METRIC_NAMES},
+                {k: 1.0 for k in METRIC_NAMES})
     idx = rng.integers(0, n, size=(n_boot, n))
     yb, pb = y[idx], p[idx]
     pred = pb >= threshold
@@ -143,10 +144,79 @@ def bootstrap_ci(
             "accuracy": (tp + tn) / n,
         }
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    out: dict[str, list[float]] = {}
+    skipped: dict[str, float] = {}
     for k, v in values.items():
-        v = v[np.isfinite(v)]
+        ok = np.isfinite(v)
+        skipped[k] = float(1.0 - ok.mean())
+        v = v[ok]
         out[k] = [float(np.percentile(v, lo)), float(np.percentile(v, hi))] if len(v) else [float("nan")] * 2
-    return out
+    return out, skipped
+
+
+def bootstrap_ci(
+    y: np.ndarray, p: np.ndarray, threshold: float, *, n_boot: int = 2000, seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals ``{metric: [low, high]}`` for :data:`METRIC_NAMES`.
+
+    Studies are resampled with replacement ``n_boot`` times with ``default_rng(seed)``; the
+    threshold is held fixed (the interval does not include threshold-selection uncertainty).
+    On small samples these intervals are unreliable (zero width when every case of a class is
+    classified correctly); :func:`ci_warnings` says when.
+    """
+    y, p = _check(y, p)
+    return _bootstrap(y, p, threshold, n_boot=n_boot, seed=seed, level=level)[0]
+
+
+def ci_warnings(
+    y: np.ndarray, ci: dict[str, list[float]], skipped: dict[str, float] | None = None,
+) -> tuple[dict[str, str], list[str]]:
+    """Which bootstrap intervals cannot be trusted, and why.
+
+    A percentile bootstrap cannot show more variation than the sample has: with 8 necroses all
+    recognised, every resample has specificity 1.000, so the interval is ``1.000-1.000`` although
+    the true specificity may well be 0.7 (exact binomial 95 % interval 0.63-1.00). Reasons, per
+    metric: the class it depends on has fewer than :data:`MIN_CI_CASES` cases; the interval has
+    zero width (degenerate bootstrap distribution); it could not be computed (NaN); more than
+    :data:`MAX_SKIPPED_FRACTION` of the resamples lacked a class.
+
+    Returns
+    -------
+    (dict, list)
+        ``{metric: reason}`` for each unreliable interval, and the human-readable warnings
+        (one per metric, plus one per small class), in :data:`METRIC_NAMES` order.
+    """
+    y = np.asarray(y).astype(np.int64).reshape(-1)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    needs = {"auc": (("recurrence", n_pos), ("necrosis", n_neg)),
+             "sensitivity": (("recurrence", n_pos),), "specificity": (("necrosis", n_neg),),
+             "accuracy": (("study", len(y)),)}
+    unreliable: dict[str, str] = {}
+    warnings: list[str] = []
+    for name, n_cls in (("recurrence", n_pos), ("necrosis", n_neg)):
+        if n_cls < MIN_CI_CASES:
+            warnings.append(f"only {n_cls} {name} case(s) (< {MIN_CI_CASES}): the figures that "
+                            "depend on this class have wide true uncertainty and their bootstrap "
+                            "intervals are unreliable")
+    for k in METRIC_NAMES:
+        lo, hi = ci.get(k, [float("nan")] * 2)
+        why = []
+        small = [f"{n} {c} case(s)" for c, n in needs[k] if n < MIN_CI_CASES]
+        if small:
+            why.append("only " + " and ".join(small) + f" (< {MIN_CI_CASES})")
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            why.append("no bootstrap resample could compute it")
+        elif hi - lo <= 1e-12:
+            why.append(f"zero-width interval ({lo:.3f}-{hi:.3f}): every resample gives the same "
+                       "value, the bootstrap cannot express the uncertainty")
+        if skipped and skipped.get(k, 0.0) > MAX_SKIPPED_FRACTION:
+            why.append(f"{skipped[k]:.0%} of the resamples lacked a class and were skipped")
+        if why:
+            unreliable[k] = "; ".join(why)
+            warnings.append(f"{k} 95 % CI unreliable: {unreliable[k]}")
+    return unreliable, warnings
 
 
 @dataclass(frozen=True)
@@ -208,11 +278,14 @@ def summarise(
 
     Returns a JSON-ready dict with top-level numbers ``auc``, ``sensitivity``, ``specificity``,
     ``accuracy`` (plus ``ppv``, ``npv``), ``ci95`` ``{metric: [low, high]}``, ``confusion``,
-    ``n``, ``n_recurrence``, ``n_necrosis``, ``threshold`` and the bootstrap settings.
+    ``n``, ``n_recurrence``, ``n_necrosis``, ``threshold`` and the bootstrap settings;
+    ``ci95_unreliable`` ``{metric: reason}`` and ``warnings`` (list of str, empty when none) from
+    :func:`ci_warnings`.
     """
     y, p = _check(y, p)
     out: dict[str, Any] = binary_metrics(y, p, threshold)
-    out["ci95"] = bootstrap_ci(y, p, threshold, n_boot=n_boot, seed=seed)
+    out["ci95"], skipped = _bootstrap(y, p, threshold, n_boot=n_boot, seed=seed, level=0.95)
+    out["ci95_unreliable"], out["warnings"] = ci_warnings(y, out["ci95"], skipped)
     out["confusion"] = Confusion.at(y, p, threshold).as_matrix()
     out["n"] = int(len(y))
     out["n_recurrence"] = int(y.sum())
