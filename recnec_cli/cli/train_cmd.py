@@ -274,4 +274,6 @@ def evaluate(
             t.add_row("threshold", f"{result['threshold']:.4f}", "")
             t.add_row("written", f"{out}, {result['roc_png']}", "")
             results_console().print(t)
+        for w in result.get("warnings", []):  # e.g. a CI resting on fewer than 10 necroses
+            typer.echo(f"warning: {w}", err=True)
     raise typer.Exit(EXIT_OK)
