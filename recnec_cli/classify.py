@@ -631,18 +631,12 @@ IMAGE_N4_LEVELS = 5
 IMAGE_MIN_CORE_VOXELS = 20000
 IMAGE_MEASURE_MM = 1.0         # voxels finer than this are strided to about 1 mm
 
-_HDBET: dict[Any, Any] = {}  # device -> HdBet, loaded once per process
-
-
 def _hdbet(settings: Settings) -> Any:
-    """HD-BET (fast, one fold) loaded once per process and device."""
+    """HD-BET (fast, one fold), shared per process with the skull-strip stage."""
     from .pipeline import resolve_torch_device
-    from .skullstrip import HdBet
+    from .skullstrip import get_hdbet
 
-    dev = resolve_torch_device(settings.device)
-    if dev not in _HDBET:
-        _HDBET[dev] = HdBet(mode="fast", device=dev)
-    return _HDBET[dev]
+    return get_hdbet(mode="fast", device=resolve_torch_device(settings.device))
 
 
 def _n4_in_mask(data: Any, spacing: Any, mask: Any) -> Any:

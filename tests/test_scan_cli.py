@@ -125,6 +125,7 @@ def test_batched_equals_one_by_one(batch_scan):
     import nibabel as nib
 
     from recnec_cli.infer import Ensemble
+    from recnec_cli.pipeline import safe_name
 
     ens = Ensemble.load(WEIGHTS, device="cpu")
     rows = {r["study_id"]: r for r in _read_rows(batch_scan["out"]) if r["status"] == "OK"}
@@ -134,8 +135,7 @@ def test_batched_equals_one_by_one(batch_scan):
         x = np.moveaxis(np.asarray(nib.load(box).dataobj, dtype=np.float32), -1, 0)[None]
         single = float(ens.predict(x).mean[0])
         key = Path(box).parent.name
-        row = next(r for sid, r in rows.items() if key == "".join(c if (c.isalnum() or c in "-._") else "_"
-                                                                   for c in sid))
+        row = next(r for sid, r in rows.items() if key == safe_name(sid))
         assert abs(single - float(row["p_recurrence"])) < 1e-5
 
 
