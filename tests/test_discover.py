@@ -11,7 +11,7 @@ import pytest
 
 from header_corpus import write_enhanced, write_series
 from recnec_cli.config import Settings
-from recnec_cli.discover import discover, pseudonym
+from recnec_cli.stages.discover import discover, pseudonym
 from recnec_cli.errors import DiscoveryError
 
 S = Settings()

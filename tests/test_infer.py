@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from recnec_cli.errors import EnvironmentBroken, InferenceError
-from recnec_cli.infer import Ensemble, read_manifest, resolve_providers, sha256_file
-from recnec_cli.modelinput import InputSpec
+from recnec_cli.stages.infer import Ensemble, read_manifest, resolve_providers, sha256_file
+from recnec_cli.stages.modelinput import InputSpec
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -179,7 +179,7 @@ def test_infer_import_is_light() -> None:
     import sys
 
     code = (
-        "import sys, recnec_cli.infer; "
+        "import sys, recnec_cli.stages.infer; "
         "print(any(m in sys.modules for m in ('torch', 'monai', 'onnxruntime')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

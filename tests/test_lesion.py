@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from recnec_cli import lesion
+from recnec_cli.stages import lesion
 from recnec_cli.errors import LesionError
 
 
@@ -76,8 +76,8 @@ def test_real_gbm_localised_within_10mm(real):
     """pyradiomics brain1 (TCGA-02-0003, T1 post-Gd, labelled enhancing lesion): T1ce-only detection."""
     import SimpleITK as sitk
 
-    from recnec_cli import register
-    from recnec_cli.skullstrip import HdBet
+    from recnec_cli.stages import register
+    from recnec_cli.stages.skullstrip import HdBet
     from recnec_cli.study import Volume
 
     d = real / "nrrd_pyradiomics_brain1_brain2"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from recnec_cli.errors import LesionError
-from recnec_cli.modelinput import InputSpec, box_affine, make_model_input
+from recnec_cli.stages.modelinput import InputSpec, box_affine, make_model_input
 
 
 def _phantom(seed=0):

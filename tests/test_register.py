@@ -5,7 +5,7 @@ import glob
 import numpy as np
 import pytest
 
-from recnec_cli import register
+from recnec_cli.stages import register
 from recnec_cli.errors import RegistrationError
 from recnec_cli.study import Volume
 

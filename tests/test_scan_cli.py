@@ -124,8 +124,8 @@ def test_batched_equals_one_by_one(batch_scan):
     """Probabilities from the batched run equal single-study inference on the same model inputs."""
     import nibabel as nib
 
-    from recnec_cli.infer import Ensemble
-    from recnec_cli.pipeline import safe_name
+    from recnec_cli.stages.infer import Ensemble
+    from recnec_cli.naming import safe_component as safe_name
 
     ens = Ensemble.load(WEIGHTS, device="cpu")
     rows = {r["study_id"]: r for r in _read_rows(batch_scan["out"]) if r["status"] == "OK"}

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recnec_cli.modelinput import InputSpec, make_model_input
+from recnec_cli.stages.modelinput import InputSpec, make_model_input
 from recnec_cli.synth import generate_subject, write_cohort
 from recnec_cli.synth.series import motion_matrix, series_grid
 from recnec_cli.synth.subject import cohort_label, plan_subject, render
@@ -210,8 +210,8 @@ def test_scan_pipeline_input_close_to_model_space(tmp_path):
     (discover, classify, convert, rigid registration, HD-BET, user lesion mask, crop) gives a
     model input close to the tensor ``--space model`` writes for the same subject (~2 min)."""
     from recnec_cli.config import resolve_settings
-    from recnec_cli.discover import discover
-    from recnec_cli.pipeline import Resources, preprocess_study
+    from recnec_cli.stages.discover import discover
+    from recnec_cli.orchestration.pipeline import Resources, preprocess_study
 
     index = 3  # seed 0 subject 4: 3D T1 and T1ce, 2D T2
     truth = generate_subject(seed=0, index=index)

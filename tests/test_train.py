@@ -21,7 +21,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from recnec_cli.cli.main import app  # noqa: E402
 from recnec_cli.errors import InferenceError, TrainingError  # noqa: E402
-from recnec_cli.infer import Ensemble, sha256_file  # noqa: E402
+from recnec_cli.stages.infer import Ensemble, sha256_file  # noqa: E402
 
 runner = CliRunner()
 

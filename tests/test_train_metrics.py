@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from recnec_cli.errors import TrainingError
-from recnec_cli.modelinput import InputSpec
+from recnec_cli.stages.modelinput import InputSpec
 from recnec_cli.train.dataset import load_cohort, read_labels
 from recnec_cli.train.metrics import (Confusion, auc_score, bootstrap_ci, choose_threshold,
                                       plot_roc, summarise)
@@ -135,8 +135,8 @@ def test_load_model_space(tmp_path: Path) -> None:
 
 def test_study_folder_path_uses_pipeline_and_cache(tmp_path: Path, monkeypatch) -> None:
     """Study folders go through discover + pipeline.preprocess_study once, then the cache."""
-    import recnec_cli.discover as discover_mod
-    import recnec_cli.pipeline as pipeline_mod
+    import recnec_cli.stages.discover as discover_mod
+    import recnec_cli.orchestration.pipeline as pipeline_mod
     from recnec_cli.config import Settings
     from recnec_cli.errors import RegistrationError
 

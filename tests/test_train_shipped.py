@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recnec_cli.infer import Ensemble, read_manifest
+from recnec_cli.stages.infer import Ensemble, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "weights"

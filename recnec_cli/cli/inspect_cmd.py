@@ -54,7 +54,7 @@ def inspect(
 ) -> None:
     """Print the role table of STUDY."""
     with error_boundary():
-        from ..classify import inspect_study, load_rules
+        from ..stages.classify import inspect_study, load_rules
         from ..config import resolve_settings
         from ..errors import UsageError
 

@@ -133,9 +133,9 @@ def scan(
 
 def _run(studies: Path, out: Path, fmt: str, manifest_path: Path, settings, *, quiet: bool,
          dicom_locations: bool = False) -> int:
-    from ..discover import discover
-    from ..pipeline import Resources, run_batch
-    from ..report import (
+    from ..stages.discover import discover
+    from ..orchestration.pipeline import Resources, run_batch
+    from ..orchestration.report import (
         atomic_write_text,
         result_row,
         run_manifest,

@@ -7,7 +7,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..modelinput import InputSpec, make_model_input
+from ..stages.modelinput import InputSpec, make_model_input
 from .acquisition import Acquisition
 from .anatomy import truth_grid
 from .lesions import LesionParams
@@ -101,7 +101,7 @@ def model_box(plan: SubjectPlan) -> tuple[slice, slice, slice]:
 
 
 def model_tensor(plan: SubjectPlan, spec: InputSpec = InputSpec()) -> tuple[np.ndarray, np.ndarray]:
-    """Model-input tensor of ``plan`` via :func:`~recnec_cli.modelinput.make_model_input`.
+    """Model-input tensor of ``plan`` via :func:`~recnec_cli.stages.modelinput.make_model_input`.
 
     Renders only the truth sub-box around the lesion (values identical to the full head there),
     then calls ``make_model_input([t1, t2, t1ce], brain_mask, box_affine, lesion_centroid)``.

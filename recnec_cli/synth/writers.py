@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..modelinput import InputSpec
+from ..stages.modelinput import InputSpec
 from .acquisition import Acquisition
 from .series import SeriesGrid, acquire, motion_matrix, series_grid
 from .subject import DEFAULT_RATIO, GENERATOR_VERSION, cohort_label, plan_subject
@@ -190,7 +190,7 @@ def write_cohort(out: Path, *, n: int, seed: int, fmt: str = "nifti", space: str
     """Generate ``n`` subjects of cohort ``seed`` and write them under ``out``.
 
     Layout: ``space="model"``: ``out/tensors/<study_id>.npy`` (float32 ``spec.shape``, from
-    :func:`~recnec_cli.modelinput.make_model_input`); ``space="study"`` with ``fmt="nifti"``:
+    :func:`~recnec_cli.stages.modelinput.make_model_input`); ``space="study"`` with ``fmt="nifti"``:
     ``out/synth-0001/{synth-0001_T1w, _T2w, _ce-gadolinium_T1w}.nii.gz`` + JSON sidecars and the
     lesion mask in ``out/masks/<study_id>_lesion_mask.nii.gz`` (or ``out/<study>/lesion_mask.nii.gz`` with
     ``masks_in_study``); ``fmt="dicom"``: ``out/dicom/<pseudonym>/SE<nnnn>/IM<nnnnn>.dcm`` and

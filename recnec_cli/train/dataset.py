@@ -3,10 +3,10 @@
 Two kinds of ``DATA`` folder are accepted, both yielding the same :class:`Cohort`:
 
 * **model space**: ``DATA/tensors/<study_id>.npy``, each float32 ``(3, 40, 40, 40)`` (channels
-  T1, T2, T1ce; axes RAS+; the :class:`~recnec_cli.modelinput.InputSpec` recipe), as written by
+  T1, T2, T1ce; axes RAS+; the :class:`~recnec_cli.stages.modelinput.InputSpec` recipe), as written by
   ``recnec synth --space model``;
 * **studies** (DICOM / NIfTI / NRRD, any layout ``recnec scan`` accepts): every labelled study is
-  run through :func:`recnec_cli.pipeline.preprocess_study`, the very code path ``recnec scan``
+  run through :func:`recnec_cli.orchestration.pipeline.preprocess_study`, the very code path ``recnec scan``
   uses, and the tensor is cached as ``CACHE/<safe study id>-<key>.npy`` where ``key`` hashes the
   study id, the input spec, the preprocessing settings and the recnec version. A study that
   fails preprocessing is excluded with its error code (listed in the result), never a crash.
@@ -23,7 +23,6 @@ import csv
 import hashlib
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -32,7 +31,8 @@ import numpy as np
 
 from .. import __version__
 from ..errors import EnvironmentBroken, RecnecError, TrainingError
-from ..modelinput import InputSpec
+from ..naming import safe_component
+from ..stages.modelinput import InputSpec
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +160,6 @@ def load_model_space(data: Path, labels: dict[str, int], *, spec: InputSpec = In
     return Cohort(tuple(ids), x, y, spec, "model-space", fingerprint(ids, x, y))
 
 
-def _safe_name(study_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", study_id)[:80]
-
-
 def cache_key(study_id: str, spec: InputSpec, settings: Any) -> str:
     """16-hex key of what determines a cached tensor: id, spec, preprocessing settings, version."""
     relevant = {
@@ -205,8 +201,8 @@ def load_studies(
         If the scan pipeline is not installed.
     """
     try:
-        from ..discover import discover
-        from ..pipeline import Resources, preprocess_study
+        from ..stages.discover import discover
+        from ..orchestration.pipeline import Resources, preprocess_study
     except ImportError as exc:  # pragma: no cover - only in a broken installation
         raise EnvironmentBroken(f"scan pipeline unavailable: {exc}", code="ENVIRONMENT_BROKEN") from None
 
@@ -226,7 +222,7 @@ def load_studies(
     tensors: list[np.ndarray] = []
     excluded: list[tuple[str, str, str]] = []
     for i, sid in enumerate(ids):
-        cpath = (Path(cache_dir) / f"{_safe_name(sid)}-{cache_key(sid, spec, settings)}.npy"
+        cpath = (Path(cache_dir) / f"{safe_component(sid)}-{cache_key(sid, spec, settings)}.npy"
                  if cache_dir is not None else None)
         if cpath is not None and cpath.is_file():
             arr = np.load(cpath, allow_pickle=False)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import DISCLAIMER
-from ..infer import Ensemble
+from ..stages.infer import Ensemble
 from .dataset import LABEL_NAMES, load_cohort
 from .metrics import PAPER_RESNET10, plot_roc, summarise
 

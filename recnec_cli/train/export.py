@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import TrainingError
-from ..infer import INPUT_NAME, MANIFEST_NAME, OUTPUT_NAME, sha256_file
+from ..stages.infer import INPUT_NAME, MANIFEST_NAME, OUTPUT_NAME, sha256_file
 from .models import ProbabilityHead
 
 log = logging.getLogger(__name__)
@@ -91,18 +91,10 @@ def compare_with_torch(model: ProbabilityHead, path: Path, x: np.ndarray, *, thr
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that determine the weights and the metrics."""
-    import importlib.metadata as md
+    from ..provenance import TRAIN_DISTRIBUTIONS
+    from ..provenance import library_versions as versions
 
-    from .. import __version__
-
-    out = {"recnec": __version__, "python": platform.python_version()}
-    for dist in ("torch", "monai", "numpy", "scipy", "scikit-learn", "onnx", "onnxruntime",
-                 "onnxruntime-gpu", "matplotlib"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            continue
-    return out
+    return versions(TRAIN_DISTRIBUTIONS)
 
 
 def machine() -> dict[str, Any]:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..devices import prepare_torch
 from ..errors import TrainingError
 from .metrics import auc_score
 from .models import ARCHS, ProbabilityHead, build_model, n_parameters
@@ -117,7 +118,7 @@ def deterministic(seed: int, threads: int) -> Iterator[None]:
     prev_threads = torch.get_num_threads()
     prev_det = torch.are_deterministic_algorithms_enabled()
     prev_meta = get_track_meta()
-    torch.set_num_threads(threads)
+    prepare_torch(threads)  # flush subnormal floats (see recnec_cli.devices), fixed thread count
     torch.use_deterministic_algorithms(True)
     set_determinism(seed=seed)
     set_track_meta(False)  # plain tensors through MONAI transforms: no metadata overhead

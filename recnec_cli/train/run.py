@@ -19,8 +19,8 @@ import numpy as np
 
 from .. import DISCLAIMER, __version__
 from ..errors import TrainingError
-from ..infer import Ensemble
-from ..modelinput import InputSpec
+from ..stages.infer import Ensemble
+from ..stages.modelinput import InputSpec
 from .dataset import Cohort, load_cohort
 from .export import (MAX_ABS_DIFF, OPSET, check_out_dir, compare_with_torch, export_onnx,
                      library_versions, machine, prepare_out_dir, write_manifest)

@@ -69,9 +69,9 @@ from typing import Any
 
 import numpy as np
 
-from .config import Settings
-from .errors import ConversionError
-from .study import Series, Volume
+from ..config import Settings
+from ..errors import ConversionError
+from ..study import Series, Volume
 
 log = logging.getLogger(__name__)
 

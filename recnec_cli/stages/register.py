@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import RegistrationError
-from .study import Volume
-from .types import Affine
+from ..errors import RegistrationError
+from ..study import Volume
+from ..types import Affine
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .config import Settings
-from .errors import DiscoveryError
-from .study import Series, SeriesHeader, Study
+from ..config import Settings
+from ..errors import DiscoveryError
+from ..study import Series, SeriesHeader, Study
 
 log = logging.getLogger(__name__)
 

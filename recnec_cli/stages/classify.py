@@ -29,13 +29,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .config import Settings
-from .errors import RecnecError, UsageError
-from .study import RoleAssignment, RoleDecision, Series, SeriesHeader, SeriesRole, Study
+from ..config import Settings
+from ..errors import RecnecError, UsageError
+from ..study import RoleAssignment, RoleDecision, Series, SeriesHeader, SeriesRole, Study
 
 log = logging.getLogger(__name__)
 
-BUNDLED_RULES = Path(__file__).resolve().parent / "data" / "rules.toml"
+BUNDLED_RULES = Path(__file__).resolve().parents[1] / "data" / "rules.toml"
 R = SeriesRole
 TOKEN_ROLES = ("T1", "T2", "FLAIR", "PD", "DWI", "SWI", "PERFUSION", "LOCALIZER", "DERIVED")
 CONTRAST_KEYS = ("positive", "negative", "neutral", "agent_negative")
@@ -633,7 +633,7 @@ IMAGE_MEASURE_MM = 1.0         # voxels finer than this are strided to about 1 m
 
 def _hdbet(settings: Settings) -> Any:
     """HD-BET (fast, one fold), shared per process with the skull-strip stage."""
-    from .pipeline import resolve_torch_device
+    from ..devices import resolve_torch_device
     from .skullstrip import get_hdbet
 
     return get_hdbet(mode="fast", device=resolve_torch_device(settings.device))

