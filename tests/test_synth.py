@@ -157,7 +157,13 @@ def test_dicom_study_headers_and_determinism(truth0, tmp_path):
     by_desc = {ds.SeriesNumber: ds for ds in series.values()}
     for ds in by_desc.values():
         assert ds.Modality == "MR" and ds.ImageType[0] == "ORIGINAL" and ds.RepetitionTime > 0
-    (tmp_path / "ma" / f"{uid_a}.nii.gz").is_file()
+    # the study's lesion mask lies beside it under the name discovery and --lesion-masks expect,
+    # and marks a lesion (not an empty volume)
+    import nibabel as nib
+
+    assert sorted(p.name for p in (tmp_path / "ma").iterdir()) == [f"{uid_a}_lesion_mask.nii.gz"]
+    mask = nib.load(str(tmp_path / "ma" / f"{uid_a}_lesion_mask.nii.gz"))
+    assert np.asarray(mask.dataobj).sum() > 0
     # a slice decodes to the stored pixels
     ds = pydicom.dcmread(files[len(files) // 2])
     assert ds.pixel_array.shape == (ds.Rows, ds.Columns) and ds.pixel_array.max() > 0
