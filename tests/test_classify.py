@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from header_corpus import (DESCR, _h, corpus_stats, make_corpus, make_corpus_studies, write_series)
-from recnec_cli.stages import classify as classify_mod
+from recnec_cli.stages.classify import image_evidence as image_mod, study as study_mod
 from recnec_cli.stages.classify import (IMAGE_T1_MAX_PERCENT, IMAGE_T1CE_MIN_PERCENT, assign_roles,
                                  classify_series, enhancement_evidence, inspect_study, load_rules,
                                  normalise)
@@ -166,6 +166,19 @@ def test_real_t2_by_physics_and_unchecked_name():
     # a NIfTI file name is a converter's label: accepted
     assert classify_series(ser(sid="a/x_t2.nii.gz", source="nifti", series_description="x_t2",
                                image_type=()), rules=RULES).role is R.T2
+
+
+def test_classify_series_honours_settings_threshold():
+    """The caller's ``role_confidence_threshold`` decides, not the default 0.7: an unchecked DICOM
+    "T2" (confidence 0.6) is UNDETERMINED by default, T2 with a threshold of 0.5."""
+    s = ser(series_description="T2")
+    d = classify_series(s, rules=RULES)
+    assert d.role is R.UNDETERMINED and d.competing[0] == (R.T2, d.confidence) and \
+        0.5 < d.confidence < S.role_confidence_threshold, d
+    assert classify_series(s, rules=RULES, settings=S).role is R.UNDETERMINED
+    lax = Settings(role_confidence_threshold=0.5)
+    assert classify_series(s, rules=RULES, settings=lax).role is R.T2
+    assert classify_series(s, settings=lax).role is R.T2  # bundled rules by default
 
 
 # ------------------------------------------------------------------------------- kinds 6, 13, 15
@@ -345,7 +358,7 @@ STATUS = {
 def test_real_case_roles(real, case):
     from recnec_cli.stages.discover import discover
 
-    (st,) = discover(real / case, settings=S)
+    (st,) = discover(real / case)
     a = assign_roles(st, settings=S, rules=RULES, use_image_evidence=False)
     got = {d.series_id: d for d in a.decisions}
     for suffix, want in EXPECTED[case].items():
@@ -366,7 +379,7 @@ def test_real_vendor_stubs(real):
     from recnec_cli.stages.discover import discover
 
     roles = {}
-    for st in discover(real / "dicom_dicom2nifti_vendor_stubs", settings=S):
+    for st in discover(real / "dicom_dicom2nifti_vendor_stubs"):
         a = assign_roles(st, settings=S, rules=RULES, use_image_evidence=False)
         assert not a.chosen and a.status == "MISSING_ROLE"
         for d in a.decisions:
@@ -382,7 +395,7 @@ def test_real_vendor_stubs(real):
 def test_real_nrrd_missing_roles(real):
     from recnec_cli.stages.discover import discover
 
-    (st,) = discover(real / "nrrd_pyradiomics_brain1_brain2", settings=S)
+    (st,) = discover(real / "nrrd_pyradiomics_brain1_brain2")
     a = assign_roles(st, settings=S, rules=RULES, use_image_evidence=False)
     assert a.status == "MISSING_ROLE" and not a.chosen
 
@@ -422,17 +435,17 @@ def test_image_rule_phantoms():
     plain, m = _phantom()
     ev = enhancement_evidence(plain, brain_mask=m)
     assert ev["seconds"] < 10 and max(ev["bright_left"], ev["bright_right"]) <= IMAGE_T1_MAX_PERCENT, ev
-    assert classify_mod._image_call(ev) is R.T1
+    assert image_mod._image_call(ev) is R.T1
     post, m = _phantom(vessels=vessels)
     ev = enhancement_evidence(post, brain_mask=m)
     assert min(ev["bright_left"], ev["bright_right"]) >= IMAGE_T1CE_MIN_PERCENT, ev
-    assert classify_mod._image_call(ev) is R.T1CE
+    assert image_mod._image_call(ev) is R.T1CE
     lump, m = _phantom(blob=(25, 0, 0))
     ev = enhancement_evidence(lump, brain_mask=m)
-    assert classify_mod._image_call(ev) is None, ev
+    assert image_mod._image_call(ev) is None, ev
     # an implausible mask (a few mL) measures nothing and decides nothing
     ev = enhancement_evidence(plain, brain_mask=m & (m.cumsum(0) < 3))
-    assert ev["bright_left"] != ev["bright_left"] and classify_mod._image_call(ev) is None
+    assert ev["bright_left"] != ev["bright_left"] and image_mod._image_call(ev) is None
 
 
 IMAGE_CASES = {  # folder: role by image evidence (data/README.md)
@@ -464,9 +477,9 @@ def image_case(real):
     def get(case):
         if case not in cache:
             t = time.perf_counter()
-            (st,) = discover(real / case, settings=S)
+            (st,) = discover(real / case)
             vol = convert_series(st.series[0], settings=S)
-            mask = classify_mod._hdbet(S).brain_mask(vol)
+            mask = image_mod._hdbet(S).brain_mask(vol)
             ev = enhancement_evidence(vol, brain_mask=mask)
             print(f"\n{case}: {ev} ({time.perf_counter() - t:.1f} s)")
             cache[case] = (st, vol, mask, ev)
@@ -503,13 +516,13 @@ def test_real_roles_with_image_evidence(image_case, monkeypatch, case):
         return ev
 
     monkeypatch.setattr(convert_mod, "convert_series", lambda series, settings: vol)
-    monkeypatch.setattr(classify_mod, "enhancement_evidence", cached_evidence)
+    monkeypatch.setattr(image_mod, "enhancement_evidence", cached_evidence)
     # one series, no T2: assign_roles skips the measure (the study cannot be complete); the
     # inspect path (image_evidence_if_incomplete=True) measures it
     (skipped,) = assign_roles(st, settings=S, rules=RULES, use_image_evidence=True).decisions
     assert skipped.role is R.UNDETERMINED and any(
         r.startswith("image evidence skipped: study has no T2") for r in skipped.reasons)
-    a = classify_mod._assign(st, settings=S, rules=RULES, use_image_evidence=True,
+    a = study_mod._assign(st, settings=S, rules=RULES, use_image_evidence=True,
                              image_evidence_if_incomplete=True)
     (d,) = a.decisions
     want = IMAGE_CASES[case]
@@ -528,7 +541,7 @@ def test_image_evidence_skipped_without_t2(monkeypatch):
         calls.append(series.series_id)
         v.reasons.append("image evidence: faked")
 
-    monkeypatch.setattr(classify_mod, "_image_verdict", fake)
+    monkeypatch.setattr(study_mod, "_image_verdict", fake)
     no_t2 = study_of(ser("x", series_description="t1_mpr_tra", **MPRAGE),
                      ser("fl", series_description="t2_flair", scanning_sequence=("SE", "IR"),
                          repetition_time_ms=9000.0, echo_time_ms=90.0, inversion_time_ms=2500.0,
@@ -538,7 +551,7 @@ def test_image_evidence_skipped_without_t2(monkeypatch):
     d = {x.series_id: x for x in a.decisions}
     assert "image evidence skipped: study has no T2 (it cannot be complete; `recnec inspect` " \
            "measures it)" in d["x"].reasons
-    a2 = classify_mod._assign(no_t2, settings=S, rules=RULES, use_image_evidence=True,
+    a2 = study_mod._assign(no_t2, settings=S, rules=RULES, use_image_evidence=True,
                               image_evidence_if_incomplete=True)
     assert calls == ["x"] and not any("skipped" in r for r in a2.decisions[0].reasons)
     calls.clear()
@@ -557,14 +570,14 @@ def test_image_evidence_only_for_silent_t1(real, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("image evidence must not run here")
 
-    monkeypatch.setattr(classify_mod, "enhancement_evidence", boom)
+    monkeypatch.setattr(image_mod, "enhancement_evidence", boom)
     for case, status in (("nrrd_pyradiomics_brain1_brain2", "MISSING_ROLE"),
                          ("nifti_tcga_fg_6692_lgg_siemens", None),
                          ("nifti_niivue_mr_gd_skullstripped", "MISSING_ROLE")):
-        (st,) = discover(real / case, settings=S)
+        (st,) = discover(real / case)
         a = assign_roles(st, settings=S, rules=RULES, use_image_evidence=True)
         assert a.status == status, (case, a.message)
-    (st,) = discover(real / "nrrd_pyradiomics_brain1_brain2", settings=S)
+    (st,) = discover(real / "nrrd_pyradiomics_brain1_brain2")
     a = assign_roles(st, settings=S, rules=RULES, use_image_evidence=True)
     assert all(d.role is R.UNDETERMINED for d in a.decisions) and not a.chosen
 
@@ -582,12 +595,12 @@ def test_image_evidence_values_other_real_cases(real):
     got = {}
     for case in ("nifti_tcga_fg_6692_lgg_siemens", "nrrd_pyradiomics_brain1_brain2",
                  "nifti_niivue_mr_gd_skullstripped"):
-        (st,) = discover(real / case, settings=S)
+        (st,) = discover(real / case)
         for s in st.series:
             key = next((k for k in want if s.series_id.endswith(k)), None)
             if key:
                 ev = enhancement_evidence(convert_series(s, settings=S), settings=S)
-                got[key] = (classify_mod._image_call(ev), ev)
+                got[key] = (image_mod._image_call(ev), ev)
     print(got)
     assert {k: v[0] for k, v in got.items()} == want, got
 
@@ -618,7 +631,7 @@ def test_assembled_real_dicom_study(real, tmp_path):
     for case in ("dicom_tcia_vs_seg_001_t1ce_siemens_j2k", "dicom_philips_elition_t1_mprage",
                  "dicom_siemens_pd_t2_dualecho_phantom", "dicom_siemens_xa30_localizers"):
         _copy_rewritten(real / case, root / case[:12], pid="ASSEMBLED-1", study_uid="1.2.826.0.1.99")
-    (st,) = discover(root, settings=S)
+    (st,) = discover(root)
     assert len(st.series) == 7  # VS, Philips, 2 echoes, 3 localizer series
     a = assign_roles(st, settings=S, rules=RULES, use_image_evidence=False)
     roles = sorted(d.role.value for d in a.decisions)

@@ -337,14 +337,14 @@ def _dicom_volume(series: Series, settings: Settings, *, own: bool = False
     """Checked, assembled DICOM stack: data ``(cols, rows, slices)`` float32 in slice order,
     voxel -> RAS mm affine, flags, notes. ``own=True`` forces recnec's own assembly for every
     series (the reference the dicom2nifti path is tested against)."""
-    from .discover import _units_from_dataset
+    from .discover import units_from_dataset
 
     flags: list[str] = []
     notes: list[str] = []
     pairs = _read_datasets(series)
     if series.frames:
         path, ds = pairs[0]
-        us = _units_from_dataset(ds, path)
+        us = units_from_dataset(ds, path)
         units = [us[f] for f in series.frames]
     else:
         units = []
@@ -352,7 +352,7 @@ def _dicom_volume(series: Series, settings: Settings, *, own: bool = False
             if int(ds.get("NumberOfFrames") or 1) > 1:
                 raise _err("AMBIGUOUS_STACK", f"{path.name}: {ds.NumberOfFrames} frames in a "
                            "classic (single-frame) instance")
-            units.append(_units_from_dataset(ds, path)[0])
+            units.append(units_from_dataset(ds, path)[0])
     if any(u.ipp is None or u.iop is None or u.pixel_spacing is None for u in units):
         raise _err("MISSING_GEOMETRY", "image(s) without ImagePositionPatient, "
                    "ImageOrientationPatient or PixelSpacing")
