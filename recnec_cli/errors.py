@@ -45,7 +45,14 @@ class EnvironmentBroken(RecnecError):
 
 
 class DiscoveryError(RecnecError):
-    """A study's files could not be indexed (``NO_IMAGE_DICOM_FOUND``, ...)."""
+    """The scan tree could not be indexed.
+
+    Codes: ``INPUT_NOT_FOUND`` (the path does not exist); ``NO_IMAGE_FOUND`` (no image at all:
+    the tree holds NIfTI / NRRD files but none is a series, only masks, labels or unreadable
+    headers; also a study issue for a NIfTI / NRRD folder whose images are all unreadable);
+    ``NO_IMAGE_DICOM_FOUND`` (DICOM only: no image DICOM among the files, e.g. a DICOMDIR, SR or
+    presentation states; also a study issue for a DICOM study without an image series).
+    """
 
     stage = "discover"
     default_code = "DISCOVERY_FAILED"

@@ -167,7 +167,7 @@ class Volume:
 
     @property
     def spacing_mm(self) -> tuple[float, float, float]:
-        import numpy as np
+        """Voxel size along the array axes ``(X, Y, Z)`` in mm (``nibabel.affines.voxel_sizes``)."""
+        from nibabel.affines import voxel_sizes
 
-        a = np.asarray(self.affine)[:3, :3]
-        return tuple(float(v) for v in np.sqrt((a**2).sum(axis=0)))  # type: ignore[return-value]
+        return tuple(float(v) for v in voxel_sizes(self.affine))  # type: ignore[return-value]

@@ -11,7 +11,7 @@ import pytest
 
 from header_corpus import phantom, write_enhanced, write_series
 from recnec_cli.config import Settings
-from recnec_cli.stages.convert import MIN_SLICES, convert_series
+from recnec_cli.stages.convert import MIN_SLICES, convert_series, read_image_file
 from recnec_cli.stages.discover import discover
 from recnec_cli.errors import ConversionError
 
@@ -19,7 +19,7 @@ S = Settings()
 
 
 def _one_series(root: Path):
-    (st,) = discover(root, settings=S)
+    (st,) = discover(root)
     assert len(st.series) == 1, [s.series_id for s in st.series]
     return st.series[0]
 
@@ -95,7 +95,7 @@ def test_enhanced_frames_sorted_by_position(tmp_path):  # kind 4
 
 def test_enhanced_two_stacks_convert_separately(tmp_path):
     write_enhanced(tmp_path / "enh.dcm", n=20, second_stack=12, shuffle=True)
-    (st,) = discover(tmp_path, settings=S)
+    (st,) = discover(tmp_path)
     shapes = sorted(convert_series(s, settings=S).data.shape[2] if s.header.n_slices == 20 else
                     s.header.n_slices for s in st.series)
     assert shapes == [12, 20]
@@ -227,7 +227,7 @@ def test_enhanced_assembly_choice(tmp_path):  # kind 4
         assert np.array_equal(v.data[::-1, ::-1, :].transpose(2, 1, 0), ref)
     assert np.allclose(vols["ordered"].affine, vols["shuffled"].affine)
     write_enhanced(tmp_path / "two" / "enh.dcm", n=20, second_stack=12, shuffle=False)
-    (st,) = discover(tmp_path / "two", settings=S)
+    (st,) = discover(tmp_path / "two")
     (s,) = [s for s in st.series if s.header.n_slices == 20]
     v = convert_series(s, settings=S)
     assert any("20 of the file's 32 frames" in n for n in v.notes), v.notes
@@ -283,6 +283,62 @@ def test_nifti_4d_not_3d(tmp_path):  # kind 13
     assert e.code == "NOT_3D"
 
 
+def _write_nrrd(path: Path, data: np.ndarray, direction_lps: np.ndarray, spacing, origin_lps):
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
+    img.SetSpacing(tuple(float(v) for v in spacing))
+    img.SetDirection(tuple(float(v) for v in np.asarray(direction_lps, dtype=float).ravel()))
+    img.SetOrigin(tuple(float(v) for v in origin_lps))
+    sitk.WriteImage(img, str(path))
+
+
+def test_nrrd_lps_to_canonical_ras(tmp_path):
+    """An LPS-stored NRRD: voxel (i, j, k) at LPS origin + i*dx*L + ...; after conversion the
+    axes are RAS+ and the world position of every voxel is unchanged."""
+    data = np.random.default_rng(0).random((10, 11, 12)).astype(np.float32)
+    _write_nrrd(tmp_path / "t1.nrrd", data, np.eye(3), (0.9, 1.1, 2.0), (5.0, -7.0, 3.0))
+    v = convert_series(_one_series(tmp_path), settings=S)
+    assert v.data.shape == (10, 11, 12)
+    assert np.allclose(np.diag(v.affine)[:3], [0.9, 1.1, 2.0])  # +L, +P flipped to +R, +A
+    # stored voxel (0, 0, 0) sits at LPS (5, -7, 3) = RAS (-5, 7, 3); canonical index (9, 10, 0)
+    assert np.allclose(v.affine @ [9, 10, 0, 1], [-5.0, 7.0, 3.0, 1.0])
+    assert v.data[9, 10, 0] == pytest.approx(data[0, 0, 0])
+    m = read_image_file(tmp_path / "t1.nrrd")
+    assert np.array_equal(m.affine, v.affine) and np.array_equal(m.data, v.data)
+
+
+def test_read_image_file_nifti_and_non_3d(tmp_path):
+    data = np.zeros((8, 9, 12, 1), np.uint8)
+    data[2:5, 3:6, 4:8] = 1
+    nib.save(nib.Nifti1Image(data, np.diag([-1.0, 1.0, 2.0, 1.0])), str(tmp_path / "m.nii.gz"))
+    m = read_image_file(tmp_path / "m.nii.gz")
+    assert m.data.shape == (8, 9, 12) and m.data.dtype == np.float32 and m.series_id == "m.nii.gz"
+    assert m.affine[0, 0] == pytest.approx(1.0) and m.data.sum() == 36
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 12, 3), np.float32), np.eye(4)),
+             str(tmp_path / "four.nii.gz"))
+    with pytest.raises(ConversionError) as ei:
+        read_image_file(tmp_path / "four.nii.gz")
+    assert ei.value.code == "NOT_3D" and "four.nii.gz" in ei.value.message
+    _write_nrrd(tmp_path / "flat.nrrd", np.zeros((8, 8, 1), np.float32), np.eye(3), (1, 1, 1),
+                (0, 0, 0))
+    assert read_image_file(tmp_path / "flat.nrrd").data.shape == (8, 8, 1)  # 3D, one slice
+
+
+def test_real_nrrd_label_on_its_image_grid(real):
+    """pyradiomics brain1: the label map has the image's size, spacing, origin and direction, so
+    the user-mask reader and the series conversion must give the same grid (it was refused
+    LESION_MASK_GRID_MISMATCH: the mask came back in stored LPS order, the series canonical)."""
+    folder = real / "nrrd_pyradiomics_brain1_brain2"
+    (st,) = discover(folder)
+    (series,) = [s for s in st.series if s.series_id.endswith("brain1_image.nrrd")]
+    v = convert_series(series, settings=S)
+    m = read_image_file(folder / "brain1_label.nrrd")
+    assert m.data.shape == v.data.shape
+    assert np.allclose(m.affine, v.affine, atol=1e-6), (m.affine, v.affine)
+    assert m.data.max() > 0 and set(np.unique(m.data)) <= {0.0, 1.0, 2.0, 3.0, 4.0, 5.0}
+
+
 def test_thick_2d_spacing_from_positions_and_anisotropic(tmp_path):  # kind 14
     write_series(tmp_path, n=24, spacing=5.0, step=6.0, pixel=0.9,
                  tags={"MRAcquisitionType": "2D"})
@@ -305,7 +361,7 @@ def test_too_few_slices_and_too_large(tmp_path):  # kind 20
 
 # ---------------------------------------------------------------- real cases
 def _series_of(real: Path, case: str):
-    (st,) = discover(real / case, settings=S)
+    (st,) = discover(real / case)
     return st
 
 
@@ -385,7 +441,7 @@ def test_real_cases_convert(real, case, shape, code):
 
 
 def test_real_vendor_stubs_too_few_slices(real):
-    st_all = discover(real / "dicom_dicom2nifti_vendor_stubs", settings=S)
+    st_all = discover(real / "dicom_dicom2nifti_vendor_stubs")
     codes = set()
     for st in st_all:
         for s in st.series:

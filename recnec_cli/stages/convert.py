@@ -54,8 +54,9 @@ DICOM: recnec checks the stack, dicom2nifti assembles it, nibabel canonicalises 
    ``nibabel.as_closest_canonical``; the affine stays exact (no resampling).
 
 NIfTI is read with nibabel (``scl_slope``/``scl_inter`` applied, trailing singleton dimensions
-squeezed), NRRD with pynrrd (``space`` LPS/RAS/LAS honoured). No temporary files are written and
-input files are only ever opened for reading. dicom2nifti is imported only when a DICOM series is
+squeezed), NRRD with SimpleITK (its LPS geometry converted once, :func:`register.from_sitk`);
+:func:`read_image_file` reads a single file (a user mask) the same way. No temporary files are
+written and input files are only ever opened for reading. dicom2nifti is imported only when a DICOM series is
 converted (0.4 s; importing it also extends pydicom's character-set table, its
 ``patch_pydicom_encodings``).
 """
@@ -96,8 +97,15 @@ def _err(code: str, message: str) -> ConversionError:
 # header-level checks (before any pixel is read)
 # --------------------------------------------------------------------------------------------
 def precheck(series: Series, *, settings: Settings) -> None:
-    """Fail early from header facts: ``NOT_3D``, ``TOO_FEW_SLICES``, ``SERIES_TOO_LARGE``,
-    ``MISSING_GEOMETRY``. Cheap; :func:`convert_series` calls it first."""
+    """Fail early from header facts, before any pixel is read. Cheap; :func:`convert_series`
+    calls it first.
+
+    Raises
+    ------
+    ConversionError
+        ``NOT_3D``, ``AMBIGUOUS_STACK``, ``TOO_FEW_SLICES``, ``SERIES_TOO_LARGE`` or
+        ``MISSING_GEOMETRY``.
+    """
     h = series.header
     if series.source == "dicom" and h.extra.get("missing_geometry"):
         raise _err("MISSING_GEOMETRY", f"{h.extra['missing_geometry']} image(s) without "
@@ -144,9 +152,14 @@ def _decode(ds: Any, path: Path) -> np.ndarray:
 
 
 def _check_positions(pos: np.ndarray, steps_vec: np.ndarray, normal: np.ndarray,
-                     extra: dict) -> tuple[float, list[str]]:
-    """Validate sorted positions along the normal (mm). Returns (median step, notes)."""
-    notes: list[str] = []
+                     extra: dict) -> float:
+    """Validate sorted positions along the normal; returns the median slice step (mm).
+
+    ``pos``: ``(N,)`` slice positions along ``normal`` (mm, ascending); ``steps_vec``:
+    ``(N - 1, 3)`` differences of consecutive ImagePositionPatient (mm, LPS); ``normal``: ``(3,)``
+    unit slice normal (LPS). Raises :class:`ConversionError` ``NOT_3D``, ``AMBIGUOUS_STACK``,
+    ``MISSING_SLICES`` or ``GANTRY_TILT``.
+    """
     steps = np.diff(pos)
     if np.any(steps < 1e-3):
         dup = int(np.sum(steps < 1e-3))
@@ -174,7 +187,7 @@ def _check_positions(pos: np.ndarray, steps_vec: np.ndarray, normal: np.ndarray,
         raise _err("GANTRY_TILT", f"slice stack sheared by {angle:.1f} deg (gantry tilt measured "
                    "from ImagePositionPatient against the ImageOrientationPatient normal); "
                    "resampling of tilted stacks is not implemented")
-    return med, notes
+    return med
 
 
 def _fill_transfer_syntax(ds: Any) -> str | None:
@@ -428,25 +441,28 @@ def _dicom_volume(series: Series, settings: Settings, *, own: bool = False
 # --------------------------------------------------------------------------------------------
 # NIfTI / NRRD
 # --------------------------------------------------------------------------------------------
-def _squeeze(data: np.ndarray) -> np.ndarray:
+def _squeeze(data: np.ndarray, name: str) -> np.ndarray:
+    """``data`` with trailing singleton dimensions dropped; ``NOT_3D`` beyond 3D,
+    ``TOO_FEW_SLICES`` below."""
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim > 3:
-        raise _err("NOT_3D", f"image of shape {data.shape}: a 4D series is never a model input")
+        raise _err("NOT_3D", f"{name}: image of shape {data.shape}: a 4D series is never a model "
+                   "input")
     if data.ndim < 3:
-        raise _err("TOO_FEW_SLICES", f"image of shape {data.shape} is not a volume")
+        raise _err("TOO_FEW_SLICES", f"{name}: image of shape {data.shape} is not a volume")
     return data
 
 
-def _nifti_volume(series: Series) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+def _nifti_volume(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """NIfTI through nibabel: ``scl_slope`` / ``scl_inter`` applied, stored axis order."""
     import nibabel as nib
 
-    path = series.files[0]
     try:
         img = nib.load(str(path))
         if len(img.shape) > 3 and int(np.prod(img.shape[3:])) > 1:
-            raise _err("NOT_3D", f"image of shape {img.shape}: a 4D series is never a model "
-                       "input")
+            raise _err("NOT_3D", f"{path.name}: image of shape {img.shape}: a 4D series is never "
+                       "a model input")
         data = np.asarray(img.get_fdata(dtype=np.float32))  # applies scl_slope / scl_inter
     except ConversionError:
         raise
@@ -457,39 +473,45 @@ def _nifti_volume(series: Series) -> tuple[np.ndarray, np.ndarray, list[str], li
         else (None, None)
     if slope not in (None, 1.0) or inter not in (None, 0.0):
         notes.append(f"NIfTI scl_slope {slope} scl_inter {inter} applied")
-    return _squeeze(data), np.asarray(img.affine, dtype=float), [], notes
+    return _squeeze(data, path.name), np.asarray(img.affine, dtype=float), [], notes
 
 
-_NRRD_SPACE_FLIP = {  # world -> RAS sign flips per NRRD "space" (teem NRRD format spec)
-    "left-posterior-superior": (-1, -1, 1), "lps": (-1, -1, 1),
-    "right-anterior-superior": (1, 1, 1), "ras": (1, 1, 1),
-    "left-anterior-superior": (-1, 1, 1), "las": (-1, 1, 1),
-}
+def _sitk_volume(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """NRRD (or any format ITK reads) through SimpleITK, its LPS geometry as voxel -> RAS mm
+    (:func:`~recnec_cli.stages.register.from_sitk`), stored axis order, trailing singleton
+    dimensions squeezed."""
+    import SimpleITK as sitk
 
+    from .register import from_sitk
 
-def _nrrd_volume(series: Series) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
-    import nrrd
-
-    path = series.files[0]
     try:
-        data, hdr = nrrd.read(str(path))  # index order F: data[i, j, k] matches space directions
-    except Exception as exc:  # noqa: BLE001 - pynrrd raises many types on corrupt files
-        raise _err("PIXEL_DECODE_FAILED", f"{path.name}: {type(exc).__name__}: {exc}") from None
-    data = _squeeze(np.asarray(data, dtype=np.float32))
-    space = str(hdr.get("space", "")).lower()
-    if space not in _NRRD_SPACE_FLIP or hdr.get("space directions") is None:
-        raise _err("MISSING_GEOMETRY", f"{path.name}: NRRD without a known 'space' "
-                   f"({space or 'none'}) or 'space directions'")
-    dirs = np.asarray([d for d in hdr["space directions"] if d is not None
-                       and not np.all(np.isnan(np.asarray(d, dtype=float)))], dtype=float)
-    if dirs.shape != (3, 3):
-        raise _err("NOT_3D", f"{path.name}: space directions of shape {dirs.shape}")
-    origin = np.asarray(hdr.get("space origin", np.zeros(3)), dtype=float)
-    aff = np.eye(4)
-    aff[:3, :3] = dirs.T  # column c = world step of voxel axis c
-    aff[:3, 3] = origin
-    flip = np.diag(list(_NRRD_SPACE_FLIP[space]) + [1.0])
-    return data, flip @ aff, [], [f"NRRD space {space}"]
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as exc:  # SimpleITK raises RuntimeError with ITK's message
+        raise _err("PIXEL_DECODE_FAILED", f"{path.name}: {str(exc).strip()[-200:]}") from None
+    if img.GetNumberOfComponentsPerPixel() > 1:
+        raise _err("NOT_3D", f"{path.name}: {img.GetNumberOfComponentsPerPixel()} components "
+                   "per voxel (a vector or 4D image), never a model input")
+    if img.GetDimension() < 3:
+        raise _err("TOO_FEW_SLICES", f"{path.name}: a {img.GetDimension()}D image is not a volume")
+    data, affine = from_sitk(img)
+    return _squeeze(data, path.name), affine, [], []
+
+
+def _canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(data, affine)`` reordered to the closest canonical RAS+ axes
+    (``nibabel.as_closest_canonical``): float32 ``(X, Y, Z)``, float64 voxel -> RAS mm affine;
+    exact, no resampling."""
+    import nibabel as nib
+
+    img = nib.as_closest_canonical(nib.Nifti1Image(data.astype(np.float32, copy=False), affine))
+    return np.asarray(img.dataobj, dtype=np.float32), np.asarray(img.affine, dtype=np.float64)
+
+
+def _read_file(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """One NIfTI or NRRD file, the same reader for a series and a user mask."""
+    if path.name.lower().endswith(".nrrd"):
+        return _sitk_volume(path)
+    return _nifti_volume(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,17 +533,13 @@ def convert_series(series: Series, *, settings: Settings) -> Volume:
     ConversionError
         With code ``NOT_3D``, ``TOO_FEW_SLICES``, ``SERIES_TOO_LARGE``, ``MISSING_GEOMETRY``,
         ``MISSING_SLICES``, ``GANTRY_TILT``, ``AMBIGUOUS_STACK``, ``UNSUPPORTED_TRANSFER_SYNTAX``,
-        ``PIXEL_DECODE_FAILED``, ``NOT_GREYSCALE`` or ``CONSTANT_IMAGE``.
+        ``PIXEL_DECODE_FAILED``, ``NOT_GREYSCALE``, ``CONSTANT_IMAGE`` or ``UNSUPPORTED_FORMAT``.
     """
-    import nibabel as nib
-
     precheck(series, settings=settings)
     if series.source == "dicom":
         data, affine, flags, notes = _dicom_volume(series, settings)
-    elif series.source == "nifti":
-        data, affine, flags, notes = _nifti_volume(series)
-    elif series.source == "nrrd":
-        data, affine, flags, notes = _nrrd_volume(series)
+    elif series.source in ("nifti", "nrrd"):
+        data, affine, flags, notes = _read_file(Path(series.files[0]))
     else:
         raise _err("UNSUPPORTED_FORMAT", f"unknown series source {series.source!r}")
     if data.shape[2] < MIN_SLICES:
@@ -536,10 +554,10 @@ def convert_series(series: Series, *, settings: Settings) -> Volume:
     lo, hi = float(data.min()), float(data.max())
     if hi - lo <= 1e-6 * max(1.0, abs(hi)):
         raise _err("CONSTANT_IMAGE", f"every voxel is {lo:g}: blank or failed export")
-    img = nib.as_closest_canonical(nib.Nifti1Image(data.astype(np.float32, copy=False), affine))
-    out = np.asarray(img.dataobj, dtype=np.float32)
-    aff = np.asarray(img.affine, dtype=np.float64)
-    spacing = np.sqrt((aff[:3, :3] ** 2).sum(axis=0))
+    from nibabel.affines import voxel_sizes
+
+    out, aff = _canonical(data, affine)
+    spacing = voxel_sizes(aff)
     if spacing.min() > 0 and spacing.max() / spacing.min() > settings.anisotropy_limit:
         flags.append("ANISOTROPIC")
         notes.append("voxel size {:.2f} x {:.2f} x {:.2f} mm: ratio {:.1f} > anisotropy_limit "
@@ -551,15 +569,29 @@ def convert_series(series: Series, *, settings: Settings) -> Volume:
                   notes=tuple(notes))
 
 
-def volume_to_nifti(volume: Volume) -> Any:
-    """``nibabel.Nifti1Image`` of a :class:`Volume` (float32, sform/qform code 1 = scanner)."""
-    import nibabel as nib
+def read_image_file(path: Path) -> Volume:
+    """One NIfTI (``.nii``, ``.nii.gz``) or NRRD (``.nrrd``) file as a canonical RAS+ volume,
+    read exactly as :func:`convert_series` reads a NIfTI / NRRD series (nibabel for NIfTI,
+    SimpleITK for NRRD), so that a lesion mask saved on a series' grid gets that series' shape
+    and affine.
 
-    img = nib.Nifti1Image(np.asarray(volume.data, dtype=np.float32), np.asarray(volume.affine))
-    img.set_sform(np.asarray(volume.affine), code=1)
-    img.set_qform(np.asarray(volume.affine), code=1)
-    return img
+    Returns
+    -------
+    Volume
+        ``data`` float32 ``(X, Y, Z)`` RAS+ (trailing singleton dimensions squeezed), ``affine``
+        float64 ``(4, 4)`` voxel -> world mm RAS+, ``series_id`` the file name. None of
+        :func:`convert_series`' series checks (slice count, size, constant image) apply.
 
+    Raises
+    ------
+    ConversionError
+        ``NOT_3D`` (more than three non-singleton dimensions or several components per voxel),
+        ``TOO_FEW_SLICES`` (fewer than three dimensions), ``PIXEL_DECODE_FAILED`` (unreadable).
+    """
+    path = Path(path)
+    data, affine, _, notes = _read_file(path)
+    data, affine = _canonical(data, affine)
+    return Volume(data=data, affine=affine, series_id=path.name, notes=tuple(notes))
 
 
 # Transfer syntaxes met in MR exports (DICOM PS3.5 Table A-1 / 10.x); checked at start-up so a

@@ -3,7 +3,8 @@
 Automatic detection (no mask given) looks for voxels that enhance after contrast:
 
 1. inside the brain mask, each of T1ce and (registered) T1 is robustly standardised
-   (median / IQR-based sigma of brain voxels);
+   (:func:`~recnec_cli.stages.intensity.robust_zscore`: median / IQR-based sigma of the brain
+   voxels, the same z-score as the model input);
 2. enhancement ``e = z(T1ce) - z(T1)`` (T1ce alone when no T1 is available, e.g. a single-sequence
    study); candidate voxels have ``e > 3`` and ``z(T1ce) > 2``; this is the contrast-enhancement
    map used in RANO-style volumetry (Ellingson et al. 2014, Neuro-Oncology 16:1411, "T1
@@ -29,10 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from nibabel.affines import voxel_sizes
 from scipy import ndimage
 
 from ..errors import LesionError
 from ..types import Affine, MaskRAS, VolumeRAS
+from .intensity import robust_zscore
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +67,6 @@ class Lesion:
     enhancement: float = float("nan")
 
 
-def _robust_z(x: np.ndarray, inside: np.ndarray) -> np.ndarray:
-    v = x[inside]
-    med = float(np.median(v))
-    q25, q75 = np.percentile(v, [25.0, 75.0])
-    s = float(q75 - q25) / 1.349
-    if s <= 0:
-        s = float(v.std()) or 1.0
-    return (x - med) / s
-
-
 def _roundness(mask: np.ndarray, spacing: np.ndarray) -> float:
     """sqrt(smallest / largest principal variance) of a component's voxel positions (mm).
 
@@ -93,9 +86,15 @@ def _centroid_world(mask: np.ndarray, affine: Affine) -> np.ndarray:
 
 
 def lesion_from_mask(mask: np.ndarray, affine: Affine, *, min_volume_ml: float = 0.0) -> Lesion:
-    """Lesion figures from a user mask already on the common grid (bool ``(X, Y, Z)``).
+    """Lesion figures from a user mask already on the common grid.
 
-    Raises :class:`LesionError` ``LESION_MASK_EMPTY`` when the mask is (nearly) empty.
+    ``mask``: bool (or 0/1) ``(X, Y, Z)`` RAS+; ``affine``: ``(4, 4)`` voxel -> RAS mm of that
+    grid; ``min_volume_ml``: smallest accepted mask volume, mL.
+
+    Raises
+    ------
+    LesionError
+        ``LESION_MASK_EMPTY`` when the mask is empty or below ``min_volume_ml``.
     """
     mask = np.asarray(mask) > 0
     voxel_ml = abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
@@ -125,14 +124,14 @@ def detect_enhancing_lesion(t1ce: VolumeRAS, brain_mask: MaskRAS, affine: Affine
         ``NO_ENHANCING_LESION`` when no component passes.
     """
     brain = np.asarray(brain_mask, dtype=bool)
-    spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    spacing = voxel_sizes(affine)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     iters = max(1, int(round(BORDER_EROSION_MM / float(spacing.min()))))
     core = ndimage.binary_erosion(brain, ndimage.generate_binary_structure(3, 1), iterations=iters)
     if core.sum() < 1000:
         raise LesionError("brain mask too small to search for an enhancing lesion")
-    zc = _robust_z(np.asarray(t1ce, dtype=np.float32), core)
-    enh = zc - _robust_z(np.asarray(t1, dtype=np.float32), core) if t1 is not None else zc
+    zc = robust_zscore(np.asarray(t1ce, dtype=np.float32), core)
+    enh = zc - robust_zscore(np.asarray(t1, dtype=np.float32), core) if t1 is not None else zc
     cand = core & (enh > ENHANCEMENT_Z) & (zc > T1CE_Z)
     cand = ndimage.binary_opening(cand, ndimage.generate_binary_structure(3, 1))
     lab, n = ndimage.label(cand, ndimage.generate_binary_structure(3, 3))

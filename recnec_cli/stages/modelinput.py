@@ -13,7 +13,9 @@ Recipe (defaults of :class:`InputSpec`):
    order 1); samples outside the source volume are 0 and count as outside the brain.
 3. Per channel, robust z-score over the brain voxels *inside the box*:
    ``(x - median) / (IQR / 1.349)`` (IQR/1.349 estimates the standard deviation of a normal
-   distribution), clipped to ``[-clip, clip]``; voxels outside the brain mask are set to 0.
+   distribution; :func:`~recnec_cli.stages.intensity.robust_zscore`, which falls back to the
+   standard deviation when the IQR is degenerate), clipped to ``[-clip, clip]``; voxels outside
+   the brain mask are set to 0.
    Normalising inside the brain makes the input invariant to global intensity scale
    (``../shared/FAILURES.md`` kind 11: Philips and other scaling).
 """
@@ -28,6 +30,7 @@ from scipy import ndimage
 
 from ..errors import LesionError
 from ..types import Affine, MaskRAS, ModelInput, PointRAS, VolumeRAS
+from .intensity import robust_zscore
 
 #: minimum number of brain voxels inside the box for a meaningful normalisation
 MIN_BRAIN_VOXELS = 200
@@ -73,6 +76,15 @@ class InputSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "InputSpec":
+        """The spec of a weights manifest's ``input`` entry (:meth:`to_dict` output).
+
+        Raises
+        ------
+        ValueError
+            An unknown ``normalisation`` or a non-numeric value.
+        KeyError
+            A missing ``channels``, ``size_vox``, ``spacing_mm`` or ``clip``.
+        """
         if d.get("normalisation", "robust_zscore_in_brain_box") != "robust_zscore_in_brain_box":
             raise ValueError(f"unknown normalisation {d.get('normalisation')!r}")
         return cls(
@@ -155,13 +167,7 @@ def make_model_input(
     out = np.zeros(spec.shape, dtype=np.float32)
     for ci, vol in enumerate(channels):
         x = _sample(vol, coords, spec.size_vox)
-        inside = x[mask]
-        med = float(np.median(inside))
-        q25, q75 = np.percentile(inside, [25.0, 75.0])
-        scale = float(q75 - q25) / 1.349
-        if not np.isfinite(scale) or scale <= 1e-6 * max(1.0, abs(med)):
-            scale = float(np.std(inside)) or 1.0
-        z = np.clip((x - med) / scale, -spec.clip, spec.clip)
+        z = np.clip(robust_zscore(x, mask), -spec.clip, spec.clip)
         z[~mask] = 0.0
         out[ci] = z
     return out

