@@ -75,3 +75,27 @@ def test_box_outside_brain_is_refused():
 def test_spec_round_trip():
     spec = InputSpec(size_vox=(32, 32, 32), spacing_mm=2.0)
     assert InputSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_robust_zscore_one_behaviour_for_model_input_and_lesion():
+    """One z-score (stages/intensity.py) for the model input and lesion detection: median / IQR
+    inside the mask; the standard deviation when the IQR is degenerate; 1 for a constant region."""
+    from recnec_cli.stages import lesion, modelinput
+    from recnec_cli.stages.intensity import robust_zscore
+
+    assert lesion.robust_zscore is modelinput.robust_zscore is robust_zscore
+    rng = np.random.default_rng(0)
+    x = rng.normal(100.0, 10.0, (20, 20, 20)).astype(np.float32)
+    inside = np.zeros(x.shape, bool)
+    inside[5:15] = True
+    z = robust_zscore(x, inside)
+    assert z.dtype == np.float32 and z.shape == x.shape
+    assert abs(float(np.median(z[inside]))) < 1e-5 and 0.9 < float(np.std(z[inside])) < 1.1
+    flat = np.full(x.shape, 7.0, np.float32)
+    flat[5:10, 0, 0] = [8, 9, 10, 11, 12]  # inside, the rest equal: IQR 0 -> std
+    zf = robust_zscore(flat, inside)
+    v = flat[inside]
+    assert np.allclose(zf, (flat - 7.0) / v.std(), atol=1e-5)
+    assert np.all(robust_zscore(np.full(x.shape, 3.0, np.float32), inside) == 0.0)
+    with pytest.raises(ValueError):
+        robust_zscore(x, np.zeros(x.shape, bool))
