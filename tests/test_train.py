@@ -84,14 +84,42 @@ def test_onnx_matches_pytorch_on_cohort(quick_weights: Path, cohort: Path) -> No
     assert batched.per_model.shape == (2, 6)
 
 
-def test_training_is_deterministic(quick_weights: Path, cohort: Path, tmp_path: Path) -> None:
-    out = tmp_path / "again"
-    res = runner.invoke(app, ["train", str(cohort), "--out", str(out), "--quick", "--quiet"])
-    assert res.exit_code == 0, res.output
+def _sklearn_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
+    """The reference figures: scikit-learn's AUC and confusion matrix at ``p >= threshold``."""
+    from sklearn.metrics import confusion_matrix, roc_auc_score
+
+    pred = (np.asarray(p) >= threshold).astype(int)
+    (tn, fp), (fn, tp) = confusion_matrix(y, pred, labels=[0, 1])
+    return {"auc": roc_auc_score(y, p), "sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp),
+            "accuracy": (tp + tn) / len(y), "matrix": [[int(tn), int(fp)], [int(fn), int(tp)]]}
+
+
+def _assert_metrics_match(m: dict, ref: dict) -> None:
+    for k in ("auc", "sensitivity", "specificity", "accuracy"):
+        assert m[k] == pytest.approx(ref[k], abs=1e-12), (k, m[k], ref[k])
+    assert m["confusion"]["matrix"] == ref["matrix"]
+
+
+def test_training_is_deterministic_and_cv_metrics_match_sklearn(
+        quick_weights: Path, cohort: Path, tmp_path: Path) -> None:
+    """A second quick training (in process, same profile as ``--quick``) gives the same files and
+    metrics, and the manifest's cross-validated figures are scikit-learn's on its out-of-fold
+    probabilities at its threshold."""
+    from recnec_cli.train.loop import make_config
+    from recnec_cli.train.run import train_ensemble
+
+    res = train_ensemble(cohort, labels=cohort / "labels.csv", out=tmp_path / "again",
+                         config=make_config("quick"))
     a = json.loads((quick_weights / "manifest.json").read_text())
-    b = json.loads((out / "manifest.json").read_text())
+    b = json.loads((tmp_path / "again" / "manifest.json").read_text())
     assert a["metrics"] == b["metrics"] and a["threshold"] == b["threshold"]
     assert a["files"] == b["files"]  # byte-identical ONNX files, epoch log and ROC plot
+    oof = res.cv.oof
+    assert oof.shape == (N_TINY,) and np.isfinite(oof).all()
+    cv = b["metrics"]["cross_validated"]
+    _assert_metrics_match(cv, _sklearn_metrics(res.cohort.y, oof, b["threshold"]))
+    sel = b["threshold_selection"]
+    assert (sel["oof_sensitivity"], sel["oof_specificity"]) == (cv["sensitivity"], cv["specificity"])
 
 
 def test_evaluate_writes_metrics(quick_weights: Path, cohort: Path, tmp_path: Path) -> None:
@@ -106,6 +134,14 @@ def test_evaluate_writes_metrics(quick_weights: Path, cohort: Path, tmp_path: Pa
     assert sum(m["confusion"]["matrix"][0] + m["confusion"]["matrix"][1]) == N_TINY
     assert m["data"]["same_as_training_data"] is True
     assert len(m["predictions"]) == N_TINY
+    # the figures are scikit-learn's on the file's own predictions at the manifest threshold
+    threshold = json.loads((quick_weights / "manifest.json").read_text())["threshold"]
+    assert m["threshold"] == threshold
+    y = np.array([r["label"] == "recurrence" for r in m["predictions"]], dtype=int)
+    p = np.array([r["probability"] for r in m["predictions"]])
+    assert [r["predicted"] for r in m["predictions"]] == [
+        "recurrence" if v >= threshold else "necrosis" for v in p]
+    _assert_metrics_match(m, _sklearn_metrics(y, p, threshold))
     assert (tmp_path / "metrics.roc.png").is_file()
 
 

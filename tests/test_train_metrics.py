@@ -25,6 +25,29 @@ def test_auc_matches_sklearn_with_ties() -> None:
     assert np.isnan(auc_score(np.ones(5), np.arange(5.0)))
 
 
+@pytest.mark.parametrize("threshold", [0.5, 0.3, 0.73])
+def test_summary_matches_sklearn_at_threshold(threshold: float) -> None:
+    """AUC, confusion matrix, sensitivity, specificity, accuracy, PPV and NPV equal scikit-learn's
+    on the same scores, with scores lying exactly on the threshold called recurrence."""
+    from sklearn.metrics import confusion_matrix, roc_auc_score
+
+    rng = np.random.default_rng(4)
+    y = (rng.random(97) < 0.7).astype(int)
+    p = np.round(np.clip(0.35 * y + rng.normal(0.35, 0.2, 97), 0, 1), 2)
+    p[:6] = threshold  # on the cut: p >= threshold means recurrence
+    (tn, fp), (fn, tp) = confusion_matrix(y, (p >= threshold).astype(int), labels=[0, 1])
+    assert fp + tp > 0 and fn + tn > 0 and min(tn, fp, fn, tp) > 0
+    m = summarise(y, p, threshold, n_boot=200)
+    assert m["confusion"]["matrix"] == [[tn, fp], [fn, tp]]
+    assert (m["confusion"]["tp"], m["confusion"]["fn"], m["confusion"]["tn"], m["confusion"]["fp"]) == (
+        tp, fn, tn, fp)
+    expected = {"auc": roc_auc_score(y, p), "sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp),
+                "accuracy": (tp + tn) / len(y), "ppv": tp / (tp + fp), "npv": tn / (tn + fn)}
+    for k, v in expected.items():
+        assert m[k] == pytest.approx(v, abs=1e-12), k
+    assert (m["n"], m["n_recurrence"], m["n_necrosis"]) == (97, y.sum(), 97 - y.sum())
+
+
 def test_youden_threshold_separates_perfectly() -> None:
     y = np.array([0, 0, 0, 1, 1, 1, 1])
     p = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.8, 0.9])
