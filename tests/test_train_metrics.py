@@ -112,11 +112,56 @@ def test_large_balanced_sample_has_no_ci_warnings() -> None:
     assert m["warnings"] == [] and m["ci95_unreliable"] == {}
 
 
+def _roc_picture(path: Path):
+    """Read a :func:`plot_roc` PNG: ``(rgb (H, W, 3) int, to_pixel(fpr, tpr) -> (row, col))``.
+
+    The axes frame is found as the longest dark rows / columns (the spines); ``plot_roc`` sets
+    both axis limits to -0.01..1.01, which maps data coordinates onto pixels inside the frame.
+    """
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    dark = rgb.sum(-1) < 150
+    rows = np.flatnonzero(dark.sum(1) > 0.5 * dark.shape[1])
+    cols = np.flatnonzero(dark.sum(0) > 0.5 * dark.shape[0])
+    assert len(rows) >= 2 and len(cols) >= 2, "no axes frame in the picture"
+    top, bottom, left, right = rows.min(), rows.max(), cols.min(), cols.max()
+
+    def to_pixel(x: float, y: float) -> tuple[int, int]:
+        return (round(bottom - (y + 0.01) / 1.02 * (bottom - top)),
+                round(left + (x + 0.01) / 1.02 * (right - left)))
+
+    return rgb, to_pixel
+
+
+def _has_colour(rgb: np.ndarray, at: tuple[int, int], colour: str, *, radius: int = 4) -> bool:
+    from matplotlib.colors import to_rgb
+
+    r, c = at
+    want = np.array(to_rgb(colour)) * 255
+    win = rgb[max(r - radius, 0):r + radius + 1, max(c - radius, 0):c + radius + 1]
+    return bool((np.abs(win - want).sum(-1) < 60).any())
+
+
 def test_roc_png(tmp_path: Path) -> None:
-    y = np.array([0, 0, 1, 1, 1])
-    p = np.array([0.2, 0.6, 0.4, 0.7, 0.9])
-    plot_roc(y, p, tmp_path / "roc.png", threshold=0.5, title="t")
-    assert (tmp_path / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    """The picture shows the curve where it should be: a perfect classifier's ROC runs up the
+    left edge and along the top, an inverted one's along the bottom and up the right edge; the
+    operating point of the perfect one sits in the top-left corner."""
+    y = np.array([0] * 10 + [1] * 10)
+    low, high = np.linspace(0.05, 0.4, 10), np.linspace(0.6, 0.95, 10)
+    plot_roc(y, np.r_[low, high], tmp_path / "perfect.png", threshold=0.5, title="t")
+    plot_roc(y, np.r_[high, low], tmp_path / "inverted.png", threshold=0.5, title="t")
+    assert (tmp_path / "perfect.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    good, px = _roc_picture(tmp_path / "perfect.png")
+    bad, px_bad = _roc_picture(tmp_path / "inverted.png")
+    assert good.shape == bad.shape == (500, 500, 3)  # 5 x 5 inches at 100 dpi
+    curve, point = "C0", "C3"
+    assert _has_colour(good, px(0.0, 0.5), curve) and _has_colour(good, px(0.5, 1.0), curve)
+    assert not _has_colour(good, px(1.0, 0.5), curve)
+    assert _has_colour(good, px(0.0, 1.0), point)  # sensitivity 1, specificity 1
+    assert _has_colour(bad, px_bad(1.0, 0.5), curve)
+    assert not _has_colour(bad, px_bad(0.0, 0.5), curve) and not _has_colour(bad, px_bad(0.5, 1.0), curve)
+    assert not _has_colour(bad, px_bad(0.0, 1.0), point)
 
 
 def test_read_labels(tmp_path: Path) -> None:
