@@ -201,16 +201,82 @@ def test_load_model_space(tmp_path: Path) -> None:
     assert ei.value.code == "MISSING_TENSORS"
 
 
+def _nifti(path: Path, data: np.ndarray) -> None:
+    import nibabel as nib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+
+
+def _nifti_study(root: Path, sid: str, *, seed: int) -> Path:
+    """A BIDS-named NIfTI study folder with three tiny 8^3 volumes (discovery reads headers only)."""
+    rng = np.random.default_rng(seed)
+    for suffix in ("T1w", "T2w", "ce-gadolinium_T1w"):
+        _nifti(root / sid / f"{sid}_{suffix}.nii.gz", rng.random((8, 8, 8)).astype(np.float32))
+    return root / sid
+
+
+def test_cache_key_follows_input_files(tmp_path: Path) -> None:
+    """The cache key changes when an input image or the lesion mask is rewritten with other
+    voxels (even with the same size and mtime), and only then."""
+    import os
+
+    from recnec_cli.config import Settings
+    from recnec_cli.stages.discover import discover
+    from recnec_cli.train.dataset import cache_key, study_inputs
+
+    spec, settings = InputSpec(), Settings()
+    small = tmp_path / "a.nii"  # 8^3 float32, uncompressed: hashed by content
+    big = tmp_path / "b.nii"  # 64^3 float32 = 1 MiB: size and mtime_ns only
+    _nifti(small, np.zeros((8, 8, 8), np.float32))
+    _nifti(big, np.zeros((64, 64, 64), np.float32))
+    key = cache_key("s", spec, settings, inputs=[small, big])
+    assert cache_key("s", spec, settings, inputs=[small, big]) == key  # unchanged files: same key
+    assert cache_key("t", spec, settings, inputs=[small, big]) != key
+
+    st = small.stat()
+    _nifti(small, np.ones((8, 8, 8), np.float32))  # other voxels, same size ...
+    os.utime(small, ns=(st.st_atime_ns, st.st_mtime_ns))  # ... and the old mtime (cp -p, rsync -t)
+    assert small.stat().st_size == st.st_size
+    key_small = cache_key("s", spec, settings, inputs=[small, big])
+    assert key_small != key
+
+    size = big.stat().st_size
+    _nifti(big, np.ones((64, 64, 64), np.float32))
+    assert big.stat().st_size == size
+    key_big = cache_key("s", spec, settings, inputs=[small, big])
+    assert key_big not in (key, key_small)
+    assert cache_key("s", spec, settings, inputs=[small, big]) == key_big
+
+    # through a discovered study: the series files and the study's lesion mask count
+    _nifti_study(tmp_path / "data", "sub-01", seed=0)
+    mask = tmp_path / "data" / "sub-01" / "lesion_mask.nii.gz"
+    _nifti(mask, np.zeros((8, 8, 8), np.uint8))
+
+    def study_key() -> str:
+        (study,) = discover(tmp_path / "data", settings=settings)
+        inputs = study_inputs(study, settings)
+        assert mask in inputs and len(inputs) == 4
+        return cache_key(study.study_id, spec, settings, inputs=inputs)
+
+    k0 = study_key()
+    assert study_key() == k0
+    m = np.zeros((8, 8, 8), np.uint8)
+    m[2:4, 2:4, 2:4] = 1
+    _nifti(mask, m)
+    k1 = study_key()
+    assert k1 != k0
+    _nifti(tmp_path / "data" / "sub-01" / "sub-01_T2w.nii.gz", np.full((8, 8, 8), 2.0, np.float32))
+    assert study_key() not in (k0, k1)
+
+
 def test_study_folder_path_uses_pipeline_and_cache(tmp_path: Path, monkeypatch) -> None:
-    """Study folders go through discover + pipeline.preprocess_study once, then the cache."""
-    import recnec_cli.stages.discover as discover_mod
+    """Study folders (real files, real discovery) go through pipeline.preprocess_study once (mocked:
+    it would run HD-BET), then the cache; a failed study is excluded with its code and retried
+    next time; a rewritten image recomputes that study only."""
     import recnec_cli.orchestration.pipeline as pipeline_mod
     from recnec_cli.config import Settings
     from recnec_cli.errors import RegistrationError
-
-    class FakeStudy:
-        def __init__(self, sid: str) -> None:
-            self.study_id = sid
 
     class FakePre:
         def __init__(self, x: np.ndarray) -> None:
@@ -218,32 +284,36 @@ def test_study_folder_path_uses_pipeline_and_cache(tmp_path: Path, monkeypatch) 
 
     calls: list[str] = []
 
-    def fake_discover(root, *, settings):
-        return [FakeStudy(s) for s in ("1.2.3", "sub/two", "bad")]
-
     def fake_pre(study, *, settings, resources):
         calls.append(study.study_id)
         if study.study_id == "bad":
             raise RegistrationError("moved too far", code="REGISTRATION_FAILED")
         return FakePre(np.full(InputSpec().shape, len(calls), np.float32))
 
-    monkeypatch.setattr(discover_mod, "discover", fake_discover)
     monkeypatch.setattr(pipeline_mod, "preprocess_study", fake_pre)
     monkeypatch.setattr(pipeline_mod.Resources, "load", classmethod(lambda cls, s, **k: object()))
     data = tmp_path / "studies"
-    data.mkdir()
-    (tmp_path / "labels.csv").write_text("study_id,label\n1.2.3,recurrence\nsub/two,necrosis\nbad,necrosis\n")
+    for i, sid in enumerate(("sub-01", "sub-02", "bad")):
+        _nifti_study(data, sid, seed=i)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("study_id,label\nsub-01,recurrence\nsub-02,necrosis\nbad,necrosis\n")
     cache = tmp_path / "cache"
-    c1 = load_cohort(data, labels=tmp_path / "labels.csv", settings=Settings(), cache_dir=cache)
-    assert c1.source == "studies" and c1.study_ids == ("1.2.3", "sub/two")
+    c1 = load_cohort(data, labels=labels, settings=Settings(), cache_dir=cache)
+    assert c1.source == "studies" and c1.study_ids == ("sub-01", "sub-02")
     assert c1.excluded[0][:2] == ("bad", "REGISTRATION_FAILED")
     assert len(list(cache.glob("*.npy"))) == 2
-    c2 = load_cohort(data, labels=tmp_path / "labels.csv", settings=Settings(), cache_dir=cache)
-    assert calls == ["1.2.3", "bad", "sub/two", "bad"]  # cached studies are not recomputed
+    c2 = load_cohort(data, labels=labels, settings=Settings(), cache_dir=cache)
+    assert calls == ["bad", "sub-01", "sub-02", "bad"]  # cached studies are not recomputed
     assert c2.fingerprint == c1.fingerprint
-    (tmp_path / "labels.csv").write_text("study_id,label\nmissing,recurrence\n")
+    np.testing.assert_array_equal(c2.x, c1.x)
+    _nifti(data / "sub-02" / "sub-02_T2w.nii.gz", np.zeros((8, 8, 8), np.float32))
+    c3 = load_cohort(data, labels=labels, settings=Settings(), cache_dir=cache)
+    assert calls[4:] == ["bad", "sub-02"]  # the changed study only
+    np.testing.assert_array_equal(c3.x[0], c1.x[0])
+    assert c3.x[1, 0, 0, 0, 0] == 6 and c3.fingerprint != c1.fingerprint
+    labels.write_text("study_id,label\nmissing,recurrence\n")
     with pytest.raises(TrainingError) as ei:
-        load_cohort(data, labels=tmp_path / "labels.csv", settings=Settings(), cache_dir=cache)
+        load_cohort(data, labels=labels, settings=Settings(), cache_dir=cache)
     assert ei.value.code == "MISSING_STUDIES"
 
 

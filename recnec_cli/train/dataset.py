@@ -8,7 +8,8 @@ Two kinds of ``DATA`` folder are accepted, both yielding the same :class:`Cohort
 * **studies** (DICOM / NIfTI / NRRD, any layout ``recnec scan`` accepts): every labelled study is
   run through :func:`recnec_cli.orchestration.pipeline.preprocess_study`, the very code path ``recnec scan``
   uses, and the tensor is cached as ``CACHE/<safe study id>-<key>.npy`` where ``key`` hashes the
-  study id, the input spec, the preprocessing settings and the recnec version. A study that
+  study id, the input spec, the preprocessing settings, the recnec version and the state of the
+  study's input files (size, mtime, content of small files; the lesion mask too). A study that
   fails preprocessing is excluded with its error code (listed in the result), never a crash.
 
 The labels CSV has a header with at least ``study_id`` and ``label``; ``label`` is
@@ -33,6 +34,7 @@ from .. import __version__
 from ..errors import EnvironmentBroken, RecnecError, TrainingError
 from ..naming import safe_component
 from ..stages.modelinput import InputSpec
+from ..study import Study
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +162,56 @@ def load_model_space(data: Path, labels: dict[str, int], *, spec: InputSpec = In
     return Cohort(tuple(ids), x, y, spec, "model-space", fingerprint(ids, x, y))
 
 
-def cache_key(study_id: str, spec: InputSpec, settings: Any) -> str:
-    """16-hex key of what determines a cached tensor: id, spec, preprocessing settings, version."""
+#: input files up to this size are also hashed by content (masks, sidecars, rules files, small
+#: images), so that a rewrite keeping size and mtime (coarse timestamps on FAT / SMB, ``cp -p``,
+#: ``rsync -t``) still changes the key; larger files (DICOM slices, images) by size and mtime only
+CONTENT_HASH_MAX_BYTES = 64 * 1024
+
+
+def study_inputs(study: Study, settings: Any) -> list[Path]:
+    """Every file whose content determines a study's preprocessed tensor, sorted.
+
+    The files and JSON sidecars of all of the study's series (discovery found them all, and
+    classification chooses among them), the user lesion mask the pipeline would use
+    (:func:`recnec_cli.stages.lesion.find_user_mask`) and the site rules file, if any.
+    """
+    from ..stages.lesion import find_user_mask
+
+    paths: set[Path] = set()
+    for series in study.series:
+        paths.update(Path(f) for f in series.files)
+        if series.sidecar is not None:
+            paths.add(Path(series.sidecar))
+    mask = find_user_mask(study.lesion_mask, settings.lesion_masks_dir, study.study_id)
+    if mask is not None:
+        paths.add(Path(mask))
+    rules = settings.rules_file
+    if rules is not None:
+        paths.add(Path(rules))
+    return sorted(paths)
+
+
+def _file_state(path: Path) -> list[Any]:
+    """``[path, size, mtime_ns, sha256 | None]`` of one input file (``[path, None, None, None]`` if
+    it is gone: the study will fail, and must not hit a stale cache entry)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return [str(path), None, None, None]
+    digest = None
+    if st.st_size <= CONTENT_HASH_MAX_BYTES:
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError:
+            digest = None
+    return [str(path), int(st.st_size), int(st.st_mtime_ns), digest]
+
+
+def cache_key(study_id: str, spec: InputSpec, settings: Any, *, inputs: list[Path] | tuple[Path, ...] = ()) -> str:
+    """16-hex key of what determines a cached tensor: id, spec, preprocessing settings, version,
+    and the state of every input file (path, size, ``mtime_ns``; content SHA-256 for files up to
+    :data:`CONTENT_HASH_MAX_BYTES`), see :func:`study_inputs`. A changed image, sidecar, lesion
+    mask or rules file gives a new key, so a stale tensor is never reused."""
     relevant = {
         k: str(getattr(settings, k, None))
         for k in ("grid_spacing_mm", "hdbet_mode", "hdbet_tta", "lesion_masks_dir", "rules_file",
@@ -169,7 +219,8 @@ def cache_key(study_id: str, spec: InputSpec, settings: Any) -> str:
                   "lesion_min_volume_ml")
     }
     blob = json.dumps({"id": study_id, "spec": spec.to_dict(), "settings": relevant,
-                       "recnec": __version__}, sort_keys=True)
+                       "recnec": __version__, "inputs": [_file_state(Path(p)) for p in inputs]},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -222,8 +273,10 @@ def load_studies(
     tensors: list[np.ndarray] = []
     excluded: list[tuple[str, str, str]] = []
     for i, sid in enumerate(ids):
-        cpath = (Path(cache_dir) / f"{safe_component(sid)}-{cache_key(sid, spec, settings)}.npy"
-                 if cache_dir is not None else None)
+        cpath = None
+        if cache_dir is not None:
+            key = cache_key(sid, spec, settings, inputs=study_inputs(studies[sid], settings))
+            cpath = Path(cache_dir) / f"{safe_component(sid)}-{key}.npy"
         if cpath is not None and cpath.is_file():
             arr = np.load(cpath, allow_pickle=False)
         else:
