@@ -207,7 +207,8 @@ def _file_state(path: Path) -> list[Any]:
     return [str(path), int(st.st_size), int(st.st_mtime_ns), digest]
 
 
-def cache_key(study_id: str, spec: InputSpec, settings: Any, *, inputs: list[Path] | tuple[Path, ...] = ()) -> str:
+def cache_key(study_id: str, spec: InputSpec, settings: Any, *,
+              inputs: list[Path] | tuple[Path, ...] = ()) -> str:
     """16-hex key of what determines a cached tensor: id, spec, preprocessing settings, version,
     and the state of every input file (path, size, ``mtime_ns``; content SHA-256 for files up to
     :data:`CONTENT_HASH_MAX_BYTES`), see :func:`study_inputs`. A changed image, sidecar, lesion
