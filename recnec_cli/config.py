@@ -45,6 +45,10 @@ class Settings:
     registration_max_rotation_deg: float = 20.0
     lesion_min_volume_ml: float = 0.1
     threads: int = 0  # 0 = library default
+    # nightly runs (recnec_cli.orchestration.scan)
+    state_file: Path | None = None  # SQLite state; None = beside the report (<report>.state.sqlite)
+    settle_minutes: float = 10.0  # a study with a file modified less than this ago is DEFERRED
+    pseudonym_key_file: Path | None = None  # HMAC key; None = platformdirs user config dir
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -64,6 +68,9 @@ class Settings:
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise UsageError(f"device (--device / RECNEC_DEVICE) must be auto, cpu, cuda or cuda:N, got {dev!r}")
+        if self.settle_minutes < 0:
+            raise UsageError(f"settle time (--settle-minutes / RECNEC_SETTLE_MINUTES) must be >= 0, "
+                             f"got {self.settle_minutes}")
         if not (0.3 <= self.grid_spacing_mm <= 3.0):
             raise UsageError(f"grid spacing must be within 0.3-3.0 mm, got {self.grid_spacing_mm}")
         return self

@@ -28,3 +28,14 @@ def shared_data() -> Path:
 def real(shared_data: Path) -> Path:
     """``.../shared/data/real``: one folder per case, each with SOURCE.md."""
     return shared_data / "real"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _site_key_and_settle(tmp_path_factory):
+    """Every test session gets its own pseudonym key file (never the user's ~/.config/recnec) and
+    scans freshly written test studies at once (``RECNEC_SETTLE_MINUTES=0``); the deferral tests
+    set their own settle time. Session-scoped so that module-scoped scan fixtures see it too."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RECNEC_PSEUDONYM_KEY_FILE", str(tmp_path_factory.mktemp("key") / "pseudonym.key"))
+        mp.setenv("RECNEC_SETTLE_MINUTES", "0")
+        yield

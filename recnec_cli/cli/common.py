@@ -7,13 +7,15 @@ import sys
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Iterator
+from typing import Annotated, Iterator, Optional
 
 import typer
 
 from ..errors import RecnecError, UsageError
 
 EXIT_OK, EXIT_STUDY_FAILED, EXIT_USAGE = 0, 1, 2
+#: another scan holds the state's lock (sysexits.h EX_TEMPFAIL); see recnec_cli.orchestration.scan
+EXIT_LOCKED = 75
 
 
 class HdBetMode(str, Enum):
@@ -23,8 +25,30 @@ class HdBetMode(str, Enum):
     accurate = "accurate"
 
 
+# Options shared by scan, train and evaluate: declared once (``None`` = not given, so the
+# environment variable or the default applies; see recnec_cli.config.resolve_settings).
+DeviceOpt = Annotated[Optional[str], typer.Option(
+    "--device", help="auto | cpu | cuda | cuda:N: ONNX Runtime's CUDA provider and HD-BET on that GPU "
+    "[env RECNEC_DEVICE; default: auto]", show_default=False)]
+HdBetModeOpt = Annotated[Optional[HdBetMode], typer.Option(
+    "--hdbet-mode", help="HD-BET fast (1 fold) or accurate (5 folds, ~5x slower) "
+    "[env RECNEC_HDBET_MODE; default: fast]", show_default=False)]
+LesionMasksOpt = Annotated[Optional[Path], typer.Option(
+    "--lesion-masks", help="Folder of lesion masks named <study_id>.nii.gz or <study_id>_lesion_mask.nii.gz "
+    "(DICOM: the StudyInstanceUID), each on the grid of one of the study's series "
+    "[env RECNEC_LESION_MASKS_DIR]", show_default=False)]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Warnings only on stderr; no table.")]
+VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="Debug messages on stderr.")]
+
+
+#: per-run log files kept beside a report: <report>.log (this run), .log.1 ... .log.N (older runs)
+LOG_FILES_KEPT = 14
+
+
 def setup_logging(*, verbose: int = 0, quiet: bool = False, log_file: Path | None = None) -> None:
-    """Console log on stderr (Rich when it is a terminal), optional DEBUG log file.
+    """Console log on stderr (Rich when it is a terminal, plain time-stamped lines otherwise: cron),
+    optional DEBUG log file, one per run: an existing ``log_file`` is rotated to ``.1`` (``.1`` to
+    ``.2`` ...), keeping :data:`LOG_FILES_KEPT` older runs.
 
     Default level INFO shows no PHI: library modules log UIDs, pseudonyms and codes only.
     """
@@ -46,8 +70,12 @@ def setup_logging(*, verbose: int = 0, quiet: bool = False, log_file: Path | Non
     root.addHandler(console_handler)
     root.setLevel(logging.DEBUG if log_file is not None else level)
     if log_file is not None:
+        from logging.handlers import RotatingFileHandler
+
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(log_file, mode="w", encoding="utf-8")
+        fh = RotatingFileHandler(log_file, mode="a", backupCount=LOG_FILES_KEPT, encoding="utf-8", delay=True)
+        if log_file.exists() and log_file.stat().st_size > 0:
+            fh.doRollover()
         fh.setLevel(logging.DEBUG)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         fh._recnec = True  # type: ignore[attr-defined]
@@ -66,10 +94,11 @@ def error_boundary() -> Iterator[None]:
     except UsageError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
-    except RecnecError as exc:  # EnvironmentBroken, InferenceError (tampered weights), ...
+    except RecnecError as exc:  # EnvironmentBroken, InferenceError (tampered weights), StateLocked ...
         msg = exc.message[len(exc.code) + 1:].strip() if exc.message.startswith(f"{exc.code}:") else exc.message
         typer.echo(f"error [{exc.code}]: {msg}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
+        logging.getLogger("recnec").error("%s: %s", exc.code, msg)  # into the run's log file too
+        raise typer.Exit(EXIT_LOCKED if exc.code == "STATE_LOCKED" else EXIT_USAGE) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
@@ -94,30 +123,3 @@ def results_console():
 
     console = Console()
     return console if console.is_terminal else Console(width=160)
-
-
-def check_writable_file(path: Path, what: str) -> None:
-    """Refuse, before any work, an output file path that cannot be written (exit code 2)."""
-    if path.exists() and path.is_dir():
-        raise UsageError(f"{what} {path} is a folder; give a file name such as {path / 'report.csv'}")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UsageError(f"{what} {path}: {parent} is a file, not a folder")
-            break
-
-
-def check_writable_dir(path: Path, what: str) -> None:
-    """Refuse, before any work, an output folder path that is a file or lies under a file."""
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{what} {path} is a file, not a folder")
-    check_writable_file(path / "x", what)
-
-
-def is_inside(child: Path, parent: Path) -> bool:
-    """True when ``child`` (resolved) lies inside ``parent`` (resolved)."""
-    try:
-        child.resolve().relative_to(parent.resolve())
-        return True
-    except ValueError:
-        return False

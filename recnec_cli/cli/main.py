@@ -4,7 +4,9 @@ Exit codes (documented in ``--help`` and the README):
 
 * 0: every study succeeded;
 * 1: at least one study failed (its row says why); the batch still ran to the end;
-* 2: usage or environment error (bad option, missing weights, broken installation).
+* 2: usage or environment error (bad option, missing weights, broken installation);
+* 75: ``scan`` only: another scan holds the state's lock (nothing done);
+* 130 / 143: ``scan`` stopped by SIGINT / SIGTERM (finished studies are in the report).
 
 Heavy libraries (torch, onnxruntime, SimpleITK, HD-BET) are imported inside command bodies only,
 so ``recnec --help`` and ``recnec --version`` stay fast.
@@ -26,7 +28,8 @@ runs an ONNX CNN ensemble. Method after Frontiers in Oncology 2025 (PubMed 40548
 
 {DISCLAIMER}
 
-Exit codes: 0 all studies OK, 1 some studies failed (see the report), 2 usage/environment error.
+Exit codes: 0 all studies OK, 1 some studies failed (see the report), 2 usage/environment error,
+75 another scan holds the state, 130 / 143 stopped by SIGINT / SIGTERM.
 """
 
 app = typer.Typer(
@@ -38,7 +41,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-COMMAND_MODULES = ("scan", "inspect_cmd", "synth_cmd", "train_cmd")
+COMMAND_MODULES = ("scan", "status_cmd", "inspect_cmd", "synth_cmd", "train_cmd")
 
 
 def _version(value: bool) -> None:

@@ -11,7 +11,18 @@ from typing import Any, Optional
 import typer
 
 from .. import DISCLAIMER
-from .common import EXIT_OK, HdBetMode, error_boundary, results_console, setup_logging
+from .common import (
+    EXIT_OK,
+    DeviceOpt,
+    HdBetMode,
+    HdBetModeOpt,
+    LesionMasksOpt,
+    QuietOpt,
+    VerboseOpt,
+    error_boundary,
+    results_console,
+    setup_logging,
+)
 
 log = logging.getLogger("recnec.train")
 
@@ -117,14 +128,11 @@ def train(
                                          show_default=False),
     reproduce_shipped: bool = typer.Option(False, "--reproduce-shipped", help="Regenerate the synthetic "
                                            "cohort (n=234, seed 0) and train the shipped ensemble."),
-    device: Optional[str] = typer.Option(None, "--device", help="HD-BET device for study folders "
-                                         "(auto | cpu | cuda | cuda:N).", show_default=False),
-    hdbet_mode: Optional[HdBetMode] = typer.Option(None, "--hdbet-mode", help="HD-BET mode for study "
-                                                   "folders [default: fast]", show_default=False),
-    lesion_masks: Optional[Path] = typer.Option(None, "--lesion-masks", help="Lesion masks "
-                                                "<study_id>.nii.gz for study folders.", show_default=False),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings only on stderr; no summary table."),
-    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="Debug messages on stderr."),
+    device: DeviceOpt = None,
+    hdbet_mode: HdBetModeOpt = None,
+    lesion_masks: LesionMasksOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = 0,
 ) -> None:
     out = out.expanduser()
     with error_boundary():
@@ -235,15 +243,13 @@ def evaluate(
     n_boot: int = typer.Option(2000, "--n-boot", min=100, help="Bootstrap resamples for the 95 % CIs."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Per-study tensor cache (study folders).",
                                          show_default=False),
-    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N", show_default=False),
+    device: DeviceOpt = None,
     threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime threads (0 = default).",
                                           show_default=False),
-    hdbet_mode: Optional[HdBetMode] = typer.Option(None, "--hdbet-mode", help="HD-BET mode for study folders.",
-                                                   show_default=False),
-    lesion_masks: Optional[Path] = typer.Option(None, "--lesion-masks", help="Lesion masks for study folders.",
-                                                show_default=False),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings only on stderr; no table."),
-    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="Debug messages on stderr."),
+    hdbet_mode: HdBetModeOpt = None,
+    lesion_masks: LesionMasksOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = 0,
 ) -> None:
     out = out.expanduser()
     with error_boundary():

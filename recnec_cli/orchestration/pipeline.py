@@ -153,26 +153,6 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
 
 
-def _load_mask_file(path: Path) -> Volume:
-    """A user lesion mask (NIfTI or NRRD) as a canonical RAS+ volume."""
-    if str(path).lower().endswith(".nrrd"):
-        import SimpleITK as sitk
-
-        from ..stages.register import from_sitk
-
-        data, aff = from_sitk(sitk.ReadImage(str(path)))
-        return Volume(data, aff, series_id=path.name)
-    import nibabel as nib
-
-    img = nib.as_closest_canonical(nib.load(str(path)))
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise LesionError(f"lesion mask {path.name} is not 3D (shape {data.shape})", code="LESION_MASK_INVALID")
-    return Volume(data, img.affine, series_id=path.name)
-
-
 def preprocess_study(study: Study, *, settings: Settings, resources: Resources,
                      assignment: RoleAssignment | None = None) -> Preprocessed:
     """Run one study from its series to the model-input tensor (see the module docstring).
@@ -218,7 +198,7 @@ def preprocess_study(study: Study, *, settings: Settings, resources: Resources,
             mask_path = lesion.find_user_mask(study.lesion_mask, settings.lesion_masks_dir, study.study_id)
             mvol = None
             if mask_path is not None:
-                mvol = _load_mask_file(mask_path)
+                mvol = convert.read_image_file(mask_path)
                 if not any(_same_grid(mvol, vols[r]) for r in SeriesRole.model_roles()):
                     raise LesionError(
                         f"user lesion mask {mask_path.name} (shape {tuple(np.shape(mvol.data))}, voxel "
@@ -349,39 +329,91 @@ def _write_intermediate(root: Path, study: Study, affine, on_grid, brain, lesion
     nib.save(box, str(out / "model_input_box.nii.gz"))
 
 
+def process_study(study: Study, *, settings: Settings, resources: Resources) -> StudyResult:
+    """Preprocess one study into a :class:`StudyResult`: ready for inference (``preprocessed`` set,
+    ``status`` ``OK``) or failed (``status`` / ``error_code`` / ``failed_stage`` set).
+
+    A study error never escapes: stage errors become their code, ``MemoryError`` becomes
+    ``OUT_OF_MEMORY`` and unexpected exceptions ``INTERNAL_ERROR`` (type name only in the message:
+    exception text can hold paths or header values; the traceback goes to DEBUG).
+
+    Raises
+    ------
+    EnvironmentBroken
+        The installation cannot run any study (the run fails once, not every study).
+    """
+    r = StudyResult(study=study)
+    try:
+        pre = preprocess_study(study, settings=settings, resources=resources)
+    except EnvironmentBroken:
+        raise
+    except RecnecError as exc:
+        r.assignment = getattr(exc, "assignment", None)
+        r.timings.update(getattr(exc, "timings", {}))
+        _fail(r, getattr(exc, "stage", "preprocess"), exc.code, exc.message)
+    except MemoryError:
+        _fail(r, "preprocess", "OUT_OF_MEMORY", "study needed more memory than available")
+    except Exception as exc:  # noqa: BLE001 - the batch must go on (STYLE.md habit 3)
+        log.debug("unexpected error in study %s:\n%s", study_key(study), traceback.format_exc())
+        _fail(r, "preprocess", "INTERNAL_ERROR", f"unexpected {type(exc).__name__}; see the debug log")
+    else:
+        r.preprocessed = pre
+        r.assignment = pre.assignment
+        r.timings.update(pre.timings)
+    if not r.ok:
+        r.timings["total"] = sum(v for k, v in r.timings.items() if k != "total")
+    return r
+
+
+def infer_batch(ready: Sequence[StudyResult], *, ensemble: Any) -> None:
+    """Run the ensemble once on the model inputs of ``ready`` (preprocessed, OK results) and fill
+    in ``probability``, ``spread``, ``label`` and ``timings["infer"]`` / ``timings["total"]``.
+
+    ``ensemble.predict`` takes float32 ``(N, C, X, Y, Z)``; batched and one-by-one results agree
+    within 1e-5 (``tests/test_infer.py``). An inference error fails every study of the batch with
+    its code (stage ``infer``); the results are updated in place.
+    """
+    if not ready:
+        return
+    batch = np.stack([r.preprocessed.model_input for r in ready]).astype(np.float32)  # type: ignore[union-attr]
+    t0 = time.perf_counter()
+    try:
+        pred = ensemble.predict(batch)
+    except RecnecError as exc:
+        for r in ready:
+            _fail(r, "infer", exc.code, exc.message)
+    else:
+        per = (time.perf_counter() - t0) / len(ready)
+        thr = float(ensemble.threshold)
+        for i, r in enumerate(ready):
+            r.probability = float(pred.mean[i])
+            r.spread = float(pred.spread[i])
+            r.label = "recurrence" if r.probability >= thr else "necrosis"
+            r.timings["infer"] = per
+    for r in ready:
+        r.timings["total"] = sum(v for k, v in r.timings.items() if k != "total")
+
+
 def run_batch(studies: Sequence[Study], *, settings: Settings, resources: Resources,
               on_study_done: Callable[[StudyResult], None] | None = None,
               on_study_start: Callable[[Study], None] | None = None) -> list[StudyResult]:
-    """Preprocess every study, run the ensemble in batches of ``settings.batch_size``.
+    """Preprocess every study in this process, run the ensemble in batches of ``settings.batch_size``.
 
-    One bad study never stops the batch: its :class:`StudyResult` carries the error code, message
-    and failed stage. Unexpected exceptions become ``INTERNAL_ERROR`` rows (type name only in the
-    message: exception text can hold paths or header values; the traceback goes to DEBUG).
-    Results are returned in input order.
+    The simple serial form of what :func:`recnec_cli.orchestration.scan.scan` does with state,
+    workers and incremental reports. One bad study never stops the batch (see
+    :func:`process_study`). Results are returned in input order.
+
+    Raises
+    ------
+    EnvironmentBroken
+        From :func:`process_study`: the installation cannot run any study.
     """
     results: list[StudyResult] = []
     pending: list[StudyResult] = []
 
     def flush() -> None:
-        if not pending:
-            return
-        batch = np.stack([r.preprocessed.model_input for r in pending]).astype(np.float32)  # type: ignore[union-attr]
-        t0 = time.perf_counter()
-        try:
-            pred = resources.ensemble.predict(batch)
-        except RecnecError as exc:
-            for r in pending:
-                _fail(r, "infer", exc.code, exc.message)
-        else:
-            per = (time.perf_counter() - t0) / len(pending)
-            thr = float(resources.ensemble.threshold)
-            for i, r in enumerate(pending):
-                r.probability = float(pred.mean[i])
-                r.spread = float(pred.spread[i])
-                r.label = "recurrence" if r.probability >= thr else "necrosis"
-                r.timings["infer"] = per
+        infer_batch(pending, ensemble=resources.ensemble)
         for r in pending:
-            r.timings["total"] = sum(v for k, v in r.timings.items() if k != "total")
             if on_study_done:
                 on_study_done(r)
         pending.clear()
@@ -389,31 +421,13 @@ def run_batch(studies: Sequence[Study], *, settings: Settings, resources: Resour
     for study in studies:
         if on_study_start:
             on_study_start(study)
-        r = StudyResult(study=study)
+        r = process_study(study, settings=settings, resources=resources)
         results.append(r)
-        try:
-            pre = preprocess_study(study, settings=settings, resources=resources)
-        except EnvironmentBroken:
-            raise  # the installation is broken: fail the run once, not every study
-        except RecnecError as exc:
-            r.assignment = getattr(exc, "assignment", None)
-            r.timings.update(getattr(exc, "timings", {}))
-            _fail(r, getattr(exc, "stage", "preprocess"), exc.code, exc.message)
-        except MemoryError:
-            _fail(r, "preprocess", "OUT_OF_MEMORY", "study needed more memory than available")
-        except Exception as exc:  # noqa: BLE001 - the batch must go on (STYLE.md habit 3)
-            log.debug("unexpected error in study %s:\n%s", study_key(study), traceback.format_exc())
-            _fail(r, "preprocess", "INTERNAL_ERROR", f"unexpected {type(exc).__name__}; see the debug log")
-        else:
-            r.preprocessed = pre
-            r.assignment = pre.assignment
-            r.timings.update(pre.timings)
+        if r.ok:
             pending.append(r)
             if len(pending) >= settings.batch_size:
                 flush()
-            continue
-        r.timings["total"] = sum(r.timings.values())
-        if on_study_done:
+        elif on_study_done:
             on_study_done(r)
     flush()
     return results

@@ -45,7 +45,7 @@ COLUMNS = (
        "brain_volume_ml"]
     + [f"{p}_reg_{k}" for p in ("t1", "t2") for k in ("translation_mm", "rotation_deg")]
     + ["p_recurrence", "ensemble_spread", "label", "threshold", "model_version"]
-    + [f"seconds_{s}" for s in STAGES] + ["seconds_total", "disclaimer"]
+    + [f"seconds_{s}" for s in STAGES] + ["seconds_total", "run_id", "processed_utc", "present_in_tree", "disclaimer"]
 )
 
 #: written in every row so that no copy of a report travels without it
@@ -141,18 +141,20 @@ def write_report(path: Path, rows: Sequence[dict[str, Any]], *, fmt: str = "csv"
         atomic_write_text(path, rows_to_csv(rows))
 
 
-def run_manifest(*, settings_dict: dict[str, Any], ensemble: Any, results: Iterable[StudyResult],
+def run_manifest(*, settings_dict: dict[str, Any], ensemble: Any, rows: Iterable[dict[str, Any]],
                  started: datetime, finished: datetime, input_root: str, report_path: str,
                  n_discovered: int, decoders: dict[str, bool] | None = None) -> dict[str, Any]:
-    """Provenance of one run (STYLE.md habit 3): versions, provider, checksums, settings, timings."""
-    results = list(results)
+    """Provenance of a report (STYLE.md habit 3): versions, provider, checksums, settings, status
+    counts and stage seconds summed over the report ``rows`` (the flat rows of :func:`result_row`)."""
+    rows = list(rows)
     stage_totals: dict[str, float] = {}
-    for r in results:
-        for k, v in r.timings.items():
-            stage_totals[k] = round(stage_totals.get(k, 0.0) + v, 3)
     statuses: dict[str, int] = {}
-    for r in results:
-        statuses[r.status] = statuses.get(r.status, 0) + 1
+    for row in rows:
+        statuses[row["status"]] = statuses.get(row["status"], 0) + 1
+        for st in (*STAGES, "total"):
+            v = row.get(f"seconds_{st}")
+            if v not in ("", None):
+                stage_totals[st] = round(stage_totals.get(st, 0.0) + float(v), 3)
     return {
         "disclaimer": DISCLAIMER,
         "tool": "recnec scan",

@@ -70,7 +70,7 @@ def _read_dicom_header(path: Path) -> Any | None:
     return ds
 
 
-def discover(root: Path, *, settings: Settings | None = None) -> list[Study]:
+def discover(root: Path, *, settings: Settings | None = None, pseudonym_key: Any = None) -> list[Study]:
     """Index every study below ``root`` from headers only.
 
     Parameters
@@ -80,6 +80,10 @@ def discover(root: Path, *, settings: Settings | None = None) -> list[Study]:
     settings:
         Ignored; accepted so that older callers passing ``settings=`` keep working. The walk
         depends on nothing but the files.
+    pseudonym_key:
+        A :class:`recnec_cli.pseudonym.PseudonymKey`: patient pseudonyms are its HMAC of the
+        PatientID (what ``recnec scan`` reports). Without one, :func:`pseudonym` (an unkeyed
+        hash, for tools that show no pseudonym to anyone but the operator: inspect, train).
 
     Returns
     -------
@@ -174,7 +178,7 @@ def discover(root: Path, *, settings: Settings | None = None) -> list[Study]:
                 frames = tuple(u.frame for u in units) if units[0].frame is not None else ()
                 series.append(Series(series_id=sid, source="dicom", files=tuple(files),
                                      header=_header_from(acc, units), frames=frames))
-        pseud = pseudonym(pid)
+        pseud = pseudonym_key.pseudonym(pid) if pseudonym_key is not None else pseudonym(pid)
         sid_ = study_uid
         if uid_patients[study_uid] > 1:
             sid_ = f"{study_uid}#patient={pseud or 'unknown'}"

@@ -1,0 +1,798 @@
+"""``scan()``: everything ``recnec scan`` does, as one keyword-only library call.
+
+Discovery, the per-study pipeline, batched inference, the nightly state, the report and the
+manifest. The CLI (:mod:`recnec_cli.cli.scan`) only parses options and renders; Python users and
+the tests call this same function::
+
+    from recnec_cli.config import resolve_settings
+    from recnec_cli.orchestration.scan import scan
+
+    summary = scan(Path("/data/exports"), out=Path("/reports/recnec.csv"),
+                   settings=resolve_settings({"settle_minutes": 10}))
+    print(summary.exit_code, summary.counts)
+
+A run, in order:
+
+1. the output paths are checked (whatever way they arrived: CLI option, ``RECNEC_*`` variable);
+2. the state's lock is taken (``filelock``): a second run on the same state stops at once with
+   :class:`StateLocked` (exit code :data:`EXIT_LOCKED`); temporary files of a killed run are removed;
+3. the tree is listed with ``stat`` only; if the listing is unchanged since the last run the
+   previous discovery is reused and no input file is opened, otherwise discovery reads headers;
+4. each study is *deferred* (a file younger than ``settings.settle_minutes``: an export still being
+   copied), *unchanged* (same fingerprint as its stored row: nothing to do) or *to process*;
+5. only when something is to process: models are loaded once, the start-up self-test runs
+   (:func:`self_test`), and studies go through the execution seam (``executor``) with ready model
+   inputs batched into the ensemble; each finished study is committed to the state in its own
+   transaction, then the report and manifest are regenerated from the state and atomically
+   replaced, and ``on_study_done`` is called;
+6. SIGINT / SIGTERM stop the taking of new studies; what is done is kept and the run ends with
+   exit code 130 / 143.
+
+The two seams for later work: ``executor`` (any :class:`concurrent.futures.Executor`: where
+studies are preprocessed; the default runs them in this process) and ``on_study_done`` (what
+happens when a study finishes).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from .. import DISCLAIMER, __version__
+from ..config import Settings
+from ..errors import DiscoveryError, EnvironmentBroken, RecnecError, UsageError
+from ..study import Study
+from .pipeline import Resources, StudyResult, infer_batch, process_study, study_key
+from .report import COLUMNS, ROW_DISCLAIMER, result_row, atomic_write_text, run_manifest, write_report
+from .state import ScanState, StoredStudy, digest
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_STUDY_FAILED, EXIT_USAGE = 0, 1, 2
+#: another run holds the state's lock (sysexits.h EX_TEMPFAIL: "try again later")
+EXIT_LOCKED = 75
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+
+#: statuses that are not failures (a DEFERRED study is scanned by a later run)
+NOT_FAILED = ("OK", "DEFERRED")
+#: settings that change a study's result; a change reprocesses the study
+RESULT_SETTINGS = ("grid_spacing_mm", "hdbet_mode", "hdbet_tta", "lesion_masks_dir", "rules_file",
+                   "anisotropy_limit", "role_confidence_threshold", "allow_derived", "max_series_voxels",
+                   "registration_max_translation_mm", "registration_max_rotation_deg", "lesion_min_volume_ml")
+#: a preprocessed study waits at most this long for its inference batch to fill while other studies
+#: are still being preprocessed (then the batch runs with what is ready), so a kill loses at most
+#: this much preprocessing work; with nothing else in flight a batch runs at once (seconds)
+BATCH_WAIT_S = 30.0
+#: file modification times further in the future than this are a clock problem, not a copy in
+#: progress: such studies are scanned (with a warning) instead of being deferred forever (seconds)
+FUTURE_MTIME_TOLERANCE_S = 3600.0
+
+
+class StateLocked(RecnecError):
+    """Another ``recnec scan`` holds this state file's lock (exit code :data:`EXIT_LOCKED`)."""
+
+    stage = "state"
+    default_code = "STATE_LOCKED"
+
+
+@dataclass(frozen=True)
+class ScanSummary:
+    """What one :func:`scan` call did.
+
+    ``counts``: ``found`` (studies in the tree), ``processed`` (run through the pipeline this time),
+    ``unchanged`` (skipped: same fingerprint), ``deferred``, ``failed`` (processed this run and not
+    OK), ``not_present`` (rows kept for studies no longer in the tree). ``rows``: the report rows
+    (every study the state knows, once each). ``stop_reason``: ``""``, ``"SIGINT"`` or ``"SIGTERM"``.
+    """
+
+    run_id: str
+    exit_code: int
+    counts: Mapping[str, int]
+    seconds: float
+    report: Path
+    manifest: Path
+    state: Path
+    log_file: Path | None
+    rows: Sequence[Mapping[str, Any]] = field(default_factory=tuple)
+    stop_reason: str = ""
+
+    def line(self) -> str:
+        """The one summary line cron mails: counts and seconds."""
+        c = self.counts
+        text = (f"recnec scan {self.run_id}: found {c['found']}, processed {c['processed']}, unchanged "
+                f"{c['unchanged']}, deferred {c['deferred']}, failed {c['failed']}, "
+                f"{self.seconds:.1f} s, exit {self.exit_code}")
+        return text + (f" (stopped by {self.stop_reason})" if self.stop_reason else "")
+
+
+def output_paths(out: Path, settings: Settings) -> dict[str, Path]:
+    """The files a scan writes for report ``out``: ``report``, ``manifest``
+    (``<stem>.manifest.json``), ``log`` (``<stem>.log``, rotated per run) and ``state``
+    (``settings.state_file`` or ``<stem>.state.sqlite``), plus the ``lock`` beside the state."""
+    out = Path(out).expanduser()
+    state = Path(settings.state_file).expanduser() if settings.state_file else out.with_name(out.stem + ".state.sqlite")
+    return {"report": out, "manifest": out.with_name(out.stem + ".manifest.json"),
+            "log": out.with_suffix(".log"), "state": state, "lock": state.with_name(state.name + ".lock")}
+
+
+def check_scan_paths(studies: Path, *, out: Path, settings: Settings) -> None:
+    """Refuse, before any work, paths that cannot be used, whichever way they arrived (CLI option,
+    ``RECNEC_*`` environment variable or a caller's Settings): the same guard for all.
+
+    Raises
+    ------
+    UsageError
+        STUDIES not a folder; a report, state, or ``keep_intermediate_dir`` inside the input tree
+        (recnec never writes there) or not writable as a file / folder; ``lesion_masks_dir`` or
+        ``weights_dir`` not a folder; ``rules_file`` or ``pseudonym_key_file`` not a file.
+    """
+    studies = Path(studies)
+    if not studies.is_dir():
+        raise UsageError(f"STUDIES must be a folder: {studies}")
+    paths = output_paths(out, settings)
+    src = settings.sources
+
+    def name(field_: str, option: str) -> str:
+        env = "RECNEC_" + field_.upper()
+        return f"{option} / {env}" if src.get(field_) != "env" else f"{env} (environment)"
+
+    outputs = [("--out", paths["report"]), (name("state_file", "--state"), paths["state"])]
+    if settings.keep_intermediate_dir is not None:
+        outputs.append((name("keep_intermediate_dir", "--keep-intermediate"), Path(settings.keep_intermediate_dir)))
+    for what, p in outputs:
+        if is_inside(p, studies):
+            raise UsageError(f"{what} {p} lies inside the input tree {studies}; recnec never writes there")
+    _check_writable_file(paths["report"], "--out")
+    _check_writable_file(paths["state"], name("state_file", "--state"))
+    if settings.keep_intermediate_dir is not None:
+        kd = Path(settings.keep_intermediate_dir)
+        if kd.exists() and not kd.is_dir():
+            raise UsageError(f"{name('keep_intermediate_dir', '--keep-intermediate')} {kd} is a file, not a folder")
+        _check_writable_file(kd / "x", name("keep_intermediate_dir", "--keep-intermediate"))
+    for field_, option in (("lesion_masks_dir", "--lesion-masks"), ("weights_dir", "--weights")):
+        p = getattr(settings, field_)
+        if p is not None and not Path(p).is_dir():
+            raise UsageError(f"{name(field_, option)} {p} is not a folder")
+    for field_, option in (("rules_file", "--rules"),):
+        p = getattr(settings, field_)
+        if p is not None and not Path(p).is_file():
+            raise UsageError(f"{name(field_, option)} {p} is not a file")
+    kf = settings.pseudonym_key_file
+    if kf is not None and Path(kf).exists() and not Path(kf).is_file():
+        raise UsageError(f"{name('pseudonym_key_file', '--pseudonym-key-file')} {kf} is not a file")
+    if kf is not None and is_inside(Path(kf), studies):
+        raise UsageError(f"{name('pseudonym_key_file', '--pseudonym-key-file')} {kf} lies inside the input tree")
+
+
+def is_inside(child: Path, parent: Path) -> bool:
+    """True when ``child`` (resolved) lies inside ``parent`` (resolved)."""
+    try:
+        Path(child).expanduser().resolve().relative_to(Path(parent).expanduser().resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _check_writable_file(path: Path, what: str) -> None:
+    if path.exists() and path.is_dir():
+        raise UsageError(f"{what} {path} is a folder; give a file name such as {path / 'report.csv'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{what} {path}: {parent} is a file, not a folder")
+            break
+
+
+# ---------------------------------------------------------------------------------------------
+# the tree, with stat only
+# ---------------------------------------------------------------------------------------------
+def tree_listing(root: Path) -> dict[str, tuple[int, int]]:
+    """``{path relative to root (POSIX): (size bytes, mtime ns)}`` of every file under ``root``,
+    from ``stat`` only (no file is opened; symlinked folders are not followed, as in discovery)."""
+    root = Path(root)
+    out: dict[str, tuple[int, int]] = {}
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as exc:
+            log.warning("cannot list a folder of the input tree (%s)", type(exc).__name__)
+            continue
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(Path(e.path))
+                elif e.is_file():
+                    st = e.stat()
+                    out[Path(e.path).relative_to(root).as_posix()] = (st.st_size, st.st_mtime_ns)
+            except OSError:
+                continue
+    return out
+
+
+def folder_newest_mtimes(listing: Mapping[str, tuple[int, int]]) -> dict[str, int]:
+    """``{folder relative to the root (POSIX, "." for the root): newest mtime_ns of its files}``."""
+    out: dict[str, int] = {}
+    for rel, (_, mtime) in listing.items():
+        folder = rel.rsplit("/", 1)[0] if "/" in rel else "."
+        if mtime > out.get(folder, -1):
+            out[folder] = mtime
+    return out
+
+
+def _study_files(study: Study, root: Path, listing: Mapping[str, tuple[int, int]], newest: Mapping[str, int],
+                 settings: Settings) -> tuple[list[tuple[str, int, int]], int]:
+    """The files a study's result depends on, as ``(path relative to root, size, mtime_ns)``, and
+    the newest mtime (ns) among them and every other file in the study's folders (for deferral: a
+    half-copied file sits in the folder even when discovery could not read it)."""
+    files: list[tuple[str, int, int]] = []
+    prefix = str(root) + os.sep
+    folders: set[str] = {f for f in study.location.split(";") if f} if study.location else set()
+
+    def add(p: Path) -> None:
+        sp = str(p)
+        rel = sp[len(prefix):].replace(os.sep, "/") if sp.startswith(prefix) else None
+        if rel is not None and rel in listing:
+            size, mtime = listing[rel]
+            folders.add(rel.rsplit("/", 1)[0] if "/" in rel else ".")
+        else:  # outside the tree (a --lesion-masks file), or gone since the listing
+            rel = sp
+            try:
+                st = Path(p).stat()
+                size, mtime = st.st_size, st.st_mtime_ns
+            except OSError:
+                size, mtime = -1, -1
+        files.append((rel, size, mtime))
+
+    for s in study.series:
+        for f in s.files:
+            add(f)
+        if s.sidecar is not None:
+            add(s.sidecar)
+    if study.lesion_mask is not None:
+        add(study.lesion_mask)
+    if settings.lesion_masks_dir is not None:
+        from ..stages.lesion import find_user_mask
+
+        user = find_user_mask(None, settings.lesion_masks_dir, study.study_id)
+        if user is not None:
+            add(user)
+    latest = max([newest.get(f, -1) for f in folders] + [m for _, _, m in files], default=-1)
+    return files, latest
+
+
+def study_fingerprint(study: Study, files: Sequence[tuple[str, int, int]], *, settings: Settings,
+                      model_version: str, key_id: str) -> str:
+    """Hex SHA-256 of what a study's result depends on: its series (SeriesInstanceUIDs or file
+    paths) with each file's size and mtime, the user lesion mask, the weights' model version,
+    the result-changing settings (:data:`RESULT_SETTINGS`, rules file content included), the
+    pseudonym key id and the recnec version. Same fingerprint, same row: the study is skipped."""
+    rules_sha = ""
+    if settings.rules_file is not None:
+        from ..stages.infer import sha256_file
+
+        try:
+            rules_sha = sha256_file(Path(settings.rules_file))
+        except OSError:
+            rules_sha = "unreadable"
+    return digest([study.study_id, [s.series_id for s in study.series], sorted(files), model_version,
+                   {k: str(getattr(settings, k)) for k in RESULT_SETTINGS}, rules_sha, key_id, __version__])
+
+
+def _model_version(weights_dir: Path) -> str:
+    """The manifest's model version (read without verifying checksums: those are checked when the
+    ensemble is loaded, which only happens when a study is to be processed)."""
+    try:
+        m = json.loads((Path(weights_dir) / "manifest.json").read_text(encoding="utf-8"))
+        return str(m.get("model_version") or m.get("version") or digest([m.get("files", {})])[:12])
+    except (OSError, ValueError) as exc:
+        raise EnvironmentBroken(f"weights manifest unreadable in {weights_dir}: {type(exc).__name__}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# the execution seam
+# ---------------------------------------------------------------------------------------------
+class InProcessExecutor(cf.Executor):
+    """The default execution seam: runs each submitted call at once in this process and returns a
+    finished :class:`concurrent.futures.Future` (``max_workers`` 1). A process pool or a
+    ``distributed.Client`` can stand in its place: they offer the same ``submit`` shape."""
+
+    _max_workers = 1
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[override]
+        fut: cf.Future = cf.Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - delivered through the future, as a pool would
+            fut.set_exception(exc)
+        return fut
+
+
+_WORKER_RESOURCES: dict[Settings, Resources] = {}
+
+
+def preprocess_task(study: Study, settings: Settings) -> StudyResult:
+    """One study's preprocessing as an executor task (top-level, picklable): the worker's
+    :class:`Resources` (rules, HD-BET networks) are loaded on its first task and kept for the next.
+
+    Raises
+    ------
+    EnvironmentBroken
+        The worker's installation cannot run any study.
+    """
+    res = _WORKER_RESOURCES.get(settings)
+    if res is None:
+        res = _WORKER_RESOURCES[settings] = Resources.load(settings, need_model=False)
+    return process_study(study, settings=settings, resources=res)
+
+
+# ---------------------------------------------------------------------------------------------
+# the self-test
+# ---------------------------------------------------------------------------------------------
+def self_test(resources: Resources) -> dict[str, float]:
+    """Run the whole chain's machinery once on a tiny generated study before the first real one.
+
+    Checks, in order: a 12-slice DICOM series written with pydicom (JPEG 2000 lossless when an
+    encoder is installed, else uncompressed) is discovered and converted (pixel decoders,
+    dicom2nifti); HD-BET's network runs on a small head-sized phantom; the ONNX ensemble (whose
+    SHA-256 checksums were verified when it was loaded) predicts a finite probability in [0, 1].
+    Returns the seconds per check.
+
+    Raises
+    ------
+    EnvironmentBroken
+        ``ENVIRONMENT_BROKEN`` naming the failed check: the run stops once with exit code 2
+        instead of every study failing the same way (``../shared/FAILURES.md`` kind 20).
+    """
+    import tempfile
+
+    import numpy as np
+
+    from ..stages.convert import convert_series
+    from ..stages.discover import discover
+    from ..study import Volume
+
+    secs: dict[str, float] = {}
+    t0 = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="recnec-selftest-") as tmp:
+            compressed = _write_selftest_dicom(Path(tmp))
+            found = discover(Path(tmp))
+            vol = convert_series(found[0].series[0], settings=resources.settings)
+            if tuple(np.shape(vol.data)) != (32, 32, 12) or float(np.max(vol.data)) <= 0:
+                raise RuntimeError(f"converted shape {np.shape(vol.data)}")
+        log.debug("self-test: DICOM %s series converted", "JPEG 2000" if compressed else "uncompressed")
+    except EnvironmentBroken:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure here means a broken installation
+        raise EnvironmentBroken(f"self-test failed: DICOM decode/convert ({type(exc).__name__}: {exc})") from None
+    secs["dicom"] = time.perf_counter() - t0
+    if resources.hdbet is not None:
+        t0 = time.perf_counter()
+        try:
+            g = np.mgrid[:64, :64, :64].astype(np.float32)
+            head = ((((g - 32) / np.array([26, 30, 24]).reshape(3, 1, 1, 1)) ** 2).sum(0) < 1).astype(np.float32)
+            aff = np.diag([2.5, 2.5, 2.5, 1.0])
+            mask = resources.hdbet.brain_mask(Volume(head * 100.0 + 1.0, aff))
+            if mask.shape != head.shape:
+                raise RuntimeError(f"mask shape {mask.shape}")
+        except Exception as exc:  # noqa: BLE001
+            raise EnvironmentBroken(f"self-test failed: HD-BET ({type(exc).__name__}: {exc})") from None
+        secs["hdbet"] = time.perf_counter() - t0
+    if resources.ensemble is not None:
+        t0 = time.perf_counter()
+        try:
+            pred = resources.ensemble.predict(np.zeros((1, *resources.spec.shape), dtype=np.float32))
+            p = float(pred.mean[0])
+            if not (0.0 <= p <= 1.0):
+                raise RuntimeError(f"probability {p}")
+        except Exception as exc:  # noqa: BLE001
+            raise EnvironmentBroken(f"self-test failed: ONNX ensemble ({type(exc).__name__}: {exc})") from None
+        secs["ensemble"] = time.perf_counter() - t0
+    log.info("self-test passed (%s)", ", ".join(f"{k} {v:.1f} s" for k, v in secs.items()))
+    return secs
+
+
+def _write_selftest_dicom(folder: Path) -> bool:
+    """A 32 x 32 x 12 MR series (axial, 1 x 1 x 2 mm) in ``folder``; True when JPEG 2000 encoded
+    (openjpeg refuses images smaller than 32 x 32)."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, MRImageStorage, generate_uid
+
+    study, series = generate_uid(), generate_uid()
+    compressed = True
+    for k in range(12):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.PatientID = "MR", "SELFTEST"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = study, series, 1, k + 1
+        ds.SeriesDescription = "T1 selftest"
+        ds.ImagePositionPatient = [0.0, 0.0, 2.0 * k]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.PixelSpacing, ds.SliceThickness = [1.0, 1.0], 2.0
+        ds.Rows = ds.Columns = 32
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        arr = (np.arange(1024, dtype=np.uint16).reshape(32, 32) + 10 * k + 1)
+        ds.PixelData = arr.tobytes()
+        if compressed:
+            try:
+                ds.compress(JPEG2000Lossless, arr, encoding_plugin="pylibjpeg")
+            except Exception:  # noqa: BLE001 - no encoder installed: test the uncompressed path
+                compressed = False
+                ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+                ds.PixelData = arr.tobytes()
+        ds.save_as(folder / f"{k:03d}.dcm", enforce_file_format=True)
+    return compressed
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+def scan(studies: Path, *, out: Path, settings: Settings, fmt: str = "csv", force: bool = False,
+         retry_failed: bool = False, dicom_locations: bool = False, executor: cf.Executor | None = None,
+         on_study_done: Callable[[StudyResult, Mapping[str, Any]], None] | None = None,
+         on_progress: Callable[[str, int, int], None] | None = None,
+         handle_signals: bool = True, run_self_test: bool = True,
+         now: Callable[[], float] = time.time) -> ScanSummary:
+    """Scan ``studies`` incrementally into the report ``out`` (see the module docstring).
+
+    Parameters
+    ----------
+    studies:
+        Folder of DICOM / NIfTI / NRRD studies; never written to.
+    out:
+        Report file (``fmt`` ``"csv"`` or ``"json"``); beside it ``<stem>.manifest.json``,
+        ``<stem>.log`` (written by the caller's logging set-up) and, unless
+        ``settings.state_file`` says otherwise, ``<stem>.state.sqlite``.
+    settings:
+        Resolved :class:`~recnec_cli.config.Settings` (``settle_minutes``, ``state_file``,
+        ``pseudonym_key_file`` included).
+    force / retry_failed:
+        Reprocess every study / only studies whose stored row is a failure, even if unchanged.
+    dicom_locations:
+        Report DICOM folders (off: export folder names may hold patient names).
+    executor:
+        Where studies are preprocessed (default :class:`InProcessExecutor`). At most
+        ``executor._max_workers`` studies are in flight at once.
+    on_study_done:
+        Called in this process with each finished :class:`StudyResult` and its report row, after
+        the row is committed to the state and the report regenerated.
+    on_progress:
+        Called with ``(study_id, done, total)`` when a study starts (done = finished so far).
+    handle_signals:
+        Install SIGINT / SIGTERM handlers for the run (main thread only) that stop the taking of new
+        studies; previous handlers are restored afterwards.
+    run_self_test:
+        Run :func:`self_test` after loading the models (only when a study is to be processed).
+    now:
+        Clock in seconds since the epoch (for deferral; tests pass their own).
+
+    Returns
+    -------
+    ScanSummary
+
+    Raises
+    ------
+    UsageError
+        Bad paths (see :func:`check_scan_paths`), a broken rules file or state file.
+    StateLocked
+        Another run holds the state.
+    EnvironmentBroken
+        Missing / tampered weights or a failed self-test: nothing is processed.
+    DiscoveryError
+        ``NO_IMAGE_FOUND`` / ``NO_IMAGE_DICOM_FOUND`` when the tree holds no image at all.
+    """
+    from filelock import FileLock, Timeout
+
+    t_start = time.perf_counter()
+    studies = Path(studies).expanduser()
+    check_scan_paths(studies, out=out, settings=settings)
+    if fmt not in ("csv", "json"):
+        raise UsageError(f"report format must be csv or json, got {fmt!r}")
+    paths = output_paths(out, settings)
+    paths["state"].parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(paths["lock"]), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise StateLocked(f"another recnec scan is running on the state {paths['state']} (lock "
+                          f"{paths['lock'].name}); this run did nothing") from None
+    try:
+        _remove_stale_temporaries([paths["report"], paths["manifest"]])
+        with ScanState(paths["state"]) as state:
+            return _run(studies, paths=paths, settings=settings, fmt=fmt, force=force, retry_failed=retry_failed,
+                        dicom_locations=dicom_locations, executor=executor, on_study_done=on_study_done,
+                        on_progress=on_progress, handle_signals=handle_signals, run_self_test=run_self_test,
+                        now=now, state=state, t_start=t_start)
+    finally:
+        lock.release()
+
+
+def _remove_stale_temporaries(targets: Iterable[Path]) -> None:
+    """Remove ``.<name>.*.tmp`` files that :func:`~recnec_cli.orchestration.report.atomic_write_text`
+    leaves when a process is killed mid-write (only ever our own names)."""
+    for target in targets:
+        folder = target.parent
+        if not folder.is_dir():
+            continue
+        for p in folder.glob(f".{target.name}.*.tmp"):
+            try:
+                p.unlink()
+                log.info("removed a temporary file left by a killed run: %s", p.name)
+            except OSError:
+                pass
+
+
+class _Stop:
+    """SIGINT / SIGTERM -> stop taking new studies (a second signal interrupts at once)."""
+
+    def __init__(self, install: bool) -> None:
+        self.reason = ""
+        self._old: dict[int, Any] = {}
+        if install and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.reason:
+            raise KeyboardInterrupt(name)
+        self.reason = name
+        log.warning("%s received: no new studies are started; finishing the current one, then writing "
+                    "the report (send it again to stop at once; finished studies are kept either way)", name)
+
+    def __bool__(self) -> bool:
+        return bool(self.reason)
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _run(studies: Path, *, paths: dict[str, Path], settings: Settings, fmt: str, force: bool, retry_failed: bool,
+         dicom_locations: bool, executor: cf.Executor | None, on_study_done, on_progress, handle_signals: bool,
+         run_self_test: bool, now: Callable[[], float], state: ScanState, t_start: float) -> ScanSummary:
+    from ..pseudonym import load_key
+    from ..stages.discover import discover
+
+    started = datetime.now(timezone.utc)
+    run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    key = load_key(settings.pseudonym_key_file)
+    model_version = _model_version(settings.weights_dir)
+    root_key = str(studies.resolve())
+
+    # ---- discovery (stat listing first: an unchanged tree opens no file)
+    listing = tree_listing(studies)
+    listing_sha = digest([sorted(listing.items()), key.key_id])
+    found = state.cached_discovery(root_key, listing_sha, __version__)
+    if found is None:
+        log.info("discovering studies under the input tree (%d files)", len(listing))
+        found = discover(studies, pseudonym_key=key)
+        state.store_discovery(root_key, listing_sha, found, __version__)
+    else:
+        log.info("input tree unchanged since the last run (%d files): discovery reused", len(listing))
+    log.info("found %d studies", len(found))
+    state.start_run(run_id, started_utc=_iso(started), input_root=root_key, report=str(paths["report"].resolve()))
+    n_absent = state.mark_presence([s.study_id for s in found], run_id)
+
+    # ---- partition: deferred / unchanged / to process
+    settle_s = settings.settle_minutes * 60.0
+    t_now = now()
+    newest_by_folder = folder_newest_mtimes(listing)
+    todo: list[tuple[Study, str]] = []
+    counts = {"found": len(found), "processed": 0, "unchanged": 0, "deferred": 0, "failed": 0,
+              "not_present": n_absent}
+    for study in found:
+        files, latest_ns = _study_files(study, studies, listing, newest_by_folder, settings)
+        fp = study_fingerprint(study, files, settings=settings, model_version=model_version, key_id=key.key_id)
+        age = t_now - max(latest_ns, 0) / 1e9
+        if settle_s > 0 and age < settle_s and -age < FUTURE_MTIME_TOLERANCE_S:
+            counts["deferred"] += 1
+            _defer(state, study, age, settings, run_id, dicom_locations=dicom_locations)
+            continue
+        if -age >= FUTURE_MTIME_TOLERANCE_S:
+            log.warning("study %s: a file's modification time lies %.0f h in the future (clock problem?); "
+                        "scanned without waiting", study_key(study), -age / 3600)
+        stored = state.get(study.study_id)
+        if (stored is not None and stored.fingerprint == fp and not force
+                and not (retry_failed and stored.status not in NOT_FAILED)):
+            counts["unchanged"] += 1
+            continue
+        todo.append((study, fp))
+    log.info("%d to process, %d unchanged, %d deferred (settle time %.1f min), %d no longer present",
+             len(todo), counts["unchanged"], counts["deferred"], settings.settle_minutes, n_absent)
+
+    ctx = _RunContext(state=state, paths=paths, settings=settings, fmt=fmt, run_id=run_id, started=started,
+                      root=root_key, model_version=model_version, key_id=key.key_id)
+    stop = _Stop(handle_signals)
+    try:
+        if todo:
+            _process(todo, ctx=ctx, counts=counts, executor=executor, stop=stop, on_study_done=on_study_done,
+                     on_progress=on_progress, dicom_locations=dicom_locations, run_self_test=run_self_test)
+    except RecnecError as exc:  # models, weights or self-test: nothing was processed (exit code 2)
+        state.finish_run(run_id, finished_utc=_iso(datetime.now(timezone.utc)), summary=counts,
+                         exit_code=EXIT_USAGE, stop_reason=exc.code)
+        raise
+    finally:
+        stop.restore()
+    rows = ctx.write_outputs()
+    present = {s.study_id for s in found}
+    if stop.reason:
+        code = EXIT_SIGINT if stop.reason == "SIGINT" else EXIT_SIGTERM
+    else:
+        failed_rows = [r for r in rows if r["study_id"] in present and r["status"] not in NOT_FAILED]
+        code = EXIT_STUDY_FAILED if failed_rows else EXIT_OK
+    seconds = time.perf_counter() - t_start
+    state.finish_run(run_id, finished_utc=_iso(datetime.now(timezone.utc)), summary={**counts, "seconds": round(seconds, 3)},
+                     exit_code=code, stop_reason=stop.reason)
+    ctx.write_outputs()
+    summary = ScanSummary(run_id=run_id, exit_code=code, counts=counts, seconds=seconds, report=paths["report"],
+                          manifest=paths["manifest"], state=paths["state"], log_file=paths["log"], rows=rows,
+                          stop_reason=stop.reason)
+    (log.warning if stop.reason else log.info)("%s", summary.line())
+    return summary
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(timezone.utc).isoformat(timespec="seconds")
+
+
+def _defer(state: ScanState, study: Study, age_s: float, settings: Settings, run_id: str, *,
+           dicom_locations: bool) -> None:
+    """Record a study as DEFERRED (fingerprint NULL: a later run processes it). A row from an
+    earlier run is kept as it is (people may have acted on it); only its fingerprint is cleared."""
+    stored = state.get(study.study_id)
+    msg = (f"a file was modified {max(age_s, 0) / 60:.1f} min ago (settle time {settings.settle_minutes:g} min): "
+           "the export may still be in progress; a later run scans it")
+    log.info("study %s DEFERRED: %s", study_key(study), msg)
+    if stored is not None and stored.status != "DEFERRED":
+        state.put(study.study_id, fingerprint=None, status=stored.status, row=stored.row, run_id=stored.run_id,
+                  processed_utc=stored.processed_utc)
+        return
+    r = StudyResult(study=study, status="DEFERRED", error_code="", error_message=msg, failed_stage="")
+    row = result_row(r, threshold=None, model_version="", dicom_locations=dicom_locations)
+    t = _iso(datetime.now(timezone.utc))
+    state.put(study.study_id, fingerprint=None, status="DEFERRED", row=row, run_id=run_id, processed_utc=t)
+
+
+@dataclass
+class _RunContext:
+    state: ScanState
+    paths: dict[str, Path]
+    settings: Settings
+    fmt: str
+    run_id: str
+    started: datetime
+    root: str
+    model_version: str
+    key_id: str
+    ensemble: Any = None
+    decoders: Mapping[str, bool] = field(default_factory=dict)
+    self_test_s: Mapping[str, float] = field(default_factory=dict)
+
+    def write_outputs(self) -> list[dict[str, Any]]:
+        """Regenerate the report and the manifest from the state; atomically replaced."""
+        stored = self.state.all()
+        rows = [report_row(s) for s in stored]
+        write_report(self.paths["report"], rows, fmt=self.fmt)
+        manifest = run_manifest(settings_dict=self.settings.to_dict(), ensemble=self.ensemble, rows=rows,
+                                started=self.started, finished=datetime.now(timezone.utc), input_root=self.root,
+                                report_path=str(self.paths["report"].resolve()),
+                                n_discovered=sum(s.present for s in stored), decoders=dict(self.decoders))
+        manifest.update(run_id=self.run_id, state=str(self.paths["state"].resolve()),
+                        pseudonym_key_id=self.key_id, self_test_seconds=dict(self.self_test_s),
+                        runs=self.state.runs(limit=10))
+        if self.ensemble is None:
+            manifest["model_version"] = self.model_version
+        atomic_write_text(self.paths["manifest"], json.dumps(manifest, indent=2, default=str) + "\n")
+        return rows
+
+
+def report_row(s: StoredStudy) -> dict[str, Any]:
+    """The report row of a stored study: its row plus ``run_id``, ``processed_utc`` and
+    ``present_in_tree`` (``no`` for a study that disappeared from the tree: its last row is kept)."""
+    row = {c: "" for c in COLUMNS}
+    row.update(s.row)
+    row["run_id"], row["processed_utc"] = s.run_id, s.processed_utc
+    row["present_in_tree"] = "yes" if s.present else "no"
+    row["disclaimer"] = ROW_DISCLAIMER
+    return row
+
+
+def _process(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dict[str, int],
+             executor: cf.Executor | None, stop: _Stop, on_study_done, on_progress, dicom_locations: bool,
+             run_self_test: bool) -> None:
+    s = ctx.settings
+    log.info("loading models (HD-BET %s%s, ONNX ensemble from %s)", s.hdbet_mode, "+TTA" if s.hdbet_tta else "",
+             s.weights_dir)
+    resources = Resources.load(s)
+    ens = resources.ensemble
+    ctx.ensemble, ctx.decoders = ens, resources.decoders
+    log.info("ensemble %s: %d models, provider %s, threshold %.3f", ens.model_version, ens.n_models, ens.provider,
+             ens.threshold)
+    if run_self_test:
+        ctx.self_test_s = self_test(resources)
+    ctx.write_outputs()  # deferred / absent studies show at once, before the first long study
+    if executor is None:
+        executor = InProcessExecutor()
+        _WORKER_RESOURCES[s] = resources  # in-process tasks share the models just loaded
+    max_in_flight = max(1, int(getattr(executor, "_max_workers", 1) or 1))
+    fingerprints = {st.study_id: fp for st, fp in todo}
+    queue = list(todo)
+    in_flight: dict[cf.Future, Study] = {}
+    ready: list[tuple[StudyResult, float]] = []
+    done = [0]
+
+    def finish(r: StudyResult) -> None:
+        row = result_row(r, threshold=ens.threshold, model_version=ens.model_version, dicom_locations=dicom_locations)
+        ctx.state.put(r.study.study_id, fingerprint=fingerprints[r.study.study_id], status=r.status, row=row,
+                      run_id=ctx.run_id, processed_utc=_iso(datetime.now(timezone.utc)))
+        counts["processed"] += 1
+        if not r.ok:
+            counts["failed"] += 1
+        done[0] += 1
+        msg = (f"p_recurrence={row['p_recurrence']} label={row['label']}" if r.ok
+               else r.error_message if r.error_message.startswith(r.error_code) else f"{r.error_code}: {r.error_message}")
+        log.info("[%d/%d] %s %s %s (%.1f s)", done[0], len(todo), row["study_id"], r.status, msg,
+                 r.timings.get("total", 0.0))
+        ctx.write_outputs()
+        if on_study_done is not None:
+            on_study_done(r, report_row(ctx.state.get(r.study.study_id)))  # type: ignore[arg-type]
+
+    def flush() -> None:
+        batch = [r for r, _ in ready]
+        ready.clear()
+        infer_batch(batch, ensemble=ens)
+        for r in batch:
+            finish(r)
+
+    while True:
+        while queue and not stop and len(in_flight) < max_in_flight:
+            study, _ = queue.pop(0)
+            if on_progress is not None:
+                on_progress(study.study_id, done[0], len(todo))
+            in_flight[executor.submit(preprocess_task, study, s)] = study
+        if not in_flight:
+            break
+        finished, _ = cf.wait(list(in_flight), return_when=cf.FIRST_COMPLETED)
+        for fut in finished:
+            study = in_flight.pop(fut)
+            try:
+                r = fut.result()
+            except EnvironmentBroken:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a lost worker or task: this study's error row
+                r = StudyResult(study=study, status="INTERNAL_ERROR", error_code="INTERNAL_ERROR",
+                                error_message=f"unexpected {type(exc).__name__} in the executor; see the debug log",
+                                failed_stage="preprocess")
+                log.debug("executor error for study %s", study_key(study), exc_info=True)
+            if r.ok:
+                ready.append((r, time.perf_counter()))
+            else:
+                finish(r)
+        waited = time.perf_counter() - ready[0][1] if ready else 0.0
+        # run the ensemble when the batch is full, when nothing else is being preprocessed (waiting
+        # would only delay the commit), or when the oldest ready study has waited BATCH_WAIT_S
+        if ready and (len(ready) >= s.batch_size or not in_flight or waited >= BATCH_WAIT_S):
+            flush()
+    if ready:
+        flush()
+    if stop and queue:
+        log.warning("%d studies not started because of %s; a later run scans them", len(queue), stop.reason)

@@ -1,0 +1,124 @@
+"""Small head phantoms for the nightly-run tests, and a stand-in for HD-BET.
+
+A phantom study is a BIDS-named NIfTI folder (``sub-X_T1w``, ``sub-X_T2w``,
+``sub-X_ce-gadolinium_T1w``) on a 72 x 72 x 48 grid of 2.5 mm voxels (RAS+, centred on the world
+origin): an ellipsoid brain (radii 65 / 80 / 55 mm, ~1,200 mL), a skull shell, and a spherical
+lesion of radius 9 mm that enhances on the T1ce. It runs through every real stage (discovery,
+classification, conversion, registration, lesion detection, model input, ONNX ensemble) in a
+second or two; only HD-BET, which is slow and not ours, is replaced by :class:`FakeHdBet`, whose
+mask is the phantom's brain ellipsoid in world coordinates.
+
+:data:`FAKE_HDBET_SCRIPT` runs a scan in a child process with the fake installed, for tests that
+kill or race real processes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHAPE = (72, 72, 48)
+VOXEL_MM = 2.5
+BRAIN_RADII_MM = (65.0, 80.0, 55.0)
+
+
+def phantom_affine() -> np.ndarray:
+    aff = np.diag([VOXEL_MM, VOXEL_MM, VOXEL_MM, 1.0])
+    aff[:3, 3] = -(np.asarray(SHAPE) - 1) / 2.0 * VOXEL_MM
+    return aff
+
+
+def _world(shape, affine) -> np.ndarray:
+    ijk = np.indices(shape).reshape(3, -1)
+    return (affine[:3, :3] @ ijk + affine[:3, 3:4]).reshape(3, *shape)
+
+
+def brain_ellipsoid(shape, affine) -> np.ndarray:
+    """bool ``shape``: voxels whose world centre (mm, RAS+) lies in the brain ellipsoid."""
+    xyz = _world(shape, np.asarray(affine, dtype=float))
+    r = np.asarray(BRAIN_RADII_MM).reshape(3, 1, 1, 1)
+    return ((xyz / r) ** 2).sum(0) <= 1.0
+
+
+def write_phantom_study(folder: Path, name: str, *, lesion_ras_mm=(30.0, 10.0, 5.0), seed: int = 0) -> Path:
+    """Write one phantom study into ``folder/name`` and return that folder."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed)
+    aff = phantom_affine()
+    xyz = _world(SHAPE, aff)
+    r = np.asarray(BRAIN_RADII_MM).reshape(3, 1, 1, 1)
+    rho = np.sqrt(((xyz / r) ** 2).sum(0))
+    brain = rho <= 1.0
+    skull = (rho > 1.05) & (rho <= 1.18)
+    lesion = np.sqrt(((xyz - np.asarray(lesion_ras_mm).reshape(3, 1, 1, 1)) ** 2).sum(0)) <= 9.0
+    out = Path(folder) / name
+    out.mkdir(parents=True, exist_ok=True)
+    # grey / white texture so that registration has something to hold on to
+    texture = np.sin(xyz[0] / 7.0) * np.cos(xyz[1] / 9.0) * np.sin(xyz[2] / 5.0)
+    vols = {}
+    for role, (b, s, les) in {"T1w": (100.0, 160.0, 90.0), "T2w": (60.0, 30.0, 140.0),
+                              "ce-gadolinium_T1w": (100.0, 160.0, 260.0)}.items():
+        v = np.zeros(SHAPE, np.float32)
+        v[brain] = b * (1.0 + 0.15 * texture[brain])
+        v[skull] = s
+        v[lesion & brain] = les
+        v += rng.normal(0, 2.0, SHAPE).astype(np.float32)
+        v = np.clip(v, 0, None)
+        vols[role] = v
+        nib.save(nib.Nifti1Image(v, aff), str(out / f"{name}_{role}.nii.gz"))
+    return out
+
+
+class FakeHdBet:
+    """Stands in for :class:`recnec_cli.stages.skullstrip.HdBet`: the brain ellipsoid of the phantom.
+
+    ``calls`` counts :meth:`brain_mask` calls; ``sleep_s`` makes each call take that long (for
+    tests that must kill or signal a run while a study is in progress).
+    """
+
+    def __init__(self, sleep_s: float = 0.0) -> None:
+        self.calls = 0
+        self.sleep_s = sleep_s
+
+    def brain_mask(self, volume) -> np.ndarray:  # noqa: ANN001
+        self.calls += 1
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+        return brain_ellipsoid(np.shape(volume.data), np.asarray(volume.affine, dtype=float))
+
+
+def install_fake_hdbet(monkeypatch, sleep_s: float = 0.0) -> FakeHdBet:
+    """Make every recnec HD-BET lookup return one :class:`FakeHdBet` (returned)."""
+    from recnec_cli.stages import skullstrip
+
+    fake = FakeHdBet(sleep_s)
+    monkeypatch.setattr(skullstrip, "get_hdbet", lambda **kw: fake)
+    return fake
+
+
+#: ``python -c FAKE_HDBET_SCRIPT STUDIES OUT SLEEP_S [extra scan kwargs as JSON]``: a scan with
+#: the fake HD-BET in a child process; exits with the scan's exit code.
+FAKE_HDBET_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[5])
+import phantoms
+from recnec_cli.stages import skullstrip
+fake = phantoms.FakeHdBet(float(sys.argv[3]))
+skullstrip.get_hdbet = lambda **kw: fake
+from recnec_cli.config import resolve_settings
+from recnec_cli.errors import RecnecError
+from recnec_cli.orchestration.scan import scan
+extra = json.loads(sys.argv[4])
+settings = resolve_settings(extra.pop("settings", {}))
+try:
+    summary = scan(Path(sys.argv[1]), out=Path(sys.argv[2]), settings=settings, **extra)
+except RecnecError as exc:
+    print(exc.code, flush=True)
+    sys.exit(75 if exc.code == "STATE_LOCKED" else 2)
+print(summary.line(), flush=True)
+sys.exit(summary.exit_code)
+"""

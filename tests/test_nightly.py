@@ -1,0 +1,317 @@
+"""Nightly unattended runs: incremental state, kill safety, locks, deferral, signals, path guards.
+
+Studies are small phantoms (``tests/phantoms.py``) that go through every real stage except HD-BET,
+which is replaced by the phantom's known brain (slow and not ours). Runs that must be killed or
+raced happen in child processes (``phantoms.FAKE_HDBET_SCRIPT``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import phantoms
+from recnec_cli.cli.main import app
+from recnec_cli.config import resolve_settings
+from recnec_cli.orchestration import scan as scan_mod
+from recnec_cli.orchestration.scan import EXIT_LOCKED, scan
+
+TESTS = Path(__file__).resolve().parent
+HOUR_AGO = time.time() - 3600
+
+
+@pytest.fixture(scope="module")
+def phantom_tree(tmp_path_factory) -> Path:
+    """Four phantom studies (lesions at different places), files dated an hour ago."""
+    root = tmp_path_factory.mktemp("phantoms") / "studies"
+    for i in range(4):
+        phantoms.write_phantom_study(root, f"sub-{i:02d}", lesion_ras_mm=(30.0 - 20 * i, 10.0, 5.0), seed=i)
+    _age(root)
+    return root
+
+
+def _age(root: Path, t: float = HOUR_AGO) -> None:
+    for p in root.rglob("*"):
+        os.utime(p, (t, t))
+
+
+def _copy(tree: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "studies"
+    shutil.copytree(tree, dst)
+    _age(dst)
+    return dst
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _settings(**kw):
+    return resolve_settings({"threads": 1, "grid_spacing_mm": 2.0, **kw})
+
+
+def _child(studies: Path, out: Path, sleep_s: float, **extra) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    extra.setdefault("settings", {"threads": 1, "grid_spacing_mm": 2.0})
+    return subprocess.Popen([sys.executable, "-c", phantoms.FAKE_HDBET_SCRIPT, str(studies), str(out), str(sleep_s),
+                             json.dumps(extra), str(TESTS)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _state_rows(state: Path) -> list[tuple[str, str, str]]:
+    if not state.exists():
+        return []
+    try:
+        with sqlite3.connect(str(state), timeout=5) as db:
+            return db.execute("SELECT study_id, status, run_id FROM studies").fetchall()
+    except sqlite3.OperationalError:  # tables not created yet
+        return []
+
+
+def _wait_for(cond, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    t0 = time.time()
+    while not cond():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"child ended early ({proc.returncode}): {proc.stdout.read()}")
+        if time.time() - t0 > timeout_s:
+            raise AssertionError("timed out")
+        time.sleep(0.1)
+
+
+def test_sigkill_then_rerun_loses_nothing_and_redoes_nothing(phantom_tree, tmp_path):
+    studies = _copy(phantom_tree, tmp_path)
+    out = tmp_path / "out" / "report.csv"
+    state = out.with_name("report.state.sqlite")
+    proc = _child(studies, out, sleep_s=2.0)
+    _wait_for(lambda: len(_state_rows(state)) >= 2, 180, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    before = {sid: run for sid, status, run in _state_rows(state)}
+    assert 2 <= len(before) < 4, before
+    assert all(status == "OK" for _, status, _ in _state_rows(state))
+    # the report written before the kill is whole (regenerated from the state, atomically)
+    assert {r["study_id"] for r in _rows(out)} <= set(before) | set()
+    summary = scan(studies, out=out, settings=_settings(), handle_signals=False)
+    assert summary.exit_code == 0, summary.line()
+    rows = _rows(out)
+    assert sorted(r["study_id"] for r in rows) == [f"sub-{i:02d}" for i in range(4)]  # each once
+    assert summary.counts["processed"] == 4 - len(before) and summary.counts["unchanged"] == len(before)
+    for r in rows:  # finished before the kill: not processed again (row of the killed run)
+        if r["study_id"] in before:
+            assert r["run_id"] == before[r["study_id"]]
+        else:
+            assert r["run_id"] == summary.run_id
+    assert not list(out.parent.glob(".*.tmp")), "temporary files left behind"
+    with sqlite3.connect(str(state)) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        runs = db.execute("SELECT run_id, finished_utc FROM runs ORDER BY started_utc").fetchall()
+    assert runs[0][1] is None and runs[-1][1] is not None  # the killed run stays marked unfinished
+
+
+def test_second_run_on_the_same_state_exits_at_once(phantom_tree, tmp_path):
+    studies = _copy(phantom_tree, tmp_path)
+    out = tmp_path / "report.csv"
+    state = tmp_path / "report.state.sqlite"
+    proc = _child(studies, out, sleep_s=30.0)
+    try:
+        # the lock is taken before the state is opened; the first committed run row proves both
+        _wait_for(lambda: state.exists() and _has_run(state), 120, proc)
+        t0 = time.perf_counter()
+        res = CliRunner().invoke(app, ["scan", str(studies), "--out", str(out), "--quiet"])
+        elapsed = time.perf_counter() - t0
+        assert res.exit_code == EXIT_LOCKED == 75, res.output
+        assert "another recnec scan is running" in res.output
+        assert elapsed < 10
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+def _has_run(state: Path) -> bool:
+    try:
+        with sqlite3.connect(str(state), timeout=5) as db:
+            return db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] > 0
+    except sqlite3.OperationalError:
+        return False
+
+
+def test_touched_study_is_deferred_then_scanned_after_the_settle_time(phantom_tree, tmp_path, monkeypatch):
+    phantoms.install_fake_hdbet(monkeypatch)
+    studies = _copy(phantom_tree, tmp_path)
+    out = tmp_path / "report.csv"
+    touched = next((studies / "sub-01").glob("*T2w*"))
+    os.utime(touched)  # modified now: an export still being copied
+    monkeypatch.setenv("RECNEC_THREADS", "1")
+    args = ["scan", str(studies), "--out", str(out), "--settle-minutes", "0.05", "--grid-spacing", "2"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output  # deferred is not a failure
+    by = {r["study_id"]: r for r in _rows(out)}
+    assert by["sub-01"]["status"] == "DEFERRED" and "settle time" in by["sub-01"]["error_message"]
+    assert all(by[s]["status"] == "OK" for s in ("sub-00", "sub-02", "sub-03"))
+    time.sleep(3.2)  # 0.05 min
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    by2 = {r["study_id"]: r for r in _rows(out)}
+    assert by2["sub-01"]["status"] == "OK"
+    assert all(by2[s]["run_id"] == by[s]["run_id"] for s in ("sub-00", "sub-02", "sub-03"))  # not redone
+    assert "deferred 0" in res.output and "processed 1" in res.output
+
+
+def test_default_settle_time_defers_fresh_exports(phantom_tree, tmp_path, monkeypatch):
+    monkeypatch.delenv("RECNEC_SETTLE_MINUTES")
+    studies = _copy(phantom_tree, tmp_path)
+    _age(studies, time.time() - 120)  # two minutes old: under the default 10
+    monkeypatch.setattr(scan_mod.Resources, "load", _refuse)
+    summary = scan(studies, out=tmp_path / "r.csv", settings=_settings(), handle_signals=False)
+    assert summary.counts["deferred"] == 4 and summary.counts["processed"] == 0
+
+
+def _refuse(*a, **k):
+    raise AssertionError("models must not be loaded")
+
+
+def test_unchanged_tree_opens_no_file_and_changes_are_picked_up(phantom_tree, tmp_path, monkeypatch):
+    fake = phantoms.install_fake_hdbet(monkeypatch)
+    studies = _copy(phantom_tree, tmp_path)
+    out = tmp_path / "r.csv"
+    first = scan(studies, out=out, settings=_settings(), handle_signals=False)
+    assert first.counts["processed"] == 4 and first.exit_code == 0
+    calls = fake.calls
+    # no-op re-run: models never loaded, no input file opened (discovery reused from the stat listing)
+    opened: list[str] = []
+    real_open = open
+
+    def counting_open(file, *a, **k):
+        if str(file).startswith(str(studies)):
+            opened.append(str(file))
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    monkeypatch.setattr(scan_mod.Resources, "load", _refuse)
+    again = scan(studies, out=out, settings=_settings(), handle_signals=False)
+    monkeypatch.undo()
+    fake = phantoms.install_fake_hdbet(monkeypatch)
+    assert again.counts == {**again.counts, "processed": 0, "unchanged": 4}
+    assert opened == [] and fake.calls == 0
+    # a replaced file: only that study again
+    t1 = next((studies / "sub-02").glob("*_T1w.nii.gz"))
+    data = t1.read_bytes()
+    t1.write_bytes(data)
+    os.utime(t1, (HOUR_AGO + 60, HOUR_AGO + 60))
+    third = scan(studies, out=out, settings=_settings(), handle_signals=False)
+    assert third.counts["processed"] == 1 and third.counts["unchanged"] == 3
+    # a result-changing setting: everything again; --force too
+    fourth = scan(studies, out=out, settings=_settings(hdbet_mode="accurate"), handle_signals=False)
+    assert fourth.counts["processed"] == 4
+    fifth = scan(studies, out=out, settings=_settings(hdbet_mode="accurate"), force=True, handle_signals=False)
+    assert fifth.counts["processed"] == 4
+    assert calls > 0
+    rows = _rows(out)
+    assert len(rows) == 4 and {r["run_id"] for r in rows} == {fifth.run_id}
+
+
+def test_failed_rows_retried_only_on_request_and_vanished_studies_kept(phantom_tree, tmp_path, monkeypatch):
+    phantoms.install_fake_hdbet(monkeypatch)
+    studies = _copy(phantom_tree, tmp_path)
+    for f in (studies / "sub-03").glob("*T2w*"):
+        f.unlink()  # MISSING_ROLE: T2
+    out = tmp_path / "r.csv"
+    first = scan(studies, out=out, settings=_settings(), handle_signals=False)
+    assert first.exit_code == 1 and first.counts["failed"] == 1
+    again = scan(studies, out=out, settings=_settings(), handle_signals=False)
+    assert again.counts["processed"] == 0 and again.exit_code == 1  # the failure is still in the report
+    retried = scan(studies, out=out, settings=_settings(), retry_failed=True, handle_signals=False)
+    assert retried.counts["processed"] == 1
+    shutil.rmtree(studies / "sub-00")
+    gone = scan(studies, out=out, settings=_settings(), handle_signals=False)
+    assert gone.counts["not_present"] == 1 and gone.counts["found"] == 3
+    by = {r["study_id"]: r for r in _rows(out)}
+    assert by["sub-00"]["present_in_tree"] == "no" and by["sub-00"]["status"] == "OK"  # last row kept
+    res = CliRunner().invoke(app, ["status", "--state", str(tmp_path / "r.state.sqlite"), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    assert info["status_counts"] == {"OK": 2, "MISSING_ROLE": 1} and info["not_present"] == 1
+    assert [f["study_id"] for f in info["failed"]] == ["sub-03"] and "T2" in info["failed"][0]["error_message"]
+    assert len(info["runs"]) == 4 and info["runs"][0]["summary"]["not_present"] == 1
+
+
+def test_sigterm_stops_taking_studies_and_keeps_what_is_done(phantom_tree, tmp_path):
+    studies = _copy(phantom_tree, tmp_path)
+    out = tmp_path / "report.csv"
+    state = tmp_path / "report.state.sqlite"
+    proc = _child(studies, out, sleep_s=2.0)
+    _wait_for(lambda: len(_state_rows(state)) >= 1, 180, proc)
+    proc.send_signal(signal.SIGTERM)
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, text
+    rows = _rows(out)
+    assert 1 <= len(rows) < 4 and all(r["status"] == "OK" for r in rows)
+    assert "stopped by SIGTERM" in text
+
+
+def test_env_paths_get_the_cli_checks(phantom_tree, tmp_path, monkeypatch):
+    studies = _copy(phantom_tree, tmp_path)
+    out = tmp_path / "r.csv"
+    monkeypatch.setenv("RECNEC_KEEP_INTERMEDIATE_DIR", str(studies / "qc"))
+    res = CliRunner().invoke(app, ["scan", str(studies), "--out", str(out)])
+    assert res.exit_code == 2 and "RECNEC_KEEP_INTERMEDIATE_DIR" in res.output and "inside the input tree" in res.output
+    assert not (studies / "qc").exists()
+    monkeypatch.delenv("RECNEC_KEEP_INTERMEDIATE_DIR")
+    monkeypatch.setenv("RECNEC_LESION_MASKS_DIR", "/nonexistent")
+    res = CliRunner().invoke(app, ["scan", str(studies), "--out", str(out)])
+    assert res.exit_code == 2 and "RECNEC_LESION_MASKS_DIR" in res.output and "not a folder" in res.output
+    monkeypatch.delenv("RECNEC_LESION_MASKS_DIR")
+    monkeypatch.setenv("RECNEC_STATE_FILE", str(studies / "state.sqlite"))
+    res = CliRunner().invoke(app, ["scan", str(studies), "--out", str(out)])
+    assert res.exit_code == 2 and "inside the input tree" in res.output
+    assert not out.exists()
+
+
+def test_empty_tree_exits_before_models_are_loaded(tmp_path, monkeypatch):
+    (tmp_path / "studies").mkdir()
+    (tmp_path / "studies" / "README.txt").write_text("nothing here")
+    monkeypatch.setattr(scan_mod.Resources, "load", _refuse)
+    res = CliRunner().invoke(app, ["scan", str(tmp_path / "studies"), "--out", str(tmp_path / "r.csv")])
+    assert res.exit_code == 2 and "NO_IMAGE" in res.output
+
+
+def test_failed_self_test_stops_the_run_once(phantom_tree, tmp_path, monkeypatch):
+    phantoms.install_fake_hdbet(monkeypatch)
+    studies = _copy(phantom_tree, tmp_path)
+
+    def broken(*a, **k):
+        raise ImportError("openjpeg plugin missing")
+
+    monkeypatch.setattr("recnec_cli.stages.convert.convert_series", broken)
+    res = CliRunner().invoke(app, ["scan", str(studies), "--out", str(tmp_path / "r.csv")])
+    assert res.exit_code == 2, res.output
+    assert "ENVIRONMENT_BROKEN" in res.output and "self-test failed: DICOM" in res.output
+    assert not (tmp_path / "r.csv").exists()  # no row of 4 identical errors
+    log_text = (tmp_path / "r.log").read_text()
+    assert "self-test failed" in log_text
+
+
+def test_cron_output_is_plain_lines_with_one_summary_and_logs_rotate(phantom_tree, tmp_path, monkeypatch):
+    phantoms.install_fake_hdbet(monkeypatch)
+    studies = _copy(phantom_tree, tmp_path)
+    out = tmp_path / "r.csv"
+    for _ in range(2):
+        res = CliRunner().invoke(app, ["scan", str(studies), "--out", str(out), "--grid-spacing", "2", "--quiet"])
+        assert res.exit_code == 0, res.output
+    assert "\x1b[" not in res.output  # no colours or progress bars when stderr is not a terminal
+    log_now, log_prev = out.with_suffix(".log").read_text(), Path(str(out.with_suffix(".log")) + ".1").read_text()
+    assert "processed 4" in log_prev and "processed 0, unchanged 4" in log_now
+    assert sum("recnec scan " in line and "found 4" in line for line in log_now.splitlines()) == 1
+    assert [line for line in res.output.splitlines() if "found 4" in line] == [res.output.strip().splitlines()[-1]]
