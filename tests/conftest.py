@@ -3,6 +3,7 @@ beside the repository) and tests that need it skip with a clear reason when it i
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -39,3 +40,49 @@ def _site_key_and_settle(tmp_path_factory):
         mp.setenv("RECNEC_PSEUDONYM_KEY_FILE", str(tmp_path_factory.mktemp("key") / "pseudonym.key"))
         mp.setenv("RECNEC_SETTLE_MINUTES", "0")
         yield
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_unavailable_reason() -> str | None:
+    """Why ONNX Runtime cannot run on a CUDA device here (``None`` when it can).
+
+    ``CUDAExecutionProvider`` in ``get_available_providers()`` only says that onnxruntime-gpu is
+    installed; a one-node session then shows whether a device and the CUDA / cuDNN libraries are
+    really there (otherwise ONNX Runtime silently falls back to the CPU provider).
+    """
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError as exc:
+        return f"not installed: {exc}"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return f"this onnxruntime has no CUDAExecutionProvider ({ort.get_available_providers()})"
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), sess_options=so,
+                                    providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        return f"CUDAExecutionProvider failed to start: {type(exc).__name__}: {exc}"
+    if sess.get_providers()[0] != "CUDAExecutionProvider":
+        return ("CUDAExecutionProvider is installed but fell back to the CPU "
+                "(no device, or no CUDA / cuDNN libraries)")
+    return None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``@pytest.mark.gpu`` tests skip, with the reason, where CUDA cannot be used; with
+    ``RECNEC_REQUIRE_GPU=1`` (a GPU CI job) they fail instead, so a broken GPU setup is not a skip."""
+    if item.get_closest_marker("gpu") is None:
+        return
+    reason = cuda_unavailable_reason()
+    if reason is None:
+        return
+    if os.environ.get("RECNEC_REQUIRE_GPU") == "1":
+        pytest.fail(f"RECNEC_REQUIRE_GPU=1 but {reason}", pytrace=False)
+    pytest.skip(f"needs CUDA: {reason}")

@@ -165,13 +165,75 @@ def test_provider_resolution() -> None:
     assert ei.value.code == "CUDA_UNAVAILABLE"
 
 
-def test_cuda_request_without_cuda_is_environment_error(weights: Path) -> None:
+def test_cuda_request_without_cuda_is_environment_error(weights: Path, monkeypatch) -> None:
+    """On a host whose onnxruntime has no CUDA provider (made so here, so that the test runs on GPU
+    hosts too), ``--device cuda:0`` is a clear environment error naming the extra to install, and
+    ``auto`` quietly uses the CPU."""
     import onnxruntime
 
-    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-        pytest.skip("this onnxruntime has CUDA")
-    with pytest.raises(EnvironmentBroken):
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(EnvironmentBroken) as ei:
         Ensemble.load(weights, device="cuda:0")
+    assert ei.value.code == "CUDA_UNAVAILABLE" and "recnec[gpu]" in ei.value.message
+    assert Ensemble.load(weights, device="auto").provider == "CPUExecutionProvider"
+
+
+def test_cuda_silent_fallback_is_environment_error(weights: Path, monkeypatch) -> None:
+    """onnxruntime-gpu without a usable device falls back to the CPU provider: an explicit
+    ``--device cuda`` must not run on the CPU unnoticed."""
+    import onnxruntime
+
+    real_session = onnxruntime.InferenceSession
+
+    def cpu_only_session(path, sess_options=None, providers=None):
+        return real_session(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", cpu_only_session)
+    with pytest.raises(EnvironmentBroken) as ei:
+        Ensemble.load(weights, device="cuda")
+    assert ei.value.code == "CUDA_UNAVAILABLE" and "fell back to CPUExecutionProvider" in ei.value.message
+    assert Ensemble.load(weights, device="auto").provider == "CPUExecutionProvider"
+
+
+def _node_providers(onnx_path: Path, providers: list[str]) -> list[tuple[str, str]]:
+    """``(op type, execution provider)`` of every node kernel of one profiled run of ``onnx_path``."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    so.profile_file_prefix = str(onnx_path.with_suffix(""))
+    sess = ort.InferenceSession(str(onnx_path), sess_options=so, providers=providers)
+    sess.run(None, {"input": _x(2)})
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    return [(e["args"]["op_name"], e["args"]["provider"]) for e in events
+            if e.get("cat") == "Node" and "provider" in e.get("args", {})]
+
+
+def test_profile_reader_sees_the_cpu_kernels(weights: Path) -> None:
+    """The profile reader the GPU test relies on finds the graph's kernels (here on the CPU)."""
+    nodes = _node_providers(weights / "fold0.onnx", ["CPUExecutionProvider"])
+    assert {op for op, _ in nodes} >= {"Mul", "ReduceMean", "Sigmoid"}
+    assert {prov for _, prov in nodes} == {"CPUExecutionProvider"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("device", ["cuda:0", "cuda", "auto"])
+def test_ensemble_runs_on_cuda(weights: Path, device: str) -> None:
+    """With a CUDA device the sessions use the CUDA provider (every compute kernel runs there,
+    read from an ONNX Runtime profile) and give the CPU's probabilities."""
+    ens = Ensemble.load(weights, device=device)
+    assert ens.provider == "CUDAExecutionProvider"
+    nodes = _node_providers(weights / "fold0.onnx", ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    compute = [(op, prov) for op, prov in nodes if not op.startswith("Memcpy")]
+    assert {op for op, _ in compute} >= {"Mul", "ReduceMean", "Sigmoid"}
+    assert {prov for _, prov in compute} == {"CUDAExecutionProvider"}, nodes
+    cpu = Ensemble.load(weights, device="cpu")
+    x = _x(5, seed=2)
+    np.testing.assert_allclose(ens.predict(x).per_model, cpu.predict(x).per_model, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ens.predict(x, batch_size=2).per_model, cpu.predict(x).per_model,
+                               atol=1e-5, rtol=0)
 
 
 def test_infer_import_is_light() -> None:

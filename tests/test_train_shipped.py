@@ -68,6 +68,33 @@ def test_shipped_ensemble_separates_a_fresh_synthetic_cohort() -> None:
         assert roc_auc_score(y, p) >= 0.7, (k, roc_auc_score(y, p))
 
 
+@pytest.mark.gpu
+def test_shipped_ensemble_on_cuda_matches_cpu(tmp_path: Path) -> None:
+    """On a CUDA host the shipped ensemble runs on the CUDA provider (its convolutions, read from
+    an ONNX Runtime profile) and gives the CPU's probabilities on real model-space tensors."""
+    import onnxruntime as ort
+
+    from recnec_cli.synth.subject import plan_subject
+    from recnec_cli.synth.truth import model_tensor
+
+    x = np.stack([model_tensor(plan_subject(seed=FRESH_SEED, index=i))[0] for i in range(4)])
+    gpu = Ensemble.load(WEIGHTS, device="cuda")
+    assert gpu.provider == "CUDAExecutionProvider"
+    cpu = Ensemble.load(WEIGHTS, device="cpu")
+    np.testing.assert_allclose(gpu.predict(x).per_model, cpu.predict(x).per_model, atol=1e-4, rtol=0)
+
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    so.profile_file_prefix = str(tmp_path / "fold0")
+    sess = ort.InferenceSession(str(WEIGHTS / "fold0.onnx"), sess_options=so,
+                                providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    sess.run(None, {sess.get_inputs()[0].name: x})
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    convs = [e["args"]["provider"] for e in events  # Conv, or FusedConv (Conv + Relu)
+             if e.get("cat") == "Node" and "Conv" in e.get("args", {}).get("op_name", "")]
+    assert len(convs) >= 12 and set(convs) == {"CUDAExecutionProvider"}, convs
+
+
 @pytest.mark.veryslow
 def test_reproduce_shipped_gives_identical_files(tmp_path: Path) -> None:
     """``recnec train --reproduce-shipped`` (~10-15 min on 2 cores) reproduces weights/ exactly.
