@@ -171,3 +171,44 @@ class Volume:
         from nibabel.affines import voxel_sizes
 
         return tuple(float(v) for v in voxel_sizes(self.affine))  # type: ignore[return-value]
+
+
+@dataclass(eq=False)
+class StudyImages:
+    """Per-study memo shared by the stages of one study: each series is converted at most once and
+    each volume skull-stripped at most once, whichever stage asks first (classification's image
+    evidence converts and skull-strips header-silent T1 series; conversion and skull stripping
+    then reuse them).
+
+    ``volumes``: series_id -> converted :class:`Volume`; ``brain_masks``: series_id -> bool
+    ``(X, Y, Z)`` HD-BET mask on that volume's grid; ``seconds``: ``{"convert": s,
+    "skullstrip": s}`` spent here, so the pipeline can book it to those stages.
+    """
+
+    volumes: dict = field(default_factory=dict)
+    brain_masks: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+
+    def volume(self, series: Series, convert) -> Volume:  # noqa: ANN001 - convert: Series -> Volume
+        """The series converted by ``convert`` (called only the first time)."""
+        import time
+
+        if series.series_id not in self.volumes:
+            t0 = time.perf_counter()
+            try:
+                self.volumes[series.series_id] = convert(series)
+            finally:
+                self.seconds["convert"] = self.seconds.get("convert", 0.0) + time.perf_counter() - t0
+        return self.volumes[series.series_id]
+
+    def brain_mask(self, series_id: str, volume: Volume, hdbet) -> "object":  # noqa: ANN001
+        """``hdbet.brain_mask(volume)`` for this series (run only the first time)."""
+        import time
+
+        if series_id not in self.brain_masks:
+            t0 = time.perf_counter()
+            try:
+                self.brain_masks[series_id] = hdbet.brain_mask(volume)
+            finally:
+                self.seconds["skullstrip"] = self.seconds.get("skullstrip", 0.0) + time.perf_counter() - t0
+        return self.brain_masks[series_id]

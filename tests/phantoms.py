@@ -83,6 +83,9 @@ class FakeHdBet:
         self.calls = 0
         self.sleep_s = sleep_s
 
+    def check_networks(self) -> None:
+        """The self-test hook of the real HdBet: nothing to check here."""
+
     def brain_mask(self, volume) -> np.ndarray:  # noqa: ANN001
         self.calls += 1
         if self.sleep_s:
@@ -122,3 +125,89 @@ except RecnecError as exc:
 print(summary.line(), flush=True)
 sys.exit(summary.exit_code)
 """
+
+
+def write_phantom_dicom_study(folder: Path, *, study_uid: str, patient_name: str = "Doe^John",
+                              patient_id: str = "PID0001", file_prefix: str = "IM", seed: int = 0,
+                              series_description_suffix: str = "") -> list[Path]:
+    """The phantom as a DICOM study: axial T1 SE, T2 TSE and T1 SE after gadolinium
+    (ContrastBolusAgent set), 48 slices of 72 x 72 each, files ``folder/<prefix>_<n>.dcm``.
+
+    Header values are whatever the caller gives, hostile ones included (a StudyInstanceUID of
+    ``..``, a patient's name in the file names): the point of the tests that use it.
+    """
+    import nibabel as nib
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = write_phantom_study(Path(tmp), "src", seed=seed)
+        vols = {role: np.asarray(nib.load(str(src / f"src_{role}.nii.gz")).dataobj, dtype=np.float32)
+                for role in ("T1w", "T2w", "ce-gadolinium_T1w")}
+    aff = phantom_affine()
+    nx, ny, nz = SHAPE
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    frame_uid = generate_uid()
+    series = [("T1w", "T1 SE tra", 500.0, 10.0, "SE", ""), ("T2w", "T2 TSE tra", 4000.0, 100.0, "SE", ""),
+              ("ce-gadolinium_T1w", "T1 SE tra +C", 500.0, 10.0, "SE", "Gadovist")]
+    n = 0
+    for number, (role, descr, tr, te, seq, agent) in enumerate(series, start=1):
+        vol = vols[role]
+        series_uid = generate_uid()
+        for k in range(nz):
+            n += 1
+            ds = Dataset()
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+            ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
+            ds.Modality, ds.PatientName, ds.PatientID = "MR", patient_name, patient_id
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+            ds.SeriesNumber, ds.InstanceNumber = number, k + 1
+            ds.SeriesDescription = descr + series_description_suffix
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+            ds.ScanningSequence, ds.SequenceVariant, ds.MRAcquisitionType = seq, "NONE", "2D"
+            ds.RepetitionTime, ds.EchoTime = tr, te
+            if agent:
+                ds.ContrastBolusAgent = agent
+            ds.AcquisitionTime = f"{10 + number:02d}0000"
+            x0, y0, z0 = aff[:3, 3]
+            ds.ImagePositionPatient = [-(x0 + VOXEL_MM * (nx - 1)), -(y0 + VOXEL_MM * (ny - 1)), z0 + VOXEL_MM * k]
+            ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+            ds.PixelSpacing, ds.SliceThickness = [VOXEL_MM, VOXEL_MM], VOXEL_MM
+            ds.Rows, ds.Columns = ny, nx
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+            arr = np.round(vol[::-1, ::-1, k].T * 10).astype(np.uint16)  # rows -> posterior, cols -> left
+            ds.PixelData = arr.tobytes()
+            path = folder / f"{file_prefix}_{n:04d}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            files.append(path)
+    return files
+
+
+def write_header_silent_study(folder: Path, name: str, *, seed: int = 0) -> Path:
+    """A phantom study whose two T1 files say nothing about contrast (``t1_mprage_1``,
+    ``t1_mprage_2``): image evidence must decide. The post-contrast one (``_2``) has bilateral
+    normal enhancement (two 'choroid plexus' blobs per hemisphere, 2.4 x white matter) besides the
+    lesion; the pre-contrast one has nothing brighter than 1.3 x white matter inside the brain."""
+    import nibabel as nib
+
+    src = write_phantom_study(folder, name, seed=seed)
+    pre = src / f"{name}_T1w.nii.gz"
+    post = src / f"{name}_ce-gadolinium_T1w.nii.gz"
+    img = nib.load(str(post))
+    v = np.asarray(img.dataobj, dtype=np.float32)
+    xyz = _world(SHAPE, phantom_affine())
+    for c in ((-25, -10, 10), (-25, 15, -5), (25, -10, 10), (25, 15, -5)):
+        blob = np.sqrt(((xyz - np.asarray(c, float).reshape(3, 1, 1, 1)) ** 2).sum(0)) <= 7.0
+        v[blob] = 240.0
+    post.unlink()
+    nib.save(nib.Nifti1Image(v, img.affine), str(src / "t1_mprage_2.nii.gz"))
+    pre.rename(src / "t1_mprage_1.nii.gz")
+    return src

@@ -315,3 +315,75 @@ def test_cron_output_is_plain_lines_with_one_summary_and_logs_rotate(phantom_tre
     assert "processed 4" in log_prev and "processed 0, unchanged 4" in log_now
     assert sum("recnec scan " in line and "found 4" in line for line in log_now.splitlines()) == 1
     assert [line for line in res.output.splitlines() if "found 4" in line] == [res.output.strip().splitlines()[-1]]
+
+
+def _all_files(root: Path) -> set[str]:
+    return {str(p) for p in root.rglob("*")}
+
+
+def test_hostile_uids_and_names_write_nothing_outside_and_leak_no_names(tmp_path, monkeypatch):
+    """StudyInstanceUIDs of '..' and '../../escape', a description with '/', and export files
+    named after the patient: outputs stay in their folders; messages name instances, not files."""
+    import pydicom
+
+    phantoms.install_fake_hdbet(monkeypatch)
+    studies = tmp_path / "in" / "studies"
+    phantoms.write_phantom_dicom_study(studies / "a", study_uid="..", patient_name="Müller^Jürgen",
+                                       patient_id="0089", file_prefix="Müller_Jürgen", seed=1,
+                                       series_description_suffix=" ../../etc")
+    files = phantoms.write_phantom_dicom_study(studies / "b", study_uid="../../escape", patient_name="Müller^Jürgen",
+                                               patient_id="0089", file_prefix="Müller_Jürgen_0089", seed=2)
+    ce = [f for f in files if pydicom.dcmread(f, stop_before_pixels=True).SeriesNumber == 3][5]
+    ce.write_bytes(ce.read_bytes()[:-3000])  # header intact, pixel data cut short
+    _age(studies)
+    work = tmp_path / "work"
+    work.mkdir()
+    before = _all_files(tmp_path)
+    out, qc = work / "out" / "r.csv", work / "qc" / "inner"
+    monkeypatch.chdir(work / "..")
+    res = CliRunner().invoke(app, ["scan", str(studies), "--out", str(out), "--keep-intermediate", str(qc),
+                                   "--grid-spacing", "2", "--threads", "1"])
+    assert res.exit_code == 1, res.output
+    new = _all_files(tmp_path) - before - {str(qc.parent)}  # the folder that holds the QC folder
+    allowed = (str(out.parent), str(qc))
+    assert new and all(p.startswith(allowed) for p in new), sorted(p for p in new if not p.startswith(allowed))
+    assert not list(qc.parent.glob("escape*")) and not (work / "escape").exists()
+    by = {r["study_id"]: r for r in _rows(out)}
+    assert by[".."]["status"] == "OK", by[".."]
+    assert by["../../escape"]["status"] == "PIXEL_DECODE_FAILED", by["../../escape"]
+    assert "instance 6" in by["../../escape"]["error_message"]
+    (sub,) = [p for p in qc.iterdir()]
+    assert sub.parent == qc and not sub.name.startswith(".")
+    texts = [out.read_text(encoding="utf-8"), out.with_suffix(".log").read_text(encoding="utf-8"),
+             out.with_name("r.manifest.json").read_text(encoding="utf-8"), res.output]
+    for text in texts:
+        for secret in ("Müller", "Jürgen", "Muller", "0089.dcm"):
+            assert secret not in text, secret
+
+
+def test_header_silent_t1_study_runs_hdbet_once_per_volume(tmp_path, monkeypatch):
+    """Image evidence converts and skull-strips both header-silent T1 series; conversion and skull
+    stripping reuse them: two HD-BET calls in all (T1 and T1ce), and classify's seconds exclude them."""
+    fake = phantoms.install_fake_hdbet(monkeypatch)
+    converted: list[str] = []
+    from recnec_cli.stages import convert as convert_mod
+
+    real_convert = convert_mod.convert_series
+
+    def counting(series, *, settings):
+        converted.append(series.series_id)
+        return real_convert(series, settings=settings)
+
+    monkeypatch.setattr(convert_mod, "convert_series", counting)
+    studies = tmp_path / "studies"
+    phantoms.write_header_silent_study(studies, "sub-01")
+    _age(studies)
+    summary = scan(studies, out=tmp_path / "r.csv", settings=_settings(), handle_signals=False, run_self_test=False)
+    (row,) = _rows(tmp_path / "r.csv")
+    assert row["status"] == "OK", row["error_message"]
+    assert row["t1ce_series"].endswith("t1_mprage_2.nii.gz") and "image evidence" in row["t1ce_reasons"]
+    assert row["t1_series"].endswith("t1_mprage_1.nii.gz")
+    assert fake.calls == 2, fake.calls
+    assert sorted(converted) == sorted(set(converted)) and len(converted) == 3
+    assert float(row["seconds_skullstrip"]) > 0 and float(row["seconds_convert"]) > 0
+    assert summary.exit_code == 0

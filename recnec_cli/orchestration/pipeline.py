@@ -3,8 +3,12 @@
 ``preprocess_study`` turns one :class:`~recnec_cli.study.Study` into a model-input tensor (classify
 -> convert -> register -> skull-strip -> lesion -> crop); ``run_batch`` runs many studies, feeds
 the tensors to the ensemble in batches and returns one :class:`StudyResult` per study, failed or
-not. Every stage is a pure function of its inputs living in its own module; models (HD-BET,
-the ONNX ensemble) are loaded once per process in :class:`Resources` and passed in.
+not. Every stage lives in its own module under :mod:`recnec_cli.stages` and works on what it is
+given: models (HD-BET, the ONNX ensemble) are loaded once per process in :class:`Resources` and
+passed in (classification's image evidence uses the same HD-BET, ``resources.hdbet``), and one
+:class:`~recnec_cli.study.StudyImages` memo per study makes sure each series is converted once and
+each volume skull-stripped once, whichever stage needs it first (its seconds are booked to the
+convert and skullstrip stages, not to classify).
 
 Stage order and what each study row records (``../shared/FAILURES.md`` kinds are handled inside
 the stages; a failure becomes the row's ``status``/``error_code``, the batch goes on):
@@ -38,7 +42,7 @@ from ..devices import prepare_torch, resolve_torch_device
 from ..errors import EnvironmentBroken, LesionError, RecnecError, RegistrationError
 from ..naming import safe_component
 from ..stages.modelinput import InputSpec, box_affine, make_model_input
-from ..study import RoleAssignment, SeriesRole, Study, Volume
+from ..study import RoleAssignment, SeriesRole, Study, StudyImages, Volume
 
 log = logging.getLogger(__name__)
 
@@ -169,26 +173,33 @@ def preprocess_study(study: Study, *, settings: Settings, resources: Resources,
     timings: dict[str, float] = {}
     stage = "classify"
     flags: list[str] = []
+    images = StudyImages()  # each series converted once, each volume skull-stripped once
     try:
         with _timed(timings, stage):
             if assignment is None:
-                assignment = classify.assign_roles(study, settings=settings, rules=resources.rules)
-            if assignment.status:
-                from ..errors import ClassificationError
+                assignment = classify.assign_roles(study, settings=settings, rules=resources.rules,
+                                                   images=images, hdbet=resources.hdbet)
+        # image evidence converted and skull-stripped some series: book that time to its stages
+        for st, sec in images.seconds.items():
+            timings[stage] -= sec
+            timings[st] = timings.get(st, 0.0) + sec
+        images.seconds.clear()
+        if assignment.status:
+            from ..errors import ClassificationError
 
-                msg = assignment.message or assignment.status
-                if assignment.decisions:  # what was found instead, so the row explains itself
-                    msg += "; found: " + _decisions_summary(assignment)
-                if study.issues:  # e.g. an unreadable file explains a missing role
-                    msg += " (discovery: " + "; ".join(study.issues) + ")"
-                raise ClassificationError(msg, code=assignment.status)
+            msg = assignment.message or assignment.status
+            if assignment.decisions:  # what was found instead, so the row explains itself
+                msg += "; found: " + _decisions_summary(assignment)
+            if study.issues:  # e.g. an unreadable file explains a missing role
+                msg += " (discovery: " + "; ".join(study.issues) + ")"
+            raise ClassificationError(msg, code=assignment.status)
         stage = "convert"
         vols: dict[SeriesRole, Volume] = {}
         with _timed(timings, stage):
             for role in SeriesRole.model_roles():
                 series = assignment.chosen[role]
                 try:
-                    vols[role] = convert.convert_series(series, settings=settings)
+                    vols[role] = images.volume(series, lambda s: convert.convert_series(s, settings=settings))
                 except RecnecError as exc:  # name the series the error is about
                     exc.message = f"{exc.message} [{role.value} series {_short_id(series.series_id)}]"
                     raise
@@ -228,7 +239,7 @@ def preprocess_study(study: Study, *, settings: Settings, resources: Resources,
                 on_grid[role] = register.resample_to_grid(vols[role], shape, grid_aff, res.transform)
         stage = "skullstrip"
         with _timed(timings, stage):
-            native_mask = resources.hdbet.brain_mask(fixed)
+            native_mask = images.brain_mask(assignment.chosen[SeriesRole.T1CE].series_id, fixed, resources.hdbet)
             check = skullstrip.check_brain_mask(native_mask, fixed.affine)
             brain = register.resample_to_grid(
                 Volume(native_mask.astype(np.float32), fixed.affine), shape, grid_aff) > 0.5
@@ -355,7 +366,7 @@ def process_study(study: Study, *, settings: Settings, resources: Resources) -> 
         _fail(r, "preprocess", "OUT_OF_MEMORY", "study needed more memory than available")
     except Exception as exc:  # noqa: BLE001 - the batch must go on (STYLE.md habit 3)
         log.debug("unexpected error in study %s:\n%s", study_key(study), traceback.format_exc())
-        _fail(r, "preprocess", "INTERNAL_ERROR", f"unexpected {type(exc).__name__}; see the debug log")
+        _fail(r, "preprocess", "INTERNAL_ERROR", f"unexpected {type(exc).__name__}; rerun with -v for the traceback in the log")
     else:
         r.preprocessed = pre
         r.assignment = pre.assignment

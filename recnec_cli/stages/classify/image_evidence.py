@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from ...config import Settings
 from ...errors import RecnecError
-from ...study import Series, SeriesRole
+from ...study import Series, SeriesRole, StudyImages
 from .rules import Rules
 from .series import _Verdict
 
@@ -88,11 +88,12 @@ IMAGE_MIN_CORE_VOXELS = 20000
 IMAGE_MEASURE_MM = 1.0         # voxels finer than this are strided to about 1 mm
 
 def _hdbet(settings: Settings) -> Any:
-    """HD-BET (fast, one fold), shared per process with the skull-strip stage."""
+    """HD-BET with the run's mode, TTA and device, shared per process with the skull-strip stage."""
     from ...devices import resolve_torch_device
     from ..skullstrip import get_hdbet
 
-    return get_hdbet(mode="fast", device=resolve_torch_device(settings.device))
+    return get_hdbet(mode=settings.hdbet_mode, device=resolve_torch_device(settings.device),
+                     tta=settings.hdbet_tta)
 
 
 def _n4_in_mask(data: Any, spacing: Any, mask: Any) -> Any:
@@ -212,12 +213,18 @@ def _image_call(ev: Mapping[str, float]) -> SeriesRole | None:
     return None
 
 
-def _image_verdict(series: Series, v: _Verdict, settings: Settings, rules: Rules) -> None:
+def _image_verdict(series: Series, v: _Verdict, settings: Settings, rules: Rules,
+                   images: StudyImages | None = None, hdbet: Any = None) -> None:
+    """Settle ``v`` from :func:`enhancement_evidence` of ``series``. The conversion and the HD-BET
+    mask go through ``images`` (the study's memo: later stages reuse both) with ``hdbet`` (the
+    run's HD-BET; default: the process-wide one for ``settings``)."""
     from ..convert import convert_series
 
+    images = images if images is not None else StudyImages()
     try:
-        vol = convert_series(series, settings=settings)
-        ev = enhancement_evidence(vol, settings=settings)
+        vol = images.volume(series, lambda s: convert_series(s, settings=settings))
+        mask = images.brain_mask(series.series_id, vol, hdbet if hdbet is not None else _hdbet(settings))
+        ev = enhancement_evidence(vol, brain_mask=mask, settings=settings)
     except RecnecError as exc:
         v.reasons.append(f"image evidence not available ({exc.code})")
         return

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ...config import Settings
-from ...study import RoleAssignment, Series, SeriesHeader, SeriesRole, Study
+from ...study import RoleAssignment, Series, SeriesHeader, SeriesRole, Study, StudyImages
 from .image_evidence import _image_verdict
 from .rules import Rules, default_rules, load_rules
 from .series import MIN_CANDIDATE_SLICES, _Verdict, _classify, _decision
@@ -164,7 +164,8 @@ def _not_candidate(s: Series, settings: Settings) -> str | None:
 
 
 def assign_roles(study: Study, *, settings: Settings, rules: Rules | None = None,
-                 use_image_evidence: bool = True) -> RoleAssignment:
+                 use_image_evidence: bool = True, images: StudyImages | None = None,
+                 hdbet: Any = None) -> RoleAssignment:
     """Pick the T1, T2 and T1ce series of one study.
 
     Per-series header evidence (:func:`classify_series`), then study-level acquisition order for
@@ -182,6 +183,11 @@ def assign_roles(study: Study, *, settings: Settings, rules: Rules | None = None
     reported. Localizers, derived, DWI/ADC, SWI, FLAIR, PD, perfusion, 4D and series of fewer
     than 10 slices are never candidates (the reason is added to their decision).
 
+    ``images`` (the study's :class:`~recnec_cli.study.StudyImages`) receives the volumes and
+    HD-BET masks image evidence makes, so that later stages do not convert or skull-strip them
+    again; ``hdbet`` is the run's HD-BET (its mode, TTA and device), default the process-wide one
+    for ``settings``.
+
     Returns
     -------
     RoleAssignment
@@ -190,7 +196,7 @@ def assign_roles(study: Study, *, settings: Settings, rules: Rules | None = None
         with confidences); otherwise ``MISSING_ROLE`` with ``message`` like ``MISSING_ROLE: T2``.
     """
     return _assign(study, settings=settings, rules=rules, use_image_evidence=use_image_evidence,
-                   image_evidence_if_incomplete=False)
+                   image_evidence_if_incomplete=False, images=images, hdbet=hdbet)
 
 
 def _t2_possible(study: Study, verdicts: Mapping[str, _Verdict], settings: Settings) -> bool:
@@ -202,7 +208,8 @@ def _t2_possible(study: Study, verdicts: Mapping[str, _Verdict], settings: Setti
 
 
 def _assign(study: Study, *, settings: Settings, rules: Rules | None, use_image_evidence: bool,
-            image_evidence_if_incomplete: bool) -> RoleAssignment:
+            image_evidence_if_incomplete: bool, images: StudyImages | None = None,
+            hdbet: Any = None) -> RoleAssignment:
     """:func:`assign_roles`; ``image_evidence_if_incomplete=True`` (``inspect``) measures image
     evidence even in a study that cannot be complete (no T2), where the user asked about it."""
     rules = rules or default_rules()
@@ -223,7 +230,7 @@ def _assign(study: Study, *, settings: Settings, rules: Rules | None, use_image_
             log.debug("study %s: image evidence skipped, no T2 candidate", study.study_id)
         else:
             for s in open_t1:
-                _image_verdict(s, verdicts[s.series_id], settings, rules)
+                _image_verdict(s, verdicts[s.series_id], settings, rules, images, hdbet)
     decisions = tuple(_decision(s, verdicts[s.series_id], thr) for s in study.series)
     by_id = {s.series_id: s for s in study.series}
     conf = {d.series_id: d.confidence for d in decisions}
