@@ -1,7 +1,8 @@
 """``recnec scan`` end to end, in-process (Typer CliRunner), on synthetic and real studies.
 
 Slow by nature (HD-BET runs for real, ~15-40 s per study on 2 CPU cores): the studies are shared
-by a module-scoped fixture so the suite pays for each scan once.
+by a module-scoped fixture so the suite pays for each scan once; every test that uses it is marked
+``slow``.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def batch_scan(tmp_path_factory):
     return {"result": result, "out": out, "qc": qc, "studies": studies, "before": before, "truth": truth}
 
 
+@pytest.mark.slow
 def test_batch_report_has_every_study_and_exit_code_1(batch_scan):
     res = batch_scan["result"]
     assert res.exit_code == 1, res.output
@@ -108,6 +110,7 @@ def test_batch_report_has_every_study_and_exit_code_1(batch_scan):
     assert wrong["seconds_skullstrip"] == ""  # refused before the expensive stages
 
 
+@pytest.mark.slow
 def test_input_tree_untouched_and_manifest_written(batch_scan):
     assert _tree_digest(batch_scan["studies"]) == batch_scan["before"]
     out = batch_scan["out"]
@@ -120,6 +123,7 @@ def test_input_tree_untouched_and_manifest_written(batch_scan):
     assert out.with_suffix(".log").exists()
 
 
+@pytest.mark.slow
 def test_batched_equals_one_by_one(batch_scan):
     """Probabilities from the batched run equal single-study inference on the same model inputs."""
     import nibabel as nib
@@ -146,8 +150,10 @@ def test_tampered_weights_are_refused(tmp_path):
     data = bytearray(onnx.read_bytes())
     data[len(data) // 2] ^= 0xFF
     onnx.write_bytes(bytes(data))
+    import phantoms
+
     studies = tmp_path / "studies"
-    studies.mkdir()
+    phantoms.write_phantom_study(studies, "sub-01")  # models are loaded only when a study is to be scanned
     res = CliRunner().invoke(app, ["scan", str(studies), "--out", str(tmp_path / "r.csv"), "--weights", str(w)])
     assert res.exit_code == 2
     assert "WEIGHTS_CHECKSUM_MISMATCH" in res.output
@@ -187,6 +193,7 @@ def test_real_glioma_study_end_to_end(real, tmp_path):
     print("per-stage seconds:", {k: row[k] for k in row if k.startswith("seconds_")}, "dice", round(dice, 4))
 
 
+@pytest.mark.slow
 def test_no_patient_identifiers_in_outputs(batch_scan):
     """PatientName / PatientID of the DICOM study appear nowhere: report, manifest, log, terminal."""
     import pydicom
@@ -203,6 +210,7 @@ def test_no_patient_identifiers_in_outputs(batch_scan):
             assert s not in text
 
 
+@pytest.mark.slow
 def test_lesion_found_where_it_was_drawn_left_stays_left(batch_scan):
     """FAILURES.md kind 12 end to end: DICOM (LPS) and NIfTI studies through conversion, registration,
     skull stripping and auto localisation land on the true lesion centroid, same side."""

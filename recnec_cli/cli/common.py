@@ -47,7 +47,7 @@ LOG_FILES_KEPT = 14
 
 def setup_logging(*, verbose: int = 0, quiet: bool = False, log_file: Path | None = None) -> None:
     """Console log on stderr (Rich when it is a terminal, plain time-stamped lines otherwise: cron),
-    optional DEBUG log file, one per run: an existing ``log_file`` is rotated to ``.1`` (``.1`` to
+    optional log file (INFO; DEBUG with ``verbose``), one per run: an existing ``log_file`` is rotated to ``.1`` (``.1`` to
     ``.2`` ...), keeping :data:`LOG_FILES_KEPT` older runs.
 
     Default level INFO shows no PHI: library modules log UIDs, pseudonyms and codes only.
@@ -68,7 +68,10 @@ def setup_logging(*, verbose: int = 0, quiet: bool = False, log_file: Path | Non
     console_handler.setLevel(level)
     console_handler._recnec = True  # type: ignore[attr-defined]
     root.addHandler(console_handler)
-    root.setLevel(logging.DEBUG if log_file is not None else level)
+    # the log file holds INFO and up by default (UIDs, pseudonyms, codes: no PHI); DEBUG (file
+    # names, tracebacks) only with --verbose
+    file_level = logging.DEBUG if verbose > 0 else logging.INFO
+    root.setLevel(min(level, file_level) if log_file is not None else level)
     if log_file is not None:
         from logging.handlers import RotatingFileHandler
 
@@ -76,7 +79,7 @@ def setup_logging(*, verbose: int = 0, quiet: bool = False, log_file: Path | Non
         fh = RotatingFileHandler(log_file, mode="a", backupCount=LOG_FILES_KEPT, encoding="utf-8", delay=True)
         if log_file.exists() and log_file.stat().st_size > 0:
             fh.doRollover()
-        fh.setLevel(logging.DEBUG)
+        fh.setLevel(file_level)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         fh._recnec = True  # type: ignore[attr-defined]
         root.addHandler(fh)

@@ -73,6 +73,10 @@ RESULT_SETTINGS = ("grid_spacing_mm", "hdbet_mode", "hdbet_tta", "lesion_masks_d
 #: are still being preprocessed (then the batch runs with what is ready), so a kill loses at most
 #: this much preprocessing work; with nothing else in flight a batch runs at once (seconds)
 BATCH_WAIT_S = 30.0
+#: the report and manifest are regenerated from the state after a finished study at most this often
+#: (and always at the end of a run), so a first run over thousands of studies does not rewrite
+#: the whole report after each one; the state itself commits every study at once (seconds)
+REPORT_MIN_INTERVAL_S = 5.0
 #: file modification times further in the future than this are a clock problem, not a copy in
 #: progress: such studies are scanned (with a warning) instead of being deferred forever (seconds)
 FUTURE_MTIME_TOLERANCE_S = 3600.0
@@ -345,7 +349,7 @@ def self_test(resources: Resources) -> dict[str, float]:
 
     Checks, in order: a 12-slice DICOM series written with pydicom (JPEG 2000 lossless when an
     encoder is installed, else uncompressed) is discovered and converted (pixel decoders,
-    dicom2nifti); HD-BET's network runs on a small head-sized phantom; the ONNX ensemble (whose
+    dicom2nifti); every loaded HD-BET network runs one forward pass on a 32^3 tensor; the ONNX ensemble (whose
     SHA-256 checksums were verified when it was loaded) predicts a finite probability in [0, 1].
     Returns the seconds per check.
 
@@ -381,12 +385,7 @@ def self_test(resources: Resources) -> dict[str, float]:
     if resources.hdbet is not None:
         t0 = time.perf_counter()
         try:
-            g = np.mgrid[:64, :64, :64].astype(np.float32)
-            head = ((((g - 32) / np.array([26, 30, 24]).reshape(3, 1, 1, 1)) ** 2).sum(0) < 1).astype(np.float32)
-            aff = np.diag([2.5, 2.5, 2.5, 1.0])
-            mask = resources.hdbet.brain_mask(Volume(head * 100.0 + 1.0, aff))
-            if mask.shape != head.shape:
-                raise RuntimeError(f"mask shape {mask.shape}")
+            resources.hdbet.check_networks()
         except Exception as exc:  # noqa: BLE001
             raise EnvironmentBroken(f"self-test failed: HD-BET ({type(exc).__name__}: {exc})") from None
         secs["hdbet"] = time.perf_counter() - t0
@@ -687,8 +686,14 @@ class _RunContext:
     decoders: Mapping[str, bool] = field(default_factory=dict)
     self_test_s: Mapping[str, float] = field(default_factory=dict)
 
-    def write_outputs(self) -> list[dict[str, Any]]:
-        """Regenerate the report and the manifest from the state; atomically replaced."""
+    last_write: float = 0.0
+
+    def write_outputs(self, *, throttled: bool = False) -> list[dict[str, Any]]:
+        """Regenerate the report and the manifest from the state; atomically replaced. With
+        ``throttled``, skipped when the last write is less than REPORT_MIN_INTERVAL_S old."""
+        if throttled and time.monotonic() - self.last_write < REPORT_MIN_INTERVAL_S:
+            return []
+        self.last_write = time.monotonic()
         stored = self.state.all()
         rows = [report_row(s) for s in stored]
         write_report(self.paths["report"], rows, fmt=self.fmt)
@@ -752,7 +757,7 @@ def _process(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dic
                else r.error_message if r.error_message.startswith(r.error_code) else f"{r.error_code}: {r.error_message}")
         log.info("[%d/%d] %s %s %s (%.1f s)", done[0], len(todo), row["study_id"], r.status, msg,
                  r.timings.get("total", 0.0))
-        ctx.write_outputs()
+        ctx.write_outputs(throttled=True)
         if on_study_done is not None:
             on_study_done(r, report_row(ctx.state.get(r.study.study_id)))  # type: ignore[arg-type]
 
@@ -780,7 +785,7 @@ def _process(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dic
                 raise
             except Exception as exc:  # noqa: BLE001 - a lost worker or task: this study's error row
                 r = StudyResult(study=study, status="INTERNAL_ERROR", error_code="INTERNAL_ERROR",
-                                error_message=f"unexpected {type(exc).__name__} in the executor; see the debug log",
+                                error_message=f"unexpected {type(exc).__name__} in the executor; rerun with -v for details in the log",
                                 failed_stage="preprocess")
                 log.debug("executor error for study %s", study_key(study), exc_info=True)
             if r.ok:

@@ -131,6 +131,20 @@ def precheck(series: Series, *, settings: Settings) -> None:
 # --------------------------------------------------------------------------------------------
 # DICOM
 # --------------------------------------------------------------------------------------------
+def dicom_label(ds: Any = None, index: int | None = None) -> str:
+    """How a DICOM file is named in messages: by InstanceNumber and the end of its SOPInstanceUID,
+    or its position in the series, never by its path (export file names often carry the patient's
+    name; the path is logged at DEBUG only)."""
+    if ds is not None:
+        num = ds.get("InstanceNumber")
+        uid = str(ds.get("SOPInstanceUID", "") or "")
+        parts = [f"instance {num}" if num not in (None, "") else "instance"]
+        if uid:
+            parts.append(f"(SOPInstanceUID ...{uid[-12:]})")
+        return " ".join(parts)
+    return f"file {index + 1} of the series" if index is not None else "a file of the series"
+
+
 def _decode(ds: Any, path: Path) -> np.ndarray:
     """``ds.pixel_array`` with decoder failures mapped to stable codes (FAILURES.md kind 5)."""
     ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
@@ -147,8 +161,9 @@ def _decode(ds: Any, path: Path) -> np.ndarray:
             raise _err("UNSUPPORTED_TRANSFER_SYNTAX", f"no installed decoder for transfer syntax "
                        f"{ts} (install pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg or "
                        "python-gdcm)") from None
-        raise _err("PIXEL_DECODE_FAILED", f"{path.name}: {type(exc).__name__}: "
-                   f"{str(exc)[:200]} (transfer syntax {ts})") from None
+        log.debug("pixel decoding failed for %s", path.name)
+        raise _err("PIXEL_DECODE_FAILED", f"{dicom_label(ds)}: {type(exc).__name__} "
+                   f"(transfer syntax {ts})") from None
 
 
 def _check_positions(pos: np.ndarray, steps_vec: np.ndarray, normal: np.ndarray,
@@ -227,11 +242,12 @@ def _read_datasets(series: Series) -> list[tuple[Path, Any]]:
     import pydicom
 
     out = []
-    for path in series.files:
+    for index, path in enumerate(series.files):
         try:
             ds = pydicom.dcmread(str(path), force=True)
         except Exception as exc:  # noqa: BLE001 - unreadable file becomes a coded error
-            raise _err("PIXEL_DECODE_FAILED", f"{path.name}: cannot read ({type(exc).__name__})"
+            log.debug("cannot read %s", path.name)
+            raise _err("PIXEL_DECODE_FAILED", f"{dicom_label(index=index)}: cannot read ({type(exc).__name__})"
                        ) from None
         filled = _fill_transfer_syntax(ds)
         if filled:
@@ -239,7 +255,7 @@ def _read_datasets(series: Series) -> list[tuple[Path, Any]]:
                       path.name, filled)
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
         if not photometric.upper().startswith("MONOCHROME"):
-            raise _err("NOT_GREYSCALE", f"{path.name}: PhotometricInterpretation {photometric} "
+            raise _err("NOT_GREYSCALE", f"{dicom_label(ds)}: PhotometricInterpretation {photometric} "
                        "(colour secondary capture?), not an MR magnitude image")
         out.append((path, ds))
     return out
@@ -250,7 +266,8 @@ def _decode_failure(pairs: list[tuple[Path, Any]], exc: Exception) -> Conversion
     :func:`_decode` (failure path only) so the codes match FAILURES.md kind 5."""
     for path, ds in pairs:
         _decode(ds, path)  # raises UNSUPPORTED_TRANSFER_SYNTAX / PIXEL_DECODE_FAILED
-    return _err("PIXEL_DECODE_FAILED", f"dicom2nifti: {type(exc).__name__}: {str(exc)[:200]}")
+    log.debug("dicom2nifti failed: %s", exc)
+    return _err("PIXEL_DECODE_FAILED", f"dicom2nifti could not read the pixels ({type(exc).__name__})")
 
 
 def _d2n_classic(pairs: list[tuple[Path, Any]]) -> tuple[np.ndarray, np.ndarray]:
@@ -322,7 +339,8 @@ def _d2n_enhanced(path: Path, ds: Any) -> tuple[np.ndarray, np.ndarray] | str:
         affine, _ = common.multiframe_create_affine([ds], data)
     except Exception as exc:  # noqa: BLE001 - pydicom/pylibjpeg/dicom2nifti raise many types
         _decode(ds, path)  # a real decoding problem keeps its code (FAILURES.md kind 5)
-        return f"dicom2nifti failed ({type(exc).__name__}: {str(exc)[:120]})"
+        log.debug("dicom2nifti multiframe assembly failed: %s", exc)
+        return f"dicom2nifti failed ({type(exc).__name__})"
     return data, np.asarray(affine, dtype=np.float64)
 
 
@@ -363,7 +381,7 @@ def _dicom_volume(series: Series, settings: Settings, *, own: bool = False
         units = []
         for path, ds in pairs:
             if int(ds.get("NumberOfFrames") or 1) > 1:
-                raise _err("AMBIGUOUS_STACK", f"{path.name}: {ds.NumberOfFrames} frames in a "
+                raise _err("AMBIGUOUS_STACK", f"{dicom_label(ds)}: {ds.NumberOfFrames} frames in a "
                            "classic (single-frame) instance")
             units.append(units_from_dataset(ds, path)[0])
     if any(u.ipp is None or u.iop is None or u.pixel_spacing is None for u in units):

@@ -126,6 +126,29 @@ class HdBet:
             net.apply(SetNetworkToVal(False, False))
             self._nets.append(net)
 
+    def check_networks(self, size: int = 32) -> None:
+        """One forward pass of every loaded network on a ``(1, 1, size, size, size)`` zero tensor
+        (a start-up self-test: torch, the weights and the device work), in well under a second.
+
+        Raises
+        ------
+        EnvironmentBroken
+            When a network fails or returns a non-finite or wrongly shaped output.
+        """
+        import torch
+
+        dev = "cpu" if self.device == "cpu" else f"cuda:{self.device}"
+        x = torch.zeros((1, 1, size, size, size), dtype=torch.float32, device=dev)
+        for net in self._nets:
+            try:
+                with torch.no_grad():
+                    out = net(x)
+                out = out[0] if isinstance(out, (list, tuple)) else out
+            except Exception as exc:  # noqa: BLE001 - any failure here is a broken installation
+                raise EnvironmentBroken(f"HD-BET network forward pass failed ({type(exc).__name__})") from None
+            if tuple(out.shape[2:]) != (size, size, size) or not bool(torch.isfinite(out).all()):
+                raise EnvironmentBroken(f"HD-BET network returned shape {tuple(out.shape)} or non-finite values")
+
     def brain_mask(self, volume: Volume) -> np.ndarray:
         """Brain mask of one canonical RAS+ volume.
 
