@@ -49,6 +49,10 @@ class Settings:
     state_file: Path | None = None  # SQLite state; None = beside the report (<report>.state.sqlite)
     settle_minutes: float = 10.0  # a study with a file modified less than this ago is DEFERRED
     pseudonym_key_file: Path | None = None  # HMAC key; None = platformdirs user config dir
+    # per-study containment (recnec_cli.orchestration.workers)
+    workers: int = -1  # worker processes; -1 = auto (cores and memory), 0 = in this process (no limits)
+    study_timeout_s: float = 3600.0  # wall-clock limit per study; 0 = none (TIMEOUT row)
+    max_memory_mb: int = 0  # address-space limit per worker; 0 = auto (90 % of RAM / workers)
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -68,6 +72,10 @@ class Settings:
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise UsageError(f"device (--device / RECNEC_DEVICE) must be auto, cpu, cuda or cuda:N, got {dev!r}")
+        if self.workers < -1:
+            raise UsageError(f"workers (--workers / RECNEC_WORKERS) must be >= 0 (or -1 = auto), got {self.workers}")
+        if self.study_timeout_s < 0 or self.max_memory_mb < 0:
+            raise UsageError("--study-timeout and --max-memory must be >= 0 (0 = none / auto)")
         if self.settle_minutes < 0:
             raise UsageError(f"settle time (--settle-minutes / RECNEC_SETTLE_MINUTES) must be >= 0, "
                              f"got {self.settle_minutes}")

@@ -33,12 +33,16 @@ def real(shared_data: Path) -> Path:
 
 @pytest.fixture(autouse=True, scope="session")
 def _site_key_and_settle(tmp_path_factory):
-    """Every test session gets its own pseudonym key file (never the user's ~/.config/recnec) and
-    scans freshly written test studies at once (``RECNEC_SETTLE_MINUTES=0``); the deferral tests
-    set their own settle time. Session-scoped so that module-scoped scan fixtures see it too."""
+    """Every test session gets its own pseudonym key file (never the user's ~/.config/recnec),
+    scans freshly written test studies at once (``RECNEC_SETTLE_MINUTES=0``; the deferral tests
+    set their own settle time) and in-process (``RECNEC_WORKERS=0``). Session-scoped so that
+    module-scoped scan fixtures see it too."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RECNEC_PSEUDONYM_KEY_FILE", str(tmp_path_factory.mktemp("key") / "pseudonym.key"))
         mp.setenv("RECNEC_SETTLE_MINUTES", "0")
+        # studies in this process, so that a test's stand-in for HD-BET applies; the worker-pool
+        # tests (test_workers.py) choose their workers explicitly
+        mp.setenv("RECNEC_WORKERS", "0")
         yield
 
 

@@ -211,3 +211,39 @@ def write_header_silent_study(folder: Path, name: str, *, seed: int = 0) -> Path
     nib.save(nib.Nifti1Image(v, img.affine), str(src / "t1_mprage_2.nii.gz"))
     pre.rename(src / "t1_mprage_1.nii.gz")
     return src
+
+
+# ---- per-worker hooks for the worker-pool tests (module-level: they are pickled to spawned workers)
+def hook_fake_hdbet() -> None:
+    """In a worker: every HD-BET lookup returns a :class:`FakeHdBet`."""
+    from recnec_cli.stages import skullstrip
+
+    fake = FakeHdBet()
+    skullstrip.get_hdbet = lambda **kw: fake
+
+
+def hook_hang_on_sub01() -> None:
+    """In a worker: converting any series of study ``sub-01`` sleeps for ten minutes (a hang)."""
+    from recnec_cli.stages import convert
+
+    real = convert.convert_series
+
+    def hanging(series, *, settings):  # noqa: ANN001
+        if "sub-01" in series.series_id:
+            time.sleep(600)
+        return real(series, settings=settings)
+
+    convert.convert_series = hanging
+
+
+def write_oversized_study(folder: Path, name: str) -> Path:
+    """A phantom study whose T1 is a 700 x 700 x 500 uint8 volume of zeros but for a cube (a few MB
+    gzipped; ~2.2 GB once converted to float32 and reoriented): past a worker's memory limit."""
+    import nibabel as nib
+
+    src = write_phantom_study(folder, name)
+    t1 = src / f"{name}_T1w.nii.gz"
+    big = np.zeros((700, 700, 500), np.uint8)
+    big[300:400, 300:400, 200:300] = 100
+    nib.save(nib.Nifti1Image(big, np.diag([0.3, 0.3, 0.4, 1.0])), str(t1))
+    return src

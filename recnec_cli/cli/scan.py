@@ -47,6 +47,11 @@ unchanged when its files' sizes and times, the weights and the result-changing s
 A study with a file modified less than --settle-minutes ago (an export still being copied) is
 DEFERRED to a later run. Only one run at a time may use a state.
 
+Studies are preprocessed in worker processes (--workers), each loading its models once, with a
+time limit (--study-timeout: a hung study becomes a TIMEOUT row) and a memory limit (--max-memory:
+OUT_OF_MEMORY); the worker is replaced and the run goes on. Model inputs are batched into the ONNX
+ensemble (--batch-size) in this process.
+
 Writes REPORT (CSV or JSON: every study the state knows, once), REPORT's stem + .manifest.json
 (versions, execution provider, model checksums, settings, timings, last runs) and + .log (debug
 log of this run; the 14 previous runs' logs are kept as .log.1 ... .log.14). The input tree is
@@ -93,6 +98,18 @@ def scan(
                                                       "0600; keep it outside the reports) [env "
                                                       "RECNEC_PSEUDONYM_KEY_FILE; default: "
                                                       "~/.config/recnec/pseudonym.key]", show_default=False),
+    workers: Optional[int] = typer.Option(None, "--workers", min=-1, help="Worker processes for the per-study "
+                                          "work, each with its own models [env RECNEC_WORKERS; default: -1 = one per "
+                                          "core, at most one per 4 GB of RAM; 0 = in this process, no limits]",
+                                          show_default=False),
+    study_timeout: Optional[float] = typer.Option(None, "--study-timeout", min=0.0, help="Wall-clock limit per "
+                                                  "study in seconds: a study past it is stopped and becomes a TIMEOUT "
+                                                  "row [env RECNEC_STUDY_TIMEOUT_S; default: 3600; 0 = none]",
+                                                  show_default=False),
+    max_memory: Optional[int] = typer.Option(None, "--max-memory", min=0, help="Memory limit per worker in MB "
+                                             "(address space): a study past it becomes an OUT_OF_MEMORY row [env "
+                                             "RECNEC_MAX_MEMORY_MB; default: 0 = 90 % of RAM / workers]",
+                                             show_default=False),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Weights folder with manifest.json "
                                            "[default: the shipped weights/]", show_default=False),
     device: DeviceOpt = None,
@@ -129,6 +146,7 @@ def scan(
             "lesion_masks_dir": lesion_masks, "keep_intermediate_dir": keep_intermediate,
             "rules_file": rules, "grid_spacing_mm": grid_spacing, "threads": threads,
             "state_file": state, "settle_minutes": settle_minutes, "pseudonym_key_file": pseudonym_key_file,
+            "workers": workers, "study_timeout_s": study_timeout, "max_memory_mb": max_memory,
         })
         setup_logging(verbose=verbose, quiet=quiet, log_file=output_paths(out, settings)["log"])
         use_bar = sys.stderr.isatty() and not quiet

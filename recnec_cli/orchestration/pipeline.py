@@ -363,10 +363,14 @@ def process_study(study: Study, *, settings: Settings, resources: Resources) -> 
         r.timings.update(getattr(exc, "timings", {}))
         _fail(r, getattr(exc, "stage", "preprocess"), exc.code, exc.message)
     except MemoryError:
-        _fail(r, "preprocess", "OUT_OF_MEMORY", "study needed more memory than available")
+        _fail(r, "preprocess", "OUT_OF_MEMORY", "study needed more memory than available (or than --max-memory)")
     except Exception as exc:  # noqa: BLE001 - the batch must go on (STYLE.md habit 3)
-        log.debug("unexpected error in study %s:\n%s", study_key(study), traceback.format_exc())
-        _fail(r, "preprocess", "INTERNAL_ERROR", f"unexpected {type(exc).__name__}; rerun with -v for the traceback in the log")
+        if "allocate" in str(exc).lower() and "memory" in str(exc).lower():  # torch / ITK allocators
+            _fail(r, "preprocess", "OUT_OF_MEMORY", f"study needed more memory than available ({type(exc).__name__})")
+        else:
+            log.debug("unexpected error in study %s:\n%s", study_key(study), traceback.format_exc())
+            _fail(r, "preprocess", "INTERNAL_ERROR",
+                  f"unexpected {type(exc).__name__}; rerun with -v for the traceback in the log")
     else:
         r.preprocessed = pre
         r.assignment = pre.assignment

@@ -36,6 +36,7 @@ happens when a study finishes).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import json
 import logging
 import os
@@ -43,7 +44,7 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -326,6 +327,33 @@ class InProcessExecutor(cf.Executor):
 _WORKER_RESOURCES: dict[Settings, Resources] = {}
 
 
+def worker_initializer(*hooks: Callable[[], None]) -> None:
+    """Runs once in each worker process: SIGINT is left to the parent (which stops taking studies
+    and lets the running ones finish), so Ctrl-C in a terminal does not kill studies mid-way;
+    then the caller's ``worker_hooks`` (picklable, module-level callables) run."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for hook in hooks:
+        hook()
+
+
+def worker_self_test(settings: Settings) -> bool:
+    """The HD-BET part of :func:`self_test`, run inside a worker (loads and keeps its models).
+
+    Raises
+    ------
+    EnvironmentBroken
+        As :func:`self_test`.
+    """
+    res = _WORKER_RESOURCES.get(settings)
+    if res is None:
+        res = _WORKER_RESOURCES[settings] = Resources.load(settings, need_model=False)
+    try:
+        res.hdbet.check_networks()
+    except Exception as exc:  # noqa: BLE001
+        raise EnvironmentBroken(f"self-test failed: HD-BET in a worker ({type(exc).__name__}: {exc})") from None
+    return True
+
+
 def preprocess_task(study: Study, settings: Settings) -> StudyResult:
     """One study's preprocessing as an executor task (top-level, picklable): the worker's
     :class:`Resources` (rules, HD-BET networks) are loaded on its first task and kept for the next.
@@ -449,7 +477,7 @@ def scan(studies: Path, *, out: Path, settings: Settings, fmt: str = "csv", forc
          on_study_done: Callable[[StudyResult, Mapping[str, Any]], None] | None = None,
          on_progress: Callable[[str, int, int], None] | None = None,
          handle_signals: bool = True, run_self_test: bool = True,
-         now: Callable[[], float] = time.time) -> ScanSummary:
+         worker_hooks: Sequence[Callable[[], None]] = (), now: Callable[[], float] = time.time) -> ScanSummary:
     """Scan ``studies`` incrementally into the report ``out`` (see the module docstring).
 
     Parameters
@@ -480,6 +508,9 @@ def scan(studies: Path, *, out: Path, settings: Settings, fmt: str = "csv", forc
         studies; previous handlers are restored afterwards.
     run_self_test:
         Run :func:`self_test` after loading the models (only when a study is to be processed).
+    worker_hooks:
+        Picklable module-level callables run once in each worker process of the default pool
+        (per-worker set-up; the tests install a stand-in for HD-BET this way).
     now:
         Clock in seconds since the epoch (for deferral; tests pass their own).
 
@@ -519,7 +550,7 @@ def scan(studies: Path, *, out: Path, settings: Settings, fmt: str = "csv", forc
             return _run(studies, paths=paths, settings=settings, fmt=fmt, force=force, retry_failed=retry_failed,
                         dicom_locations=dicom_locations, executor=executor, on_study_done=on_study_done,
                         on_progress=on_progress, handle_signals=handle_signals, run_self_test=run_self_test,
-                        now=now, state=state, t_start=t_start)
+                        worker_hooks=tuple(worker_hooks), now=now, state=state, t_start=t_start)
     finally:
         lock.release()
 
@@ -567,7 +598,8 @@ class _Stop:
 
 def _run(studies: Path, *, paths: dict[str, Path], settings: Settings, fmt: str, force: bool, retry_failed: bool,
          dicom_locations: bool, executor: cf.Executor | None, on_study_done, on_progress, handle_signals: bool,
-         run_self_test: bool, now: Callable[[], float], state: ScanState, t_start: float) -> ScanSummary:
+         run_self_test: bool, worker_hooks: tuple, now: Callable[[], float], state: ScanState,
+         t_start: float) -> ScanSummary:
     from ..pseudonym import load_key
     from ..stages.discover import discover
 
@@ -624,7 +656,8 @@ def _run(studies: Path, *, paths: dict[str, Path], settings: Settings, fmt: str,
     try:
         if todo:
             _process(todo, ctx=ctx, counts=counts, executor=executor, stop=stop, on_study_done=on_study_done,
-                     on_progress=on_progress, dicom_locations=dicom_locations, run_self_test=run_self_test)
+                     on_progress=on_progress, dicom_locations=dicom_locations, run_self_test=run_self_test,
+                     worker_hooks=worker_hooks)
     except RecnecError as exc:  # models, weights or self-test: nothing was processed (exit code 2)
         state.finish_run(run_id, finished_utc=_iso(datetime.now(timezone.utc)), summary=counts,
                          exit_code=EXIT_USAGE, stop_reason=exc.code)
@@ -723,21 +756,59 @@ def report_row(s: StoredStudy) -> dict[str, Any]:
 
 def _process(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dict[str, int],
              executor: cf.Executor | None, stop: _Stop, on_study_done, on_progress, dicom_locations: bool,
-             run_self_test: bool) -> None:
+             run_self_test: bool, worker_hooks: tuple = ()) -> None:
     s = ctx.settings
+    own_pool = None
+    if executor is None and s.workers != 0:
+        from .workers import WorkerPool, default_workers, worker_memory_mb
+
+        n = s.workers if s.workers > 0 else default_workers()
+        n = max(1, min(n, len(todo)))
+        per = s.threads if s.threads > 0 else max(1, (os.cpu_count() or 1) // n)
+        mem = s.max_memory_mb if s.max_memory_mb > 0 else worker_memory_mb(n)
+        log.info("%d worker process(es), %d thread(s) each, %d MB address space each, study timeout %s", n, per,
+                 mem, f"{s.study_timeout_s:g} s" if s.study_timeout_s > 0 else "none")
+        worker_settings = replace(s, threads=per)
+        own_pool = executor = WorkerPool(n, threads_per_worker=per, max_memory_mb=mem,
+                                         study_timeout_s=s.study_timeout_s if s.study_timeout_s > 0 else None,
+                                         initializer=functools.partial(worker_initializer, *worker_hooks))
+    else:
+        worker_settings = s
     log.info("loading models (HD-BET %s%s, ONNX ensemble from %s)", s.hdbet_mode, "+TTA" if s.hdbet_tta else "",
              s.weights_dir)
-    resources = Resources.load(s)
+    # HD-BET lives where studies are preprocessed: here for the in-process executor, in the workers otherwise
+    resources = Resources.load(s, need_hdbet=executor is None)
     ens = resources.ensemble
     ctx.ensemble, ctx.decoders = ens, resources.decoders
     log.info("ensemble %s: %d models, provider %s, threshold %.3f", ens.model_version, ens.n_models, ens.provider,
              ens.threshold)
-    if run_self_test:
-        ctx.self_test_s = self_test(resources)
-    ctx.write_outputs()  # deferred / absent studies show at once, before the first long study
-    if executor is None:
-        executor = InProcessExecutor()
-        _WORKER_RESOURCES[s] = resources  # in-process tasks share the models just loaded
+    try:
+        if run_self_test:
+            ctx.self_test_s = self_test(resources)
+            if own_pool is not None:  # HD-BET's check runs in a worker (and warms it)
+                t0 = time.perf_counter()
+                own_pool.submit(worker_self_test, worker_settings).result()
+                ctx.self_test_s = {**ctx.self_test_s, "hdbet_worker": time.perf_counter() - t0}
+        ctx.write_outputs()  # deferred / absent studies show at once, before the first long study
+        if executor is None:
+            executor = InProcessExecutor()
+            _WORKER_RESOURCES[s] = resources  # in-process tasks share the models just loaded
+        _loop(todo, ctx=ctx, counts=counts, executor=executor, stop=stop, on_study_done=on_study_done,
+              on_progress=on_progress, dicom_locations=dicom_locations, ens=ens, task_settings=worker_settings)
+    except BaseException:
+        if own_pool is not None:
+            own_pool.shutdown(wait=False, cancel_futures=True)
+            own_pool = None
+        raise
+    finally:
+        if own_pool is not None:
+            own_pool.shutdown()
+
+
+def _loop(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dict[str, int], executor: cf.Executor,
+          stop: _Stop, on_study_done, on_progress, dicom_locations: bool, ens: Any, task_settings: Settings) -> None:
+    s = ctx.settings
+    timeout_s = s.study_timeout_s if s.study_timeout_s > 0 else None
     max_in_flight = max(1, int(getattr(executor, "_max_workers", 1) or 1))
     fingerprints = {st.study_id: fp for st, fp in todo}
     queue = list(todo)
@@ -773,7 +844,7 @@ def _process(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dic
             study, _ = queue.pop(0)
             if on_progress is not None:
                 on_progress(study.study_id, done[0], len(todo))
-            in_flight[executor.submit(preprocess_task, study, s)] = study
+            in_flight[executor.submit(preprocess_task, study, task_settings)] = study
         if not in_flight:
             break
         finished, _ = cf.wait(list(in_flight), return_when=cf.FIRST_COMPLETED)
@@ -783,10 +854,12 @@ def _process(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dic
                 r = fut.result()
             except EnvironmentBroken:
                 raise
-            except Exception as exc:  # noqa: BLE001 - a lost worker or task: this study's error row
-                r = StudyResult(study=study, status="INTERNAL_ERROR", error_code="INTERNAL_ERROR",
-                                error_message=f"unexpected {type(exc).__name__} in the executor; rerun with -v for details in the log",
-                                failed_stage="preprocess")
+            except Exception as exc:  # noqa: BLE001 - a hung, killed or lost task: this study's error row
+                from .workers import failure_of
+
+                code, msg = failure_of(exc, timeout_s)
+                r = StudyResult(study=study, status=code, error_code=code, error_message=msg, failed_stage="preprocess")
+                log.warning("study %s: %s", study_key(study), code)
                 log.debug("executor error for study %s", study_key(study), exc_info=True)
             if r.ok:
                 ready.append((r, time.perf_counter()))

@@ -150,6 +150,8 @@ def _decode(ds: Any, path: Path) -> np.ndarray:
     ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
     try:
         return np.asarray(ds.pixel_array)
+    except MemoryError:  # a study past the memory limit is OUT_OF_MEMORY, not a decode error
+        raise
     except Exception as exc:  # noqa: BLE001 - pydicom/pylibjpeg raise many types on bad pixels
         try:
             from pydicom.pixels import get_decoder
@@ -245,6 +247,8 @@ def _read_datasets(series: Series) -> list[tuple[Path, Any]]:
     for index, path in enumerate(series.files):
         try:
             ds = pydicom.dcmread(str(path), force=True)
+        except MemoryError:  # a study past the memory limit is OUT_OF_MEMORY, not a decode error
+            raise
         except Exception as exc:  # noqa: BLE001 - unreadable file becomes a coded error
             log.debug("cannot read %s", path.name)
             raise _err("PIXEL_DECODE_FAILED", f"{dicom_label(index=index)}: cannot read ({type(exc).__name__})"
@@ -287,6 +291,8 @@ def _d2n_classic(pairs: list[tuple[Path, Any]]) -> tuple[np.ndarray, np.ndarray]
         affine, _ = common.create_affine(dsl)
     except D2NError as exc:
         raise _err("AMBIGUOUS_STACK", f"dicom2nifti refused the stack: {exc}") from None
+    except MemoryError:  # a study past the memory limit is OUT_OF_MEMORY, not a decode error
+        raise
     except Exception as exc:  # noqa: BLE001 - pydicom/pylibjpeg raise many types on bad pixels
         raise _decode_failure(pairs, exc) from None
     return data, np.asarray(affine, dtype=np.float64)
@@ -308,6 +314,8 @@ def _d2n_enhanced_refusal(ds: Any, frames: tuple[int, ...]) -> str | None:
         return "frames not stored in slice order"
     try:
         n_stacks, _ = common.multiframe_get_stack_count([ds])
+    except MemoryError:  # a study past the memory limit is OUT_OF_MEMORY, not a decode error
+        raise
     except Exception:  # noqa: BLE001 - malformed functional groups: let our assembly decide
         return "functional groups dicom2nifti cannot count stacks from"
     if n_stacks != 1:
@@ -337,6 +345,8 @@ def _d2n_enhanced(path: Path, ds: Any) -> tuple[np.ndarray, np.ndarray] | str:
     try:
         data = common.multiframe_to_block(ds)
         affine, _ = common.multiframe_create_affine([ds], data)
+    except MemoryError:  # a study past the memory limit is OUT_OF_MEMORY, not a decode error
+        raise
     except Exception as exc:  # noqa: BLE001 - pydicom/pylibjpeg/dicom2nifti raise many types
         _decode(ds, path)  # a real decoding problem keeps its code (FAILURES.md kind 5)
         log.debug("dicom2nifti multiframe assembly failed: %s", exc)
@@ -483,6 +493,8 @@ def _nifti_volume(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], list[s
                        "a model input")
         data = np.asarray(img.get_fdata(dtype=np.float32))  # applies scl_slope / scl_inter
     except ConversionError:
+        raise
+    except MemoryError:  # a study past the memory limit is OUT_OF_MEMORY, not a decode error
         raise
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types on corrupt files
         raise _err("PIXEL_DECODE_FAILED", f"{path.name}: {type(exc).__name__}: {exc}") from None

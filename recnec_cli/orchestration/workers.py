@@ -1,0 +1,135 @@
+"""Worker processes for per-study work, with a wall-clock and a memory limit per study.
+
+:class:`WorkerPool` is a :class:`concurrent.futures.Executor` over ``pebble.ProcessPool`` (a
+well-kept process pool that can stop a task that runs too long and replaces a worker that died),
+started with the ``spawn`` method. It plugs into the execution seam of
+:func:`recnec_cli.orchestration.scan.scan`; a Dask ``distributed.Client`` offers the same
+``submit`` shape.
+
+Each worker:
+
+* sets its thread counts before torch, ONNX Runtime, SimpleITK or BLAS are imported
+  (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``, ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``
+  and ``torch.set_num_threads`` through the run settings): measured here, three HD-BET processes on
+  2 cores with default threads took 17 min for a head that takes 20 s alone;
+* limits its address space to ``max_memory_mb`` (``resource.RLIMIT_AS``), so an allocation past it
+  raises ``MemoryError`` inside the study (an ``OUT_OF_MEMORY`` row) instead of the kernel's OOM
+  killer taking the machine's other work with it;
+* loads its models on its first study and keeps them (:func:`~recnec_cli.orchestration.scan.preprocess_task`).
+
+A study that runs past ``study_timeout_s`` is stopped (its worker is terminated and replaced) and
+becomes a ``TIMEOUT`` row; a worker that dies (killed by the OOM killer, a crash in a C library)
+becomes ``OUT_OF_MEMORY`` when it was killed by SIGKILL, ``WORKER_DIED`` otherwise.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import multiprocessing
+import os
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+#: memory HD-BET fast needs per worker on a 1 mm head (``../shared/STACK-NOTES.md``: 3.1 GB peak),
+#: with headroom for conversion and registration (MB)
+MEMORY_PER_WORKER_MB = 4096
+
+
+def default_workers(cpus: int | None = None, memory_mb: int | None = None) -> int:
+    """Workers for this machine: one per core, at most one per :data:`MEMORY_PER_WORKER_MB` of
+    physical memory, at least 1."""
+    cpus = cpus or os.cpu_count() or 1
+    memory_mb = memory_mb or _physical_memory_mb()
+    return max(1, min(cpus, memory_mb // MEMORY_PER_WORKER_MB))
+
+
+def worker_memory_mb(workers: int) -> int:
+    """Default address-space limit per worker: 90 % of physical memory shared by ``workers`` (MB)."""
+    return max(MEMORY_PER_WORKER_MB // 2, int(_physical_memory_mb() * 0.9) // max(1, workers))
+
+
+def _physical_memory_mb() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20))
+    except (ValueError, OSError, AttributeError):
+        return MEMORY_PER_WORKER_MB
+
+
+def _worker_init(threads: int, max_memory_mb: int, extra: Callable[[], None] | None) -> None:
+    """Runs first in every worker process (before any heavy import)."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
+        os.environ[var] = str(threads)
+    if max_memory_mb > 0:
+        import resource
+
+        limit = int(max_memory_mb) << 20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    if extra is not None:
+        extra()
+
+
+class WorkerPool(cf.Executor):
+    """Per-study work in ``workers`` spawned processes (see the module docstring).
+
+    Parameters
+    ----------
+    workers:
+        Number of worker processes (>= 1).
+    threads_per_worker:
+        CPU threads each worker may use (torch, BLAS, ITK); ``cores // workers`` keeps the cores
+        from being oversubscribed.
+    study_timeout_s:
+        Wall-clock limit of one task (one study), seconds; ``None`` = no limit.
+    max_memory_mb:
+        Address-space limit of each worker, MB; 0 = no limit.
+    initializer:
+        Optional picklable callable run in each worker after the limits are set (tests install a
+        stand-in for HD-BET through it).
+
+    Raises
+    ------
+    UsageError
+        ``workers`` < 1.
+    """
+
+    def __init__(self, workers: int, *, threads_per_worker: int = 1, study_timeout_s: float | None = None,
+                 max_memory_mb: int = 0, initializer: Callable[[], None] | None = None) -> None:
+        from pebble import ProcessPool
+
+        from ..errors import UsageError
+
+        if workers < 1:
+            raise UsageError(f"--workers must be >= 1, got {workers}")
+        self._max_workers = int(workers)
+        self.timeout = study_timeout_s
+        self._pool = ProcessPool(max_workers=self._max_workers, initializer=_worker_init,
+                                 initargs=(max(1, int(threads_per_worker)), int(max_memory_mb), initializer),
+                                 context=multiprocessing.get_context("spawn"))
+
+    def submit(self, fn, /, *args: Any, **kwargs: Any) -> cf.Future:  # type: ignore[override]
+        return self._pool.schedule(fn, args=args, kwargs=kwargs, timeout=self.timeout)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if cancel_futures or not wait:
+            self._pool.stop()
+        else:
+            self._pool.close()
+        self._pool.join()
+
+
+def failure_of(exc: BaseException, timeout_s: float | None) -> tuple[str, str]:
+    """``(error code, message)`` of a task that did not return: TIMEOUT, OUT_OF_MEMORY or WORKER_DIED."""
+    from pebble import ProcessExpired
+
+    if isinstance(exc, cf.TimeoutError):
+        return "TIMEOUT", f"the study ran longer than the --study-timeout of {timeout_s:g} s and was stopped"
+    if isinstance(exc, ProcessExpired):
+        if exc.exitcode in (-9, 137):
+            return "OUT_OF_MEMORY", ("the worker was killed (SIGKILL: usually the kernel's out-of-memory killer) "
+                                     "while processing this study")
+        return "WORKER_DIED", f"the worker process died while processing this study (exit code {exc.exitcode})"
+    if isinstance(exc, MemoryError):
+        return "OUT_OF_MEMORY", "study needed more memory than the --max-memory limit"
+    return "INTERNAL_ERROR", f"unexpected {type(exc).__name__} in the executor; rerun with -v for details in the log"

@@ -1,0 +1,79 @@
+"""Worker processes (``--workers``): same rows as one worker, a hung study becomes TIMEOUT, a study
+past the memory limit OUT_OF_MEMORY, and the run goes on. HD-BET is the phantom stand-in, installed
+in each spawned worker through ``worker_hooks``."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+import phantoms
+from recnec_cli.config import resolve_settings
+from recnec_cli.orchestration.scan import scan
+
+HOUR_AGO = time.time() - 3600
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("workers") / "studies"
+    for i in range(3):
+        phantoms.write_phantom_study(root, f"sub-{i:02d}", lesion_ras_mm=(30.0 - 25 * i, 5.0, 0.0), seed=10 + i)
+    for p in root.rglob("*"):
+        os.utime(p, (HOUR_AGO, HOUR_AGO))
+    return root
+
+
+def _rows(path: Path) -> dict[str, dict[str, str]]:
+    with open(path, newline="") as fh:
+        return {r["study_id"]: r for r in csv.DictReader(fh)}
+
+
+def _settings(**kw):
+    return resolve_settings({"grid_spacing_mm": 2.0, **kw})
+
+
+def test_two_workers_give_the_rows_of_one(tree, tmp_path):
+    one = scan(tree, out=tmp_path / "one.csv", settings=_settings(workers=1, threads=1), handle_signals=False,
+               worker_hooks=[phantoms.hook_fake_hdbet])
+    two = scan(tree, out=tmp_path / "two.csv", settings=_settings(workers=2, threads=1), handle_signals=False,
+               worker_hooks=[phantoms.hook_fake_hdbet])
+    assert one.exit_code == two.exit_code == 0, (one.line(), two.line())
+    a, b = _rows(tmp_path / "one.csv"), _rows(tmp_path / "two.csv")
+    assert sorted(a) == sorted(b) == ["sub-00", "sub-01", "sub-02"]
+    for sid in a:
+        assert a[sid]["status"] == b[sid]["status"] == "OK"
+        assert abs(float(a[sid]["p_recurrence"]) - float(b[sid]["p_recurrence"])) <= 1e-6
+        for k in ("lesion_r_mm", "lesion_a_mm", "lesion_s_mm", "lesion_volume_ml", "brain_volume_ml",
+                  "t1_reg_translation_mm", "t2_reg_rotation_deg"):
+            assert a[sid][k] == b[sid][k], (sid, k)
+
+
+def test_hung_study_becomes_timeout_and_the_others_finish(tree, tmp_path):
+    t0 = time.perf_counter()
+    summary = scan(tree, out=tmp_path / "r.csv", settings=_settings(workers=2, threads=1, study_timeout_s=20),
+                   handle_signals=False, worker_hooks=[phantoms.hook_fake_hdbet, phantoms.hook_hang_on_sub01])
+    elapsed = time.perf_counter() - t0
+    rows = _rows(tmp_path / "r.csv")
+    assert rows["sub-01"]["status"] == "TIMEOUT" and "20 s" in rows["sub-01"]["error_message"]
+    assert rows["sub-00"]["status"] == rows["sub-02"]["status"] == "OK"
+    assert summary.exit_code == 1 and elapsed < 300
+
+
+def test_study_past_the_memory_limit_is_out_of_memory(tree, tmp_path):
+    studies = tmp_path / "studies"
+    shutil.copytree(tree / "sub-00", studies / "sub-00")
+    phantoms.write_oversized_study(studies, "sub-big")
+    for p in studies.rglob("*"):
+        os.utime(p, (HOUR_AGO, HOUR_AGO))
+    summary = scan(studies, out=tmp_path / "r.csv", settings=_settings(workers=1, threads=1, max_memory_mb=2500),
+                   handle_signals=False, worker_hooks=[phantoms.hook_fake_hdbet])
+    rows = _rows(tmp_path / "r.csv")
+    assert rows["sub-big"]["status"] == "OUT_OF_MEMORY", rows["sub-big"]
+    assert rows["sub-00"]["status"] == "OK"  # the worker was fine for the next study
+    assert summary.exit_code == 1
