@@ -83,7 +83,7 @@ def setup_logging(*, verbose: int = 0, quiet: bool = False, log_file: Path | Non
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         fh._recnec = True  # type: ignore[attr-defined]
         root.addHandler(fh)
-    for noisy in ("dicom2nifti", "pydicom", "matplotlib", "PIL", "numba"):
+    for noisy in ("dicom2nifti", "pydicom", "matplotlib", "PIL", "numba", "openjpeg"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -296,11 +296,13 @@ def study_fingerprint(study: Study, files: Sequence[tuple[str, int, int]], *, se
 
 
 def _model_version(weights_dir: Path) -> str:
-    """The manifest's model version (read without verifying checksums: those are checked when the
-    ensemble is loaded, which only happens when a study is to be processed)."""
+    """The manifest's model version and a digest of its checksum list (read without verifying the
+    files: that happens when the ensemble is loaded, only when a study is to be processed)."""
     try:
         m = json.loads((Path(weights_dir) / "manifest.json").read_text(encoding="utf-8"))
-        return str(m.get("model_version") or m.get("version") or digest([m.get("files", {})])[:12])
+        # the version string plus the files' listed checksums: retrained weights under an old name
+        # still change every fingerprint
+        return f"{m.get('model_version', '')}#{digest([m.get('files', {})])[:12]}"
     except (OSError, ValueError) as exc:
         raise EnvironmentBroken(f"weights manifest unreadable in {weights_dir}: {type(exc).__name__}") from None
 
@@ -738,7 +740,7 @@ class _RunContext:
                         pseudonym_key_id=self.key_id, self_test_seconds=dict(self.self_test_s),
                         runs=self.state.runs(limit=10))
         if self.ensemble is None:
-            manifest["model_version"] = self.model_version
+            manifest["model_version"] = self.model_version.split("#")[0]
         atomic_write_text(self.paths["manifest"], json.dumps(manifest, indent=2, default=str) + "\n")
         return rows
 

@@ -189,7 +189,7 @@ def discover(root: Path, *, settings: Settings | None = None, pseudonym_key: Any
         studies.append(Study(study_id=sid_, patient_pseudonym=pseud, source="dicom",
                              location=";".join(sorted(folders)), series=tuple(series),
                              skipped_files=skipped, issues=tuple(issues)))
-        log.info("study %s: %d series (patient %s)", sid_, len(series), pseud or "-")
+        log.debug("study %s: %d series (patient %s)", sid_, len(series), pseud or "-")
 
     # ---- NIfTI / NRRD folder studies
     for folder, names in sorted(file_folders.items()):
@@ -197,7 +197,7 @@ def discover(root: Path, *, settings: Settings | None = None, pseudonym_key: Any
         st = _file_study(walk_root, folder, names, skipped_by_folder[rel])
         if st is not None:
             studies.append(st)
-            log.info("study %s: %d file series", st.study_id, len(st.series))
+            log.debug("study %s: %d file series", st.study_id, len(st.series))
     if not studies:
         # NIfTI / NRRD files present but none a series: NO_IMAGE_FOUND; else nothing but DICOM
         # candidates and other files: NO_IMAGE_DICOM_FOUND
