@@ -94,11 +94,28 @@ def test_enhanced_frames_sorted_by_position(tmp_path):  # kind 4
 
 
 def test_enhanced_two_stacks_convert_separately(tmp_path):
+    """One Enhanced file holding a 20-frame axial and a 12-frame sagittal stack (shuffled): discovery
+    splits it into two series and each converts to its own canonical RAS+ volume with its own
+    pixels and geometry (FAILURES.md kind 4)."""
     write_enhanced(tmp_path / "enh.dcm", n=20, second_stack=12, shuffle=True)
     (st,) = discover(tmp_path)
-    shapes = sorted(convert_series(s, settings=S).data.shape[2] if s.header.n_slices == 20 else
-                    s.header.n_slices for s in st.series)
-    assert shapes == [12, 20]
+    by_n = {s.header.n_slices: s for s in st.series}
+    assert sorted(by_n) == [12, 20] and len(st.series) == 2
+    assert sorted(by_n[20].frames + by_n[12].frames) == list(range(32))  # every frame used once
+    ref = phantom(32, 24, 24).astype(np.float32)  # (frame k, row, col); k < 20 axial, k >= 20 sagittal
+    axial = convert_series(by_n[20], settings=S)
+    sagittal = convert_series(by_n[12], settings=S)
+    # axial, IOP (1,0,0)/(0,1,0), IPP z = k: RAS flips i, j; k increases superior
+    assert axial.data.shape == (24, 24, 20)
+    assert np.array_equal(axial.data[::-1, ::-1, :].transpose(2, 1, 0), ref[:20])
+    # sagittal, IOP (0,1,0)/(0,0,-1), IPP x = k - 20: LPS (x, y, z) of pixel (r, c) of frame s is
+    # (s, c, -r), so RAS i = 11 - s, j = 23 - c, k = 23 - r
+    assert sagittal.data.shape == (12, 24, 24)
+    assert np.array_equal(sagittal.data[::-1, ::-1, ::-1].transpose(0, 2, 1), ref[20:])
+    assert sagittal.spacing_mm == pytest.approx((1.0, 1.0, 1.0))
+    s, r, c = 3, 5, 17  # a voxel's world position is the DICOM position converted to RAS
+    world = sagittal.affine @ [11 - s, 23 - c, 23 - r, 1]
+    assert world[:3] == pytest.approx([-float(s), -float(c), -float(r)])
 
 
 def test_raw_bytes_claiming_jpeg_fail_decoding(tmp_path):  # kind 5

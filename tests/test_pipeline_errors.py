@@ -248,8 +248,6 @@ def test_unexpected_exception_is_an_internal_error_row(subject, tmp_path, settin
         assert r.ok and r.probability is not None and r.label in ("recurrence", "necrosis")
 
 
-@pytest.mark.xfail(strict=True, reason="process_study reports failed_stage 'preprocess' for an "
-                   "unexpected exception instead of the stage it happened in")
 def test_internal_error_row_names_the_stage(subject, tmp_path, settings, monkeypatch) -> None:
     study = _studies(tmp_path, subject, ["boom"])["boom"]
     _boom_in_convert(monkeypatch, "boom")
@@ -275,8 +273,6 @@ def test_inference_failure_fails_only_its_batch(subject, tmp_path, settings) -> 
     assert [r.study.study_id for r in done] == ["a", "b", "c"]  # every study reported once
 
 
-@pytest.mark.xfail(strict=True, reason="infer_batch catches only RecnecError: an unexpected "
-                   "exception from the ensemble (e.g. onnxruntime's own) aborts the whole run_batch")
 def test_unexpected_inference_exception_fails_only_its_batch(subject, tmp_path, settings) -> None:
     studies = _studies(tmp_path, subject, ["a", "b", "c"])
     ens = FakeEnsemble(fail_calls=(0,), error=RuntimeError("onnxruntime: unexpected"))

@@ -275,8 +275,8 @@ def preprocess_study(study: Study, *, settings: Settings, resources: Resources,
         if settings.keep_intermediate_dir is not None:
             _write_intermediate(settings.keep_intermediate_dir, study, grid_aff, on_grid, brain, les.mask, x, spec,
                                 les.centroid_ras_mm, native_mask, fixed.affine)
-    except RecnecError as exc:
-        # remember where it failed, for the report row; the error itself is unchanged
+    except Exception as exc:
+        # remember where it failed, for the report row (unexpected errors too); the error is unchanged
         exc.stage, exc.timings, exc.assignment = stage, timings, assignment  # type: ignore[attr-defined]
         raise
     return Preprocessed(
@@ -369,7 +369,9 @@ def process_study(study: Study, *, settings: Settings, resources: Resources) -> 
             _fail(r, "preprocess", "OUT_OF_MEMORY", f"study needed more memory than available ({type(exc).__name__})")
         else:
             log.debug("unexpected error in study %s:\n%s", study_key(study), traceback.format_exc())
-            _fail(r, "preprocess", "INTERNAL_ERROR",
+            r.assignment = getattr(exc, "assignment", None)
+            r.timings.update(getattr(exc, "timings", {}))
+            _fail(r, getattr(exc, "stage", "preprocess"), "INTERNAL_ERROR",
                   f"unexpected {type(exc).__name__}; rerun with -v for the traceback in the log")
     else:
         r.preprocessed = pre
@@ -397,6 +399,11 @@ def infer_batch(ready: Sequence[StudyResult], *, ensemble: Any) -> None:
     except RecnecError as exc:
         for r in ready:
             _fail(r, "infer", exc.code, exc.message)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own types: this batch fails, the run goes on
+        log.debug("unexpected inference error:\n%s", traceback.format_exc())
+        for r in ready:
+            _fail(r, "infer", "INTERNAL_ERROR", f"unexpected {type(exc).__name__} in inference; rerun with -v "
+                  "for the traceback in the log")
     else:
         per = (time.perf_counter() - t0) / len(ready)
         thr = float(ensemble.threshold)
