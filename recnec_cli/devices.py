@@ -38,7 +38,9 @@ def resolve_torch_device(device: str) -> str | int:
 
 
 def prepare_torch(threads: int = 0) -> None:
-    """Process-wide torch set-up for every recnec inference and training path.
+    """Process-wide torch set-up for every recnec inference path (HD-BET in scans, image evidence
+    and training's preprocessing; not the training loop itself, whose shipped results must stay
+    byte-reproducible).
 
     * ``torch.set_flush_denormal(True)``: subnormal floats are flushed to zero. HD-BET's network
       produces subnormal activations on inputs with large zero regions, and x86 processors handle

@@ -457,7 +457,9 @@ IMAGE_CASES = {  # folder: role by image evidence (data/README.md)
 }
 # HD-BET costs 20-40 s a case on 2 cores: the default suite runs the post-contrast case, the
 # strongest-bias pre-contrast case (XA30) and Philips; UIH and E11 run with -m veryslow
-_VERYSLOW = {"dicom_uih_umr770_t1_3d_j2k", "dicom_siemens_e11_t1_fl2d_sag"}
+# the default suite keeps two real cases (VS-SEG-001 post-contrast, the Philips volunteer
+# pre-contrast); the other volunteers (HD-BET ~40 s each) run in the veryslow tier
+_VERYSLOW = {"dicom_uih_umr770_t1_3d_j2k", "dicom_siemens_e11_t1_fl2d_sag", "dicom_siemens_xa30_enhanced_t1"}
 IMAGE_PARAMS = [pytest.param(c, marks=[pytest.mark.slow] + ([pytest.mark.veryslow] if c in _VERYSLOW
                                                            else []))
                 for c in IMAGE_CASES]
@@ -522,8 +524,13 @@ def test_real_roles_with_image_evidence(image_case, monkeypatch, case):
     (skipped,) = assign_roles(st, settings=S, rules=RULES, use_image_evidence=True).decisions
     assert skipped.role is R.UNDETERMINED and any(
         r.startswith("image evidence skipped: study has no T2") for r in skipped.reasons)
+    class CachedHdBet:  # the fixture's mask: HD-BET ran once for this case already
+        def brain_mask(self, volume):
+            assert volume is vol
+            return mask
+
     a = study_mod._assign(st, settings=S, rules=RULES, use_image_evidence=True,
-                             image_evidence_if_incomplete=True)
+                             image_evidence_if_incomplete=True, hdbet=CachedHdBet())
     (d,) = a.decisions
     want = IMAGE_CASES[case]
     assert d.role is want and d.confidence == RULES.confidence["image_strong"], d
@@ -537,7 +544,7 @@ def test_image_evidence_skipped_without_t2(monkeypatch):
     T2 (or a series that might be one) it runs; inspect runs it whatever the study."""
     calls = []
 
-    def fake(series, v, settings, rules):
+    def fake(series, v, settings, rules, *memo_and_hdbet):
         calls.append(series.series_id)
         v.reasons.append("image evidence: faked")
 

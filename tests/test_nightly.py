@@ -94,12 +94,12 @@ def test_sigkill_then_rerun_loses_nothing_and_redoes_nothing(phantom_tree, tmp_p
     studies = _copy(phantom_tree, tmp_path)
     out = tmp_path / "out" / "report.csv"
     state = out.with_name("report.state.sqlite")
-    proc = _child(studies, out, sleep_s=2.0)
-    _wait_for(lambda: len(_state_rows(state)) >= 2, 180, proc)
+    proc = _child(studies, out, sleep_s=1.0)
+    _wait_for(lambda: len(_state_rows(state)) >= 1, 180, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     before = {sid: run for sid, status, run in _state_rows(state)}
-    assert 2 <= len(before) < 4, before
+    assert 1 <= len(before) < 4, before
     assert all(status == "OK" for _, status, _ in _state_rows(state))
     # the report written before the kill is whole (regenerated from the state, atomically)
     assert {r["study_id"] for r in _rows(out)} <= set(before) | set()

@@ -283,6 +283,7 @@ def test_unexpected_inference_exception_fails_only_its_batch(subject, tmp_path, 
 
 
 @pytest.mark.slow
+@pytest.mark.veryslow  # ~40 s of real HD-BET; test_scan_cli's batch covers HD-BET in the default suite
 def test_real_hdbet_brain_matches_truth(subject, tmp_path) -> None:
     """With the real HD-BET (fast mode, CPU) the good study runs through and the brain volume is
     close to the synthetic subject's true brain."""

@@ -184,6 +184,7 @@ def test_nifti_cohort_same_seed_same_bytes(truth0, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.veryslow  # ~65 s; the NIfTI cohort's byte identity stays in the default suite
 def test_dicom_cohort_same_seed_same_bytes(tmp_path):
     write_cohort(tmp_path / "a", n=1, seed=1, fmt="dicom", space="study")
     write_cohort(tmp_path / "b", n=1, seed=1, fmt="dicom", space="study")

@@ -134,7 +134,7 @@ def scan(
     quiet: QuietOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
-    from ..orchestration.scan import output_paths
+    from ..orchestration.scan import check_scan_paths, output_paths
 
     with error_boundary():
         from ..config import resolve_settings
@@ -148,6 +148,7 @@ def scan(
             "state_file": state, "settle_minutes": settle_minutes, "pseudonym_key_file": pseudonym_key_file,
             "workers": workers, "study_timeout_s": study_timeout, "max_memory_mb": max_memory,
         })
+        check_scan_paths(studies, out=out, settings=settings)  # before the log file is created
         setup_logging(verbose=verbose, quiet=quiet, log_file=output_paths(out, settings)["log"])
         use_bar = sys.stderr.isatty() and not quiet
         kwargs = dict(out=out, settings=settings, fmt=fmt.value, force=force, retry_failed=retry_failed,

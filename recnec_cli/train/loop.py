@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..devices import prepare_torch
 from ..errors import TrainingError
 from .metrics import auc_score
 from .models import ARCHS, ProbabilityHead, build_model, n_parameters
@@ -118,7 +117,10 @@ def deterministic(seed: int, threads: int) -> Iterator[None]:
     prev_threads = torch.get_num_threads()
     prev_det = torch.are_deterministic_algorithms_enabled()
     prev_meta = get_track_meta()
-    prepare_torch(threads)  # flush subnormal floats (see recnec_cli.devices), fixed thread count
+    # fixed thread count; subnormal floats are NOT flushed here: the shipped weights were trained
+    # with torch's default float mode and `--reproduce-shipped` must reproduce them byte for byte
+    # (flushing in training waits for a deliberate, verified retrain)
+    torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     set_determinism(seed=seed)
     set_track_meta(False)  # plain tensors through MONAI transforms: no metadata overhead
