@@ -65,9 +65,9 @@ def _tables(info: dict) -> None:
     from rich.table import Table
 
     console = results_console()
-    t = Table(title=f"{info['state']}: {info['studies']} studies ({info['not_present']} no longer in the tree)",
-              title_justify="left")
-    t.add_column("status")
+    console.print(f"{info['state']}: {info['studies']} studies ({info['not_present']} no longer in the tree)")
+    t = Table()
+    t.add_column("status (studies in the tree)")
     t.add_column("studies", justify="right")
     for k, v in info["status_counts"].items():
         t.add_row(k, str(v))
