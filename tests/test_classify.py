@@ -457,9 +457,10 @@ IMAGE_CASES = {  # folder: role by image evidence (data/README.md)
 }
 # HD-BET costs 20-40 s a case on 2 cores: the default suite runs the post-contrast case, the
 # strongest-bias pre-contrast case (XA30) and Philips; UIH and E11 run with -m veryslow
-# the default suite keeps two real cases (VS-SEG-001 post-contrast, the Philips volunteer
-# pre-contrast); the other volunteers (HD-BET ~40 s each) run in the veryslow tier
-_VERYSLOW = {"dicom_uih_umr770_t1_3d_j2k", "dicom_siemens_e11_t1_fl2d_sag", "dicom_siemens_xa30_enhanced_t1"}
+# the default suite keeps one real case (VS-SEG-001, post-contrast with a silent header); the
+# volunteers' pre-contrast T1s (HD-BET ~40-55 s each) run in the veryslow tier
+_VERYSLOW = {"dicom_uih_umr770_t1_3d_j2k", "dicom_siemens_e11_t1_fl2d_sag", "dicom_siemens_xa30_enhanced_t1",
+             "dicom_philips_elition_t1_mprage"}
 IMAGE_PARAMS = [pytest.param(c, marks=[pytest.mark.slow] + ([pytest.mark.veryslow] if c in _VERYSLOW
                                                            else []))
                 for c in IMAGE_CASES]

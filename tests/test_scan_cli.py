@@ -73,9 +73,10 @@ def batch_scan(tmp_path_factory):
     before = _tree_digest(studies)
     out = base / "out" / "report.csv"
     qc = base / "qc"
+    # two real worker processes (real HD-BET in each): the pool path end to end
     result = CliRunner().invoke(app, ["scan", str(studies), "--out", str(out), "--batch-size", "2",
                                       "--keep-intermediate", str(qc), "--device", "cpu",
-                                      "--weights", str(WEIGHTS)])
+                                      "--weights", str(WEIGHTS), "--workers", "2"])
     truth = {}
     for cohort in ("c_nii", "c_dcm"):
         for r in _read_rows(base / cohort / "truth.csv"):

@@ -169,6 +169,7 @@ def test_dicom_study_headers_and_determinism(truth0, tmp_path):
     assert ds.pixel_array.shape == (ds.Rows, ds.Columns) and ds.pixel_array.max() > 0
 
 
+@pytest.mark.slow  # ~40 s: two cohorts written
 def test_nifti_cohort_same_seed_same_bytes(truth0, tmp_path):
     """The cohort writer and an independent generate_subject() of the same seed give the same
     bytes (render, acquisition, NIfTI/gzip and JSON writing are all deterministic)."""
