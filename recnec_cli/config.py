@@ -38,7 +38,7 @@ class Settings:
     keep_intermediate_dir: Path | None = None
     rules_file: Path | None = None  # site rules for series classification (TOML)
     anisotropy_limit: float = 4.0  # max/min voxel size above which a series is flagged ANISOTROPIC
-    role_confidence_threshold: float = 0.7  # below: UNDETERMINED (see classify.py)
+    role_confidence_threshold: float = 0.7  # below: UNDETERMINED (see stages/classify/)
     allow_derived: bool = False  # accept DERIVED series as candidates
     max_series_voxels: int = 512 * 512 * 1024  # SERIES_TOO_LARGE above this
     registration_max_translation_mm: float = 40.0  # post-registration check (FAILURES.md 19)

@@ -110,8 +110,10 @@ class Study:
     """One imaging study: the unit that gets one report row.
 
     ``study_id`` is the StudyInstanceUID for DICOM, or the study folder's path relative to the scan
-    root for NIfTI/NRRD folders. ``patient_pseudonym`` is a salted-free SHA-256 prefix of the
-    PatientID (never the raw ID or name), empty when unknown.
+    root for NIfTI/NRRD folders. ``patient_pseudonym`` is a pseudonym of the
+    PatientID (never the raw ID or name), empty when unknown: in ``recnec scan`` the keyed
+    HMAC-SHA256 of :mod:`recnec_cli.pseudonym`; where discovery runs without a key (inspect,
+    train), an unkeyed hash prefix that is never written to a report.
     """
 
     study_id: str

@@ -6,7 +6,7 @@ never leaves a half-written report over a good one.
 Columns (one row per study; empty where a stage did not run):
 
 ``study_id`` (StudyInstanceUID, or folder relative to the scan root), ``patient_pseudonym``
-(SHA-256 prefix of PatientID), ``source``, ``location`` (NIfTI/NRRD folders; DICOM folders only
+(HMAC-SHA256 of the PatientID with the site key, see :mod:`recnec_cli.pseudonym`), ``source``, ``location`` (NIfTI/NRRD folders; DICOM folders only
 with ``--dicom-locations``, since export folder names may hold patient names), ``status`` (``OK`` or the error code), ``error_code``,
 ``error_message``, ``failed_stage``, ``t1_series`` / ``t2_series`` / ``t1ce_series``
 (SeriesInstanceUID or file), ``*_confidence`` and ``*_reasons`` (classifier evidence, ``; ``
