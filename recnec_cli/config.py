@@ -24,6 +24,10 @@ def default_weights_dir() -> Path:
     return here.parent / "weights"
 
 
+#: smallest --max-memory a worker can start HD-BET with (torch alone maps ~1.1 GB; measured here)
+MIN_WORKER_MEMORY_MB = 2048
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a scan needs besides the input tree. Units are in the field names."""
@@ -74,8 +78,12 @@ class Settings:
             raise UsageError(f"device (--device / RECNEC_DEVICE) must be auto, cpu, cuda or cuda:N, got {dev!r}")
         if self.workers < -1:
             raise UsageError(f"workers (--workers / RECNEC_WORKERS) must be >= 0 (or -1 = auto), got {self.workers}")
-        if self.study_timeout_s < 0 or self.max_memory_mb < 0:
+        if not (self.study_timeout_s >= 0) or self.max_memory_mb < 0:  # "not >=" also refuses NaN
             raise UsageError("--study-timeout and --max-memory must be >= 0 (0 = none / auto)")
+        if 0 < self.max_memory_mb < MIN_WORKER_MEMORY_MB:
+            raise UsageError(f"--max-memory / RECNEC_MAX_MEMORY_MB must be 0 (auto) or at least "
+                             f"{MIN_WORKER_MEMORY_MB} MB: a worker needs about 1.5 GB of address space to load "
+                             f"torch and HD-BET, got {self.max_memory_mb}")
         if self.settle_minutes < 0:
             raise UsageError(f"settle time (--settle-minutes / RECNEC_SETTLE_MINUTES) must be >= 0, "
                              f"got {self.settle_minutes}")

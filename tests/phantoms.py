@@ -117,6 +117,7 @@ from recnec_cli.errors import RecnecError
 from recnec_cli.orchestration.scan import scan
 extra = json.loads(sys.argv[4])
 settings = resolve_settings(extra.pop("settings", {}))
+extra["worker_hooks"] = [getattr(phantoms, h) for h in extra.pop("hooks", [])]
 try:
     summary = scan(Path(sys.argv[1]), out=Path(sys.argv[2]), settings=settings, **extra)
 except RecnecError as exc:

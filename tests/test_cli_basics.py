@@ -87,3 +87,10 @@ def test_bad_output_and_input_paths_exit_2_before_any_work(tmp_path, case):
     res = runner.invoke(app, ["scan", str(studies), "--out", str(out), *extra])
     assert res.exit_code == 2, res.output
     assert "error" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("env", [{"RECNEC_MAX_MEMORY_MB": "400"}, {"RECNEC_STUDY_TIMEOUT_S": "nan"},
+                                 {"RECNEC_WORKERS": "-2"}])
+def test_worker_limits_refused_when_unusable(env):
+    with pytest.raises(UsageError):
+        resolve_settings({}, environ=env)

@@ -134,6 +134,7 @@ def test_second_run_on_the_same_state_exits_at_once(phantom_tree, tmp_path):
         assert res.exit_code == EXIT_LOCKED == 75, res.output
         assert "another recnec scan is running" in res.output
         assert elapsed < 10
+        assert not list(tmp_path.glob("report.log*"))  # the refused run opened (and rotated) no log file
     finally:
         proc.kill()
         proc.wait(30)
@@ -232,6 +233,8 @@ def test_failed_rows_retried_only_on_request_and_vanished_studies_kept(phantom_t
     assert first.exit_code == 1 and first.counts["failed"] == 1
     again = scan(studies, out=out, settings=_settings(), handle_signals=False)
     assert again.counts["processed"] == 0 and again.exit_code == 1  # the failure is still in the report
+    assert again.counts["failed"] == 0 and again.counts["failed_in_report"] == 1
+    assert "failed 0 (failing rows in the report: 1)" in again.line()
     retried = scan(studies, out=out, settings=_settings(), retry_failed=True, handle_signals=False)
     assert retried.counts["processed"] == 1
     shutil.rmtree(studies / "sub-00")
@@ -387,3 +390,49 @@ def test_header_silent_t1_study_runs_hdbet_once_per_volume(tmp_path, monkeypatch
     assert sorted(converted) == sorted(set(converted)) and len(converted) == 3
     assert float(row["seconds_skullstrip"]) > 0 and float(row["seconds_convert"]) > 0
     assert summary.exit_code == 0
+
+
+def test_second_sigterm_stops_at_once_with_143(phantom_tree, tmp_path):
+    studies = _copy(phantom_tree, tmp_path)
+    out = tmp_path / "report.csv"
+    state = tmp_path / "report.state.sqlite"
+    proc = _child(studies, out, sleep_s=3.0)
+    _wait_for(lambda: _has_run(state), 120, proc)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, text
+    with sqlite3.connect(str(state)) as db:
+        (code, reason, finished), = db.execute("SELECT exit_code, stop_reason, finished_utc FROM runs").fetchall()
+    assert (code, reason) == (143, "SIGTERM (twice)") and finished is not None
+    assert out.exists()  # the report is written from the state even after a hard stop
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(x) for x in out]
+
+
+def test_workers_die_with_a_killed_scan(phantom_tree, tmp_path):
+    """SIGKILL of the scan leaves no worker behind (PR_SET_PDEATHSIG), even one stuck in a study."""
+    studies = _copy(phantom_tree, tmp_path)
+    proc = _child(studies, tmp_path / "r.csv", sleep_s=0.0, hooks=["hook_fake_hdbet", "hook_hang_on_sub01"],
+                  settings={"threads": 1, "grid_spacing_mm": 2.0, "workers": 1})
+    workers: list[int] = []
+
+    def worker_started() -> bool:
+        workers[:] = [c for c in _children(proc.pid)
+                      if "spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes().decode(errors="replace")]
+        return bool(workers)
+
+    _wait_for(worker_started, 120, proc)
+    _wait_for(lambda: len(_state_rows(tmp_path / "r.state.sqlite")) >= 1, 120, proc)  # sub-00 done
+    time.sleep(2.0)  # the worker is now inside sub-01's hanging conversion
+    worker_started()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    _wait_for(lambda: not any(Path(f"/proc/{w}").exists() and
+                              "spawn_main" in Path(f"/proc/{w}/cmdline").read_bytes().decode(errors="replace")
+                              for w in workers), 20)

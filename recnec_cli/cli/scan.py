@@ -53,9 +53,10 @@ OUT_OF_MEMORY); the worker is replaced and the run goes on. Model inputs are bat
 ensemble (--batch-size) in this process.
 
 Writes REPORT (CSV or JSON: every study the state knows, once), REPORT's stem + .manifest.json
-(versions, execution provider, model checksums, settings, timings, last runs) and + .log (debug
-log of this run; the 14 previous runs' logs are kept as .log.1 ... .log.14). The input tree is
-never modified. `recnec status --state FILE` shows what a state holds.
+(versions, execution provider, model checksums, settings, timings, last runs) and + .log (this
+run's log, INFO; DEBUG with -v; the 14 previous runs' logs are kept as .log.1 ... .log.14). The
+input tree is never modified. The state file holds the input files' paths: keep it with the same
+care as the export folder. `recnec status --state FILE` shows what a state holds.
 
 Examples:
 
@@ -149,10 +150,14 @@ def scan(
             "workers": workers, "study_timeout_s": study_timeout, "max_memory_mb": max_memory,
         })
         check_scan_paths(studies, out=out, settings=settings)  # before the log file is created
-        setup_logging(verbose=verbose, quiet=quiet, log_file=output_paths(out, settings)["log"])
+        setup_logging(verbose=verbose, quiet=quiet)  # console now; the log file once the lock is held
+
+        def open_log_file() -> None:  # a run refused with exit 75 never rotates the running scan's log
+            setup_logging(verbose=verbose, quiet=quiet, log_file=output_paths(out, settings)["log"])
+
         use_bar = sys.stderr.isatty() and not quiet
         kwargs = dict(out=out, settings=settings, fmt=fmt.value, force=force, retry_failed=retry_failed,
-                      dicom_locations=dicom_locations)
+                      dicom_locations=dicom_locations, on_locked=open_log_file)
         if use_bar:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -460,4 +460,5 @@ def _fail(r: StudyResult, stage: str, code: str, message: str) -> None:
     r.error_code = r.status
     r.error_message = message
     r.failed_stage = stage
-    log.warning("study %s failed at %s: %s", study_key(r.study), stage, code)
+    # INFO: the row carries it, and `--quiet` (cron) must stay one summary line however many fail
+    log.info("study %s failed at %s: %s", study_key(r.study), stage, code)

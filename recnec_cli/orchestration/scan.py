@@ -96,7 +96,8 @@ class ScanSummary:
 
     ``counts``: ``found`` (studies in the tree), ``processed`` (run through the pipeline this time),
     ``unchanged`` (skipped: same fingerprint), ``deferred``, ``failed`` (processed this run and not
-    OK), ``not_present`` (rows kept for studies no longer in the tree). ``rows``: the report rows
+    OK), ``failed_in_report`` (studies in the tree whose row, from this run or an earlier one, is a
+    failure: exit code 1 when > 0), ``not_present`` (rows kept for studies no longer in the tree). ``rows``: the report rows
     (every study the state knows, once each). ``stop_reason``: ``""``, ``"SIGINT"`` or ``"SIGTERM"``.
     """
 
@@ -115,8 +116,8 @@ class ScanSummary:
         """The one summary line cron mails: counts and seconds."""
         c = self.counts
         text = (f"recnec scan {self.run_id}: found {c['found']}, processed {c['processed']}, unchanged "
-                f"{c['unchanged']}, deferred {c['deferred']}, failed {c['failed']}, "
-                f"{self.seconds:.1f} s, exit {self.exit_code}")
+                f"{c['unchanged']}, deferred {c['deferred']}, failed {c['failed']} (failing rows in the report: "
+                f"{c.get('failed_in_report', 0)}), {self.seconds:.1f} s, exit {self.exit_code}")
         return text + (f" (stopped by {self.stop_reason})" if self.stop_reason else "")
 
 
@@ -128,7 +129,8 @@ def scan(studies: Path, *, out: Path, settings: Settings, fmt: str = "csv", forc
          on_study_done: Callable[[StudyResult, Mapping[str, Any]], None] | None = None,
          on_progress: Callable[[str, int, int], None] | None = None,
          handle_signals: bool = True, run_self_test: bool = True,
-         worker_hooks: Sequence[Callable[[], None]] = (), now: Callable[[], float] = time.time) -> ScanSummary:
+         worker_hooks: Sequence[Callable[[], None]] = (), on_locked: Callable[[], None] | None = None,
+         now: Callable[[], float] = time.time) -> ScanSummary:
     """Scan ``studies`` incrementally into the report ``out`` (see the module docstring).
 
     Parameters
@@ -159,6 +161,10 @@ def scan(studies: Path, *, out: Path, settings: Settings, fmt: str = "csv", forc
         studies; previous handlers are restored afterwards.
     run_self_test:
         Run :func:`self_test` after loading the models (only when a study is to be processed).
+    on_locked:
+        Called once the state's lock is held, before anything is written (the CLI opens the run's
+        log file there, so a run refused with :class:`StateLocked` never rotates the running
+        scan's log).
     worker_hooks:
         Picklable module-level callables run once in each worker process of the default pool
         (per-worker set-up; the tests install a stand-in for HD-BET this way).
@@ -196,6 +202,8 @@ def scan(studies: Path, *, out: Path, settings: Settings, fmt: str = "csv", forc
         raise StateLocked(f"another recnec scan is running on the state {paths['state']} (lock "
                           f"{paths['lock'].name}); this run did nothing") from None
     try:
+        if on_locked is not None:
+            on_locked()
         _remove_stale_temporaries([paths["report"], paths["manifest"]])
         with ScanState(paths["state"]) as state:
             return _run(studies, paths=paths, settings=settings, fmt=fmt, force=force, retry_failed=retry_failed,
@@ -221,11 +229,16 @@ def _remove_stale_temporaries(targets: Iterable[Path]) -> None:
                 pass
 
 
+class _HardStop(BaseException):
+    """A second SIGINT / SIGTERM: leave the running studies at once (the state stays consistent)."""
+
+
 class _Stop:
     """SIGINT / SIGTERM -> stop taking new studies (a second signal interrupts at once)."""
 
     def __init__(self, install: bool) -> None:
         self.reason = ""
+        self.hard = False
         self._old: dict[int, Any] = {}
         if install and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -234,7 +247,9 @@ class _Stop:
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.reason:
-            raise KeyboardInterrupt(name)
+            log.warning("%s received again: stopping at once (finished studies are in the state)", name)
+            self.hard = True
+            raise _HardStop(name)
         self.reason = name
         log.warning("%s received: no new studies are started; finishing the current one, then writing "
                     "the report (send it again to stop at once; finished studies are kept either way)", name)
@@ -309,6 +324,8 @@ def _run(studies: Path, *, paths: dict[str, Path], settings: Settings, fmt: str,
             _process(todo, ctx=ctx, counts=counts, executor=executor, stop=stop, on_study_done=on_study_done,
                      on_progress=on_progress, dicom_locations=dicom_locations, run_self_test=run_self_test,
                      worker_hooks=worker_hooks)
+    except _HardStop:
+        pass  # the pool is already stopped; what is done is in the state: end as a normal stop
     except RecnecError as exc:  # models, weights or self-test: nothing was processed (exit code 2)
         state.finish_run(run_id, finished_utc=_iso(datetime.now(timezone.utc)), summary=counts,
                          exit_code=EXIT_USAGE, stop_reason=exc.code)
@@ -319,12 +336,13 @@ def _run(studies: Path, *, paths: dict[str, Path], settings: Settings, fmt: str,
     present = {s.study_id for s in found}
     if stop.reason:
         code = EXIT_SIGINT if stop.reason == "SIGINT" else EXIT_SIGTERM
-    else:
-        failed_rows = [r for r in rows if r["study_id"] in present and r["status"] not in NOT_FAILED]
+    failed_rows = [r for r in rows if r["study_id"] in present and r["status"] not in NOT_FAILED]
+    counts["failed_in_report"] = len(failed_rows)
+    if not stop.reason:
         code = EXIT_STUDY_FAILED if failed_rows else EXIT_OK
     seconds = time.perf_counter() - t_start
     state.finish_run(run_id, finished_utc=_iso(datetime.now(timezone.utc)), summary={**counts, "seconds": round(seconds, 3)},
-                     exit_code=code, stop_reason=stop.reason)
+                     exit_code=code, stop_reason=stop.reason + (" (twice)" if stop.hard else ""))
     ctx.write_outputs()
     summary = ScanSummary(run_id=run_id, exit_code=code, counts=counts, seconds=seconds, report=paths["report"],
                           manifest=paths["manifest"], state=paths["state"], log_file=paths["log"], rows=rows,
@@ -438,7 +456,14 @@ def _process(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dic
             ctx.self_test_s = self_test(resources)
             if own_pool is not None:  # HD-BET's check runs in a worker (and warms it)
                 t0 = time.perf_counter()
-                own_pool.submit(worker_self_test, worker_settings).result()
+                try:
+                    own_pool.submit(worker_self_test, worker_settings).result()
+                except EnvironmentBroken:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the worker cannot even start its models
+                    raise EnvironmentBroken(
+                        f"self-test failed: a worker process could not load HD-BET ({type(exc).__name__}); "
+                        f"is --max-memory ({mem} MB per worker) too small? torch alone needs about 1.5 GB") from None
                 ctx.self_test_s = {**ctx.self_test_s, "hdbet_worker": time.perf_counter() - t0}
         ctx.write_outputs()  # deferred / absent studies show at once, before the first long study
         if executor is None:
@@ -464,6 +489,7 @@ def _loop(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dict[s
     fingerprints = {st.study_id: fp for st, fp in todo}
     queue = list(todo)
     in_flight: dict[cf.Future, Study] = {}
+    started_at: dict[cf.Future, float] = {}
     ready: list[tuple[StudyResult, float]] = []
     done = [0]
 
@@ -495,7 +521,9 @@ def _loop(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dict[s
             study, _ = queue.pop(0)
             if on_progress is not None:
                 on_progress(study.study_id, done[0], len(todo))
-            in_flight[executor.submit(preprocess_task, study, task_settings)] = study
+            fut = executor.submit(preprocess_task, study, task_settings)
+            in_flight[fut] = study
+            started_at[fut] = time.perf_counter()
         if not in_flight:
             break
         finished, _ = cf.wait(list(in_flight), return_when=cf.FIRST_COMPLETED)
@@ -510,7 +538,8 @@ def _loop(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dict[s
 
                 code, msg = failure_of(exc, timeout_s)
                 r = StudyResult(study=study, status=code, error_code=code, error_message=msg, failed_stage="preprocess")
-                log.warning("study %s: %s", study_key(study), code)
+                r.timings["total"] = time.perf_counter() - started_at.get(fut, time.perf_counter())
+                log.info("study %s: %s", study_key(study), code)
                 log.debug("executor error for study %s", study_key(study), exc_info=True)
             if r.ok:
                 ready.append((r, time.perf_counter()))

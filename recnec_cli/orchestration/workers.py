@@ -57,8 +57,23 @@ def _physical_memory_mb() -> int:
         return MEMORY_PER_WORKER_MB
 
 
+def _die_with_parent() -> None:
+    """Linux ``prctl(PR_SET_PDEATHSIG, SIGKILL)``: the worker is killed when the scan process dies,
+    even by SIGKILL, so no orphaned worker keeps a core busy until its study ends."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux / no glibc: the pool's own cleanup only
+        pass
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _worker_init(threads: int, max_memory_mb: int, extra: Callable[[], None] | None) -> None:
     """Runs first in every worker process (before any heavy import)."""
+    _die_with_parent()
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
         os.environ[var] = str(threads)
     if max_memory_mb > 0:
