@@ -84,7 +84,7 @@ class Settings:
             raise UsageError(f"--max-memory / RECNEC_MAX_MEMORY_MB must be 0 (auto) or at least "
                              f"{MIN_WORKER_MEMORY_MB} MB: a worker needs about 1.5 GB of address space to load "
                              f"torch and HD-BET, got {self.max_memory_mb}")
-        if self.settle_minutes < 0:
+        if not (self.settle_minutes >= 0):  # NaN too
             raise UsageError(f"settle time (--settle-minutes / RECNEC_SETTLE_MINUTES) must be >= 0, "
                              f"got {self.settle_minutes}")
         if not (0.3 <= self.grid_spacing_mm <= 3.0):
