@@ -332,18 +332,17 @@ def _run(studies: Path, *, paths: dict[str, Path], settings: Settings, fmt: str,
         raise
     finally:
         stop.restore()
-    rows = ctx.write_outputs()
     present = {s.study_id for s in found}
+    counts["failed_in_report"] = sum(s.present and s.study_id in present and s.status not in NOT_FAILED
+                                     for s in state.all())
     if stop.reason:
         code = EXIT_SIGINT if stop.reason == "SIGINT" else EXIT_SIGTERM
-    failed_rows = [r for r in rows if r["study_id"] in present and r["status"] not in NOT_FAILED]
-    counts["failed_in_report"] = len(failed_rows)
-    if not stop.reason:
-        code = EXIT_STUDY_FAILED if failed_rows else EXIT_OK
+    else:
+        code = EXIT_STUDY_FAILED if counts["failed_in_report"] else EXIT_OK
     seconds = time.perf_counter() - t_start
     state.finish_run(run_id, finished_utc=_iso(datetime.now(timezone.utc)), summary={**counts, "seconds": round(seconds, 3)},
                      exit_code=code, stop_reason=stop.reason + (" (twice)" if stop.hard else ""))
-    ctx.write_outputs()
+    rows = ctx.write_outputs()  # once, after the run is recorded (the manifest lists it)
     summary = ScanSummary(run_id=run_id, exit_code=code, counts=counts, seconds=seconds, report=paths["report"],
                           manifest=paths["manifest"], state=paths["state"], log_file=paths["log"], rows=rows,
                           stop_reason=stop.reason)
