@@ -53,7 +53,7 @@ def quick_weights(cohort: Path, tmp_path_factory) -> Path:
 def test_quick_training_writes_verified_ensemble(quick_weights: Path, cohort: Path) -> None:
     m = json.loads((quick_weights / "manifest.json").read_text())
     assert {p.name for p in quick_weights.iterdir()} == {
-        "fold0.onnx", "fold1.onnx", "roc.png", "epochs.csv", "manifest.json"}
+        "fold0.onnx", "fold1.onnx", "roc.png", "calibration.png", "epochs.csv", "manifest.json"}
     for name, digest in m["files"].items():
         assert sha256_file(quick_weights / name) == digest
     assert m["input"]["shape"] == [3, 40, 40, 40] and m["input"]["channels"] == ["T1", "T2", "T1ce"]
@@ -143,6 +143,9 @@ def test_evaluate_writes_metrics(quick_weights: Path, cohort: Path, tmp_path: Pa
         "recurrence" if v >= threshold else "necrosis" for v in p]
     _assert_metrics_match(m, _sklearn_metrics(y, p, threshold))
     assert (tmp_path / "metrics.roc.png").is_file()
+    cal = m["calibration"]  # the reliability diagram's bins hold every study once
+    assert sum(b["n"] for b in cal["bins"]) == N_TINY and m["calibration_png"].endswith("metrics.calibration.png")
+    assert cal["brier"] == pytest.approx(float(np.mean((p - y) ** 2)), abs=1e-5)
 
 
 def test_tampered_weights_refused(quick_weights: Path, cohort: Path, tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ import pytest
 from recnec_cli.errors import TrainingError
 from recnec_cli.stages.modelinput import InputSpec
 from recnec_cli.train.dataset import load_cohort, read_labels
-from recnec_cli.train.metrics import (Confusion, auc_score, bootstrap_ci, choose_threshold,
-                                      plot_roc, summarise)
+from recnec_cli.train.metrics import (Confusion, auc_score, bootstrap_ci, calibration_bins, choose_threshold,
+                                      plot_calibration, plot_roc, summarise)
 
 
 def test_auc_matches_sklearn_with_ties() -> None:
@@ -162,6 +162,31 @@ def test_roc_png(tmp_path: Path) -> None:
     assert _has_colour(bad, px_bad(1.0, 0.5), curve)
     assert not _has_colour(bad, px_bad(0.0, 0.5), curve) and not _has_colour(bad, px_bad(0.5, 1.0), curve)
     assert not _has_colour(bad, px_bad(0.0, 1.0), point)
+
+
+def test_calibration_png(tmp_path: Path) -> None:
+    """The reliability diagram puts each bin where its scores and outcomes say: a calibrated
+    model's points (p 0.15 with 3/20 recurrences, p 0.85 with 17/20) lie on the diagonal, an
+    overconfident-wrong one's (p 0.15 with 17/20, p 0.85 with 3/20) in the opposite corners."""
+    p = np.r_[np.full(20, 0.15), np.full(20, 0.85)]
+    good_y = np.r_[np.ones(3), np.zeros(17), np.ones(17), np.zeros(3)].astype(int)
+    bad_y = 1 - good_y
+    good = plot_calibration(good_y, p, tmp_path / "good.png", title="t")
+    bad = plot_calibration(bad_y, p, tmp_path / "bad.png", title="t")
+    assert [(b["n"], round(b["fraction_recurrence"], 3)) for b in good["bins"]] == [(20, 0.15), (20, 0.85)]
+    assert good["ece"] == pytest.approx(0.0, abs=1e-9) and bad["ece"] == pytest.approx(0.7)
+    assert good["brier"] == pytest.approx(float(np.mean((p - good_y) ** 2)))
+    assert good["brier"] < bad["brier"] and calibration_bins(good_y, p) == good
+    g, px = _roc_picture(tmp_path / "good.png")  # same frame as the ROC plot (axes -0.01 ... 1.01)
+    b, px_b = _roc_picture(tmp_path / "bad.png")
+    assert g.shape == b.shape == (500, 500, 3)
+    points = "C0"
+    assert _has_colour(g, px(0.15, 0.15), points) and _has_colour(g, px(0.85, 0.85), points)
+    assert not _has_colour(g, px(0.15, 0.85), points) and not _has_colour(g, px(0.85, 0.15), points)
+    assert _has_colour(b, px_b(0.15, 0.85), points) and _has_colour(b, px_b(0.85, 0.15), points)
+    assert not _has_colour(b, px_b(0.15, 0.15), points)
+    plot_calibration(good_y, p, tmp_path / "again.png", title="t")
+    assert (tmp_path / "again.png").read_bytes() == (tmp_path / "good.png").read_bytes()  # deterministic
 
 
 def test_read_labels(tmp_path: Path) -> None:

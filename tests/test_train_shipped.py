@@ -113,4 +113,6 @@ def test_reproduce_shipped_gives_identical_files(tmp_path: Path) -> None:
         assert res.manifest["metrics"]["cross_validated"][k] == pytest.approx(
             shipped["metrics"]["cross_validated"][k], abs=1e-6)
     if res.manifest["libraries"] == shipped["libraries"]:
-        assert res.manifest["files"] == shipped["files"]
+        # every shipped file again, byte for byte; calibration.png is newer than the shipped weights
+        assert {k: res.manifest["files"][k] for k in shipped["files"]} == shipped["files"]
+        assert set(res.manifest["files"]) - set(shipped["files"]) <= {"calibration.png"}

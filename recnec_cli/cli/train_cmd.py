@@ -45,8 +45,8 @@ Stratified k-fold cross-validation: one model per fold forms the ensemble; early
 inner validation split (AUC); class-weighted loss; MONAI augmentation; deterministic per --seed.
 The decision threshold is chosen on out-of-fold predictions (Youden's J, or the best specificity
 reaching --target-sensitivity). OUT receives fold<k>.onnx, manifest.json (SHA-256 per file, input
-spec, threshold, CV metrics with bootstrap 95 % CIs, seed, data fingerprint, versions), roc.png
-and epochs.csv. OUT must be new, empty, or a previous recnec ensemble (replaced).
+spec, threshold, CV metrics with bootstrap 95 % CIs, seed, data fingerprint, versions), roc.png,
+calibration.png (reliability diagram of the out-of-fold predictions) and epochs.csv. OUT must be new, empty, or a previous recnec ensemble (replaced).
 
 Examples:
 
@@ -64,7 +64,8 @@ EVALUATE_HELP = f"""Score a labelled cohort with an ensemble: AUC, sensitivity, 
 DATA and LABELS as for `recnec train`. Uses the shipped weights/ unless --weights is given; the
 manifest's threshold decides recurrence (>= threshold) versus necrosis. Writes OUT (JSON with
 top-level auc, sensitivity, specificity, accuracy, bootstrap 95 % CIs under ci95, the confusion
-matrix and one prediction per study) and a ROC curve PNG (OUT's stem + .roc.png).
+matrix and one prediction per study), a ROC curve PNG (OUT's stem + .roc.png) and a calibration
+plot (reliability diagram, OUT's stem + .calibration.png; bins, Brier score and ECE in OUT).
 
 Example:
 
@@ -239,6 +240,8 @@ def evaluate(
                                            "weights/]", show_default=False),
     roc: Optional[Path] = typer.Option(None, "--roc", help="ROC PNG [default: OUT stem + .roc.png]",
                                        show_default=False),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration plot PNG "
+                                               "[default: OUT stem + .calibration.png]", show_default=False),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
     n_boot: int = typer.Option(2000, "--n-boot", min=100, help="Bootstrap resamples for the 95 % CIs."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Per-study tensor cache (study folders).",
@@ -264,7 +267,7 @@ def evaluate(
         result = evaluate_ensemble(
             data, labels=_labels_path(data, labels), weights_dir=settings.weights_dir, out=out,
             device=settings.device, threads=settings.threads, settings=settings, cache_dir=cache,
-            n_boot=n_boot, seed=seed, roc_png=roc,
+            n_boot=n_boot, seed=seed, roc_png=roc, calibration_png=calibration,
         )
         if not quiet:
             from rich.table import Table
@@ -278,7 +281,7 @@ def evaluate(
             c = result["confusion"]
             t.add_row("confusion", f"TP {c['tp']} FN {c['fn']} TN {c['tn']} FP {c['fp']}", "")
             t.add_row("threshold", f"{result['threshold']:.4f}", "")
-            t.add_row("written", f"{out}, {result['roc_png']}", "")
+            t.add_row("written", f"{out}, {result['roc_png']}, {result['calibration_png']}", "")
             results_console().print(t)
         for w in result.get("warnings", []):  # e.g. a CI resting on fewer than 10 necroses
             typer.echo(f"warning: {w}", err=True)

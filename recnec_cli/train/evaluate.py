@@ -15,7 +15,7 @@ from typing import Any
 from .. import DISCLAIMER
 from ..stages.infer import Ensemble
 from .dataset import LABEL_NAMES, load_cohort
-from .metrics import PAPER_RESNET10, plot_roc, summarise
+from .metrics import PAPER_RESNET10, plot_calibration, plot_roc, summarise
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,7 @@ def evaluate_ensemble(
     data: Path, *, labels: Path, weights_dir: Path, out: Path, device: str = "auto",
     threads: int = 0, settings: Any = None, cache_dir: Path | None = None, n_boot: int = 2000,
     seed: int = 0, roc_png: Path | None = None, batch_size: int = 32,
+    calibration_png: Path | None = None,
 ) -> dict[str, Any]:
     """Score every labelled study with the ensemble at its manifest threshold; write ``out`` (JSON).
 
@@ -41,6 +42,9 @@ def evaluate_ensemble(
         ``warnings`` / ``ci95_unreliable`` (small classes, zero-width bootstrap intervals).
     roc_png:
         ROC curve PNG (default: ``out`` with suffix ``.roc.png``).
+    calibration_png:
+        Calibration plot (reliability diagram) PNG (default: ``out`` with suffix ``.calibration.png``);
+        its bins, Brier score and ECE go to ``calibration`` in ``out``.
 
     Returns
     -------
@@ -63,6 +67,9 @@ def evaluate_ensemble(
     roc_png = Path(roc_png) if roc_png is not None else Path(out).with_suffix(".roc.png")
     plot_roc(cohort.y, pred.mean, roc_png, threshold=ens.threshold, summary=result,
              title=f"recnec evaluate: {ens.model_version}")
+    calibration_png = (Path(calibration_png) if calibration_png is not None
+                       else Path(out).with_suffix(".calibration.png"))
+    calibration = plot_calibration(cohort.y, pred.mean, calibration_png, title=f"recnec evaluate: {ens.model_version}")
     result.update({
         "weights": {"dir": str(weights_dir), "model_version": ens.model_version,
                     "provider": ens.provider, "n_models": ens.n_models, "checksums": ens.checksums},
@@ -71,6 +78,8 @@ def evaluate_ensemble(
                  "excluded": [{"study_id": s, "code": c, "message": m} for s, c, m in cohort.excluded]},
         "paper_resnet10": PAPER_RESNET10,
         "roc_png": str(roc_png),
+        "calibration_png": str(calibration_png),
+        "calibration": calibration,
         "disclaimer": DISCLAIMER,
         "predictions": [
             {"study_id": sid, "label": LABEL_NAMES[int(lab)], "probability": round(float(p), 6),

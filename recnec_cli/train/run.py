@@ -25,7 +25,7 @@ from .dataset import Cohort, load_cohort
 from .export import (MAX_ABS_DIFF, OPSET, check_out_dir, compare_with_torch, export_onnx,
                      library_versions, machine, prepare_out_dir, write_manifest)
 from .loop import CVResult, TrainConfig, cross_validate, make_config
-from .metrics import auc_score, choose_threshold, plot_roc, summarise
+from .metrics import auc_score, choose_threshold, plot_calibration, plot_roc, summarise
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ SHIPPED_SEED = 0
 MAX_ENSEMBLE_MB = 40.0
 EPOCH_LOG = "epochs.csv"
 ROC_PNG = "roc.png"
+CALIBRATION_PNG = "calibration.png"
 
 
 @dataclass
@@ -86,7 +87,8 @@ def train_ensemble(
     on_epoch:
         Optional callback receiving each per-epoch log row (dict).
 
-    Writes ``out/fold<k>.onnx`` (k = 0..folds-1), ``roc.png`` (out-of-fold ROC),
+    Writes ``out/fold<k>.onnx`` (k = 0..folds-1), ``roc.png`` (out-of-fold ROC), ``calibration.png``
+    (out-of-fold reliability diagram),
     ``epochs.csv`` and, last, ``manifest.json``.
 
     Raises
@@ -136,6 +138,9 @@ def train_ensemble(
     plot_roc(y, oof, out / ROC_PNG, threshold=choice.value, summary=cv_metrics,
              title=f"recnec {cfg.arch} ensemble: {cfg.folds}-fold out-of-fold ROC")
     files.append(ROC_PNG)
+    plot_calibration(y, oof, out / CALIBRATION_PNG,
+                     title=f"recnec {cfg.arch} ensemble: {cfg.folds}-fold out-of-fold calibration")
+    files.append(CALIBRATION_PNG)
     ensemble_mb = sum(m["bytes"] for m in models) / 1e6
     if ensemble_mb > MAX_ENSEMBLE_MB:
         log.warning("ensemble is %.1f MB (> %.0f MB budget): reduce --width", ensemble_mb, MAX_ENSEMBLE_MB)
