@@ -40,6 +40,8 @@ class Settings:
     hdbet_tta: bool = False  # HD-BET test-time mirroring (8x slower on CPU)
     lesion_masks_dir: Path | None = None
     keep_intermediate_dir: Path | None = None
+    qc_dir: Path | None = None  # QC pictures and index.html (recnec_cli.qc); None = none
+    explain: bool = False  # occlusion-sensitivity map per OK study (needs qc_dir; ~seconds per study)
     rules_file: Path | None = None  # site rules for series classification (TOML)
     anisotropy_limit: float = 4.0  # max/min voxel size above which a series is flagged ANISOTROPIC
     role_confidence_threshold: float = 0.7  # below: UNDETERMINED (see stages/classify/)
@@ -87,6 +89,11 @@ class Settings:
         if not (self.settle_minutes >= 0):  # NaN too
             raise UsageError(f"settle time (--settle-minutes / RECNEC_SETTLE_MINUTES) must be >= 0, "
                              f"got {self.settle_minutes}")
+        if self.explain and self.qc_dir is None:
+            src = self.sources
+            ex = "RECNEC_EXPLAIN (environment)" if src.get("explain") == "env" else "--explain / RECNEC_EXPLAIN"
+            raise UsageError(f"{ex} needs a QC folder (--qc DIR / RECNEC_QC_DIR): the explanation map is a "
+                             "picture written there")
         if not (0.3 <= self.grid_spacing_mm <= 3.0):
             raise UsageError(f"grid spacing must be within 0.3-3.0 mm, got {self.grid_spacing_mm}")
         return self

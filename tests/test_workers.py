@@ -10,9 +10,11 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import phantoms
+from recnec_cli.qc.figures import LESION_RGB, read_layout, read_rgb
 from recnec_cli.config import resolve_settings
 from recnec_cli.orchestration.scan import scan
 
@@ -41,8 +43,8 @@ def _settings(**kw):
 def test_two_workers_give_the_rows_of_one(tree, tmp_path):
     one = scan(tree, out=tmp_path / "one.csv", settings=_settings(workers=1, threads=1), handle_signals=False,
                worker_hooks=[phantoms.hook_fake_hdbet])
-    two = scan(tree, out=tmp_path / "two.csv", settings=_settings(workers=2, threads=1), handle_signals=False,
-               worker_hooks=[phantoms.hook_fake_hdbet])
+    two = scan(tree, out=tmp_path / "two.csv", settings=_settings(workers=2, threads=1, qc_dir=tmp_path / "qc"),
+               handle_signals=False, worker_hooks=[phantoms.hook_fake_hdbet])
     assert one.exit_code == two.exit_code == 0, (one.line(), two.line())
     a, b = _rows(tmp_path / "one.csv"), _rows(tmp_path / "two.csv")
     assert sorted(a) == sorted(b) == ["sub-00", "sub-01", "sub-02"]
@@ -52,6 +54,12 @@ def test_two_workers_give_the_rows_of_one(tree, tmp_path):
         for k in ("lesion_r_mm", "lesion_a_mm", "lesion_s_mm", "lesion_volume_ml", "brain_volume_ml",
                   "t1_reg_translation_mm", "t2_reg_rotation_deg"):
             assert a[sid][k] == b[sid][k], (sid, k)
+        # --qc: the picture is drawn in the worker (where the volumes are), its result line in the scan's process
+        layout = read_layout(tmp_path / "qc" / b[sid]["qc_png"])
+        assert layout["header"][1].startswith(f"p(recurrence) {float(b[sid]['p_recurrence']):.3f}")
+        rgb = read_rgb(tmp_path / "qc" / b[sid]["qc_png"])
+        assert np.all(rgb == np.asarray(LESION_RGB, np.uint8), axis=-1).sum() > 100
+    assert a["sub-00"]["qc_png"] == ""  # the run without --qc drew nothing
 
 
 def test_hung_study_becomes_timeout_and_the_others_finish(tree, tmp_path):

@@ -55,14 +55,20 @@ ensemble (--batch-size) in this process.
 Writes REPORT (CSV or JSON: every study the state knows, once), REPORT's stem + .manifest.json
 (versions, execution provider, model checksums, settings, timings, last runs) and + .log (this
 run's log, INFO; DEBUG with -v; the 14 previous runs' logs are kept as .log.1 ... .log.14). The
-input tree is never modified. The state file holds the input files' paths: keep it with the same
+input tree is never modified. With --qc DIR, DIR receives one picture per study (named by
+StudyInstanceUID or a keyed pseudonym, never by folder names), with --explain a second one
+showing where the model looked, and DIR/index.html (sortable, filterable, offline), rebuilt from
+the state after every run. The state file holds the input files' paths: keep it with the same
 care as the export folder. `recnec status --state FILE` shows what a state holds.
 
 Examples:
 
   recnec scan /data/exports --out report.csv
 
-  recnec scan /data/exports --out report.json --format json --keep-intermediate qc/
+  recnec scan /data/exports --out report.json --format json --keep-intermediate nifti/
+
+  # QC pictures, where the model looked, and qc/index.html (open it in any browser):
+  recnec scan /data/exports --out report.csv --qc qc/ --explain
 
   # crontab (every night at 01:30; the same report and state every night):
   30 1 * * *  recnec scan /data/exports --out /reports/recnec.csv --quiet
@@ -123,6 +129,14 @@ def scan(
     keep_intermediate: Optional[Path] = typer.Option(None, "--keep-intermediate", help="Write per-study "
                                                      "co-registered volumes, brain and lesion masks and the model "
                                                      "box as NIfTI here.", show_default=False),
+    qc: Optional[Path] = typer.Option(None, "--qc", help="Write per-study QC pictures (T1, T2, T1ce through the "
+                                      "lesion with brain / lesion outlines and a registration check) and an "
+                                      "index.html overview of every study here [env RECNEC_QC_DIR].",
+                                      show_default=False),
+    explain: Optional[bool] = typer.Option(None, "--explain/--no-explain", help="With --qc: also draw where the "
+                                           "model looked (occlusion sensitivity through the ONNX ensemble, a few "
+                                           "seconds per study) [env RECNEC_EXPLAIN; default: off]",
+                                           show_default=False),
     rules: Optional[Path] = typer.Option(None, "--rules", help="Site rules file (TOML) for series "
                                          "classification.", show_default=False),
     grid_spacing: Optional[float] = typer.Option(None, "--grid-spacing", help="Common grid spacing in mm "
@@ -145,6 +159,7 @@ def scan(
             "weights_dir": weights, "device": device, "batch_size": batch_size,
             "hdbet_mode": hdbet_mode.value if hdbet_mode else None, "hdbet_tta": tta,
             "lesion_masks_dir": lesion_masks, "keep_intermediate_dir": keep_intermediate,
+            "qc_dir": qc, "explain": explain,
             "rules_file": rules, "grid_spacing_mm": grid_spacing, "threads": threads,
             "state_file": state, "settle_minutes": settle_minutes, "pseudonym_key_file": pseudonym_key_file,
             "workers": workers, "study_timeout_s": study_timeout, "max_memory_mb": max_memory,

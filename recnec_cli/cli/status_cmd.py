@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -14,13 +15,17 @@ STATUS_HELP = """Show what a scan state (the SQLite file beside a report) holds.
 
 Counts by status of the studies still in the tree, the last runs (start, finish, counts, exit
 code; a run without a finish time was killed or is still running), and every failed study with
-its error code and message. Reads the file only; safe while a scan runs.
+its error code and message. Reads the file only; safe while a scan runs. With --qc DIR, also
+(re)writes DIR/index.html, the QC overview of every study in the state, linking the pictures a
+`recnec scan --qc DIR` drew there.
 
 Examples:
 
   recnec status --state /reports/recnec.state.sqlite
 
   recnec status --state report.state.sqlite --format json | jq .failed
+
+  recnec status --state report.state.sqlite --qc qc/      # rebuild qc/index.html
 
 Exit codes: 0 shown, 2 no such state file or not a recnec state.
 """
@@ -39,6 +44,8 @@ def status(
     state: Path = typer.Option(..., "--state", help="The .state.sqlite file of a report.", show_default=False),
     fmt: StatusFormat = typer.Option(StatusFormat.table, "--format", "-f", help="table or json (stdout)."),
     runs: int = typer.Option(5, "--runs", min=1, help="How many recent runs to show."),
+    qc: Optional[Path] = typer.Option(None, "--qc", help="Also write DIR/index.html (QC overview) from the state.",
+                                      show_default=False),
 ) -> None:
     with error_boundary():
         from ..errors import UsageError
@@ -49,6 +56,15 @@ def status(
         with ScanState(state) as st:
             studies = st.all()
             recent = st.runs(limit=runs)
+        if qc is not None:
+            from ..orchestration.scan import report_row
+            from ..qc.index import write_index
+
+            if qc.exists() and not qc.is_dir():
+                raise UsageError(f"--qc {qc} is a file, not a folder")
+            index = write_index(qc, [report_row(s) for s in studies], title=f"recnec status: {state.name}",
+                                run=recent[0] if recent else None)
+            typer.echo(f"wrote {index}", err=True)
         failed = [{"study_id": s.study_id, "status": s.status, "error_message": s.row.get("error_message", ""),
                    "failed_stage": s.row.get("failed_stage", ""), "run_id": s.run_id, "present": s.present}
                   for s in studies if s.status not in ("OK", "DEFERRED")]

@@ -59,9 +59,11 @@ def worker_self_test(settings: Settings) -> bool:
     return True
 
 
-def preprocess_task(study: Study, settings: Settings) -> StudyResult:
+def preprocess_task(study: Study, settings: Settings, qc_name: str | None = None) -> StudyResult:
     """One study's preprocessing as an executor task (top-level, picklable): the worker's
     :class:`Resources` (rules, HD-BET networks) are loaded on its first task and kept for the next.
+    With ``settings.qc_dir`` the worker also writes the study picture ``<qc_name>.png`` there
+    (the volumes stay in the worker; only file names come back).
 
     Raises
     ------
@@ -71,4 +73,4 @@ def preprocess_task(study: Study, settings: Settings) -> StudyResult:
     res = _WORKER_RESOURCES.get(settings)
     if res is None:
         res = _WORKER_RESOURCES[settings] = Resources.load(settings, need_model=False)
-    return process_study(study, settings=settings, resources=res)
+    return process_study(study, settings=settings, resources=res, qc_name=qc_name)

@@ -26,7 +26,7 @@ def check_scan_paths(studies: Path, *, out: Path, settings: Settings) -> None:
     Raises
     ------
     UsageError
-        STUDIES not a folder; a report, state, or ``keep_intermediate_dir`` inside the input tree
+        STUDIES not a folder; a report, state, ``keep_intermediate_dir`` or ``qc_dir`` inside the input tree
         (recnec never writes there) or not writable as a file / folder; ``lesion_masks_dir`` or
         ``weights_dir`` not a folder; ``rules_file`` or ``pseudonym_key_file`` not a file.
     """
@@ -43,6 +43,8 @@ def check_scan_paths(studies: Path, *, out: Path, settings: Settings) -> None:
     outputs = [("--out", paths["report"]), (name("state_file", "--state"), paths["state"])]
     if settings.keep_intermediate_dir is not None:
         outputs.append((name("keep_intermediate_dir", "--keep-intermediate"), Path(settings.keep_intermediate_dir)))
+    if settings.qc_dir is not None:
+        outputs.append((name("qc_dir", "--qc"), Path(settings.qc_dir)))
     for what, p in outputs:
         if is_inside(p, studies):
             raise UsageError(f"{what} {p} lies inside the input tree {studies}; recnec never writes there")
@@ -53,6 +55,11 @@ def check_scan_paths(studies: Path, *, out: Path, settings: Settings) -> None:
         if kd.exists() and not kd.is_dir():
             raise UsageError(f"{name('keep_intermediate_dir', '--keep-intermediate')} {kd} is a file, not a folder")
         _check_writable_file(kd / "x", name("keep_intermediate_dir", "--keep-intermediate"))
+    if settings.qc_dir is not None:
+        qd = Path(settings.qc_dir)
+        if qd.exists() and not qd.is_dir():
+            raise UsageError(f"{name('qc_dir', '--qc')} {qd} is a file, not a folder")
+        _check_writable_file(qd / "index.html", name("qc_dir", "--qc"))
     for field_, option in (("lesion_masks_dir", "--lesion-masks"), ("weights_dir", "--weights")):
         p = getattr(settings, field_)
         if p is not None and not Path(p).is_dir():

@@ -142,6 +142,8 @@ class StudyResult:
     spread: float | None = None
     label: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    #: QC pictures (``--qc``): ``name`` (file stem), ``png``, ``thumb``, ``explain`` (file names in the QC folder)
+    qc: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -158,8 +160,11 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 
 
 def preprocess_study(study: Study, *, settings: Settings, resources: Resources,
-                     assignment: RoleAssignment | None = None) -> Preprocessed:
+                     assignment: RoleAssignment | None = None, qc: Any = None) -> Preprocessed:
     """Run one study from its series to the model-input tensor (see the module docstring).
+
+    ``qc``: a :class:`recnec_cli.qc.figures.StudySnapshot` to fill with what each stage makes
+    (volumes, grid, masks, lesion), so the QC picture can show it, also when a later stage fails.
 
     Raises
     ------
@@ -204,6 +209,8 @@ def preprocess_study(study: Study, *, settings: Settings, resources: Resources,
                     exc.message = f"{exc.message} [{role.value} series {_short_id(series.series_id)}]"
                     raise
                 flags.extend(f"{role.value}:{f}" for f in vols[role].flags)
+                if qc is not None:
+                    qc.volumes[role.value] = vols[role]
         stage = "lesion"  # a user mask is checked now, before the expensive stages
         with _timed(timings, stage):
             mask_path = lesion.find_user_mask(study.lesion_mask, settings.lesion_masks_dir, study.study_id)
@@ -222,6 +229,9 @@ def preprocess_study(study: Study, *, settings: Settings, resources: Resources,
             shape, grid_aff = register.common_grid(fixed, settings.grid_spacing_mm)
             on_grid: dict[SeriesRole, np.ndarray] = {
                 SeriesRole.T1CE: register.resample_to_grid(fixed, shape, grid_aff)}
+            if qc is not None:
+                qc.grid_affine, qc.on_grid, qc.registration = grid_aff, {}, {}
+                qc.on_grid[SeriesRole.T1CE.value] = on_grid[SeriesRole.T1CE]
             transforms: dict[SeriesRole, Any] = {}
             reg_info: dict[str, dict[str, float | str]] = {}
             for role in (SeriesRole.T1, SeriesRole.T2):
@@ -237,12 +247,17 @@ def preprocess_study(study: Study, *, settings: Settings, resources: Resources,
                                         "rotation_deg": round(res.rotation_deg, 3),
                                         "metric": round(res.metric, 5), "initialisation": res.initialisation}
                 on_grid[role] = register.resample_to_grid(vols[role], shape, grid_aff, res.transform)
+                if qc is not None:
+                    qc.on_grid[role.value] = on_grid[role]
+                    qc.registration[role.value] = reg_info[role.value]
         stage = "skullstrip"
         with _timed(timings, stage):
             native_mask = images.brain_mask(assignment.chosen[SeriesRole.T1CE].series_id, fixed, resources.hdbet)
             check = skullstrip.check_brain_mask(native_mask, fixed.affine)
             brain = register.resample_to_grid(
                 Volume(native_mask.astype(np.float32), fixed.affine), shape, grid_aff) > 0.5
+            if qc is not None:
+                qc.brain = brain
         stage = "register"
         with _timed(timings, stage):
             for role in (SeriesRole.T1, SeriesRole.T2):
@@ -267,6 +282,9 @@ def preprocess_study(study: Study, *, settings: Settings, resources: Resources,
                 les = lesion.detect_enhancing_lesion(
                     on_grid[SeriesRole.T1CE], brain, grid_aff, t1=on_grid[SeriesRole.T1],
                     min_volume_ml=settings.lesion_min_volume_ml)
+            if qc is not None:
+                qc.lesion, qc.lesion_centroid_ras_mm = les.mask, tuple(float(v) for v in les.centroid_ras_mm)
+                qc.box_mm = float(resources.spec.size_vox[0] * resources.spec.spacing_mm)
         stage = "model_input"
         with _timed(timings, stage):
             spec = resources.spec
@@ -340,9 +358,15 @@ def _write_intermediate(root: Path, study: Study, affine, on_grid, brain, lesion
     nib.save(box, str(out / "model_input_box.nii.gz"))
 
 
-def process_study(study: Study, *, settings: Settings, resources: Resources) -> StudyResult:
+def process_study(study: Study, *, settings: Settings, resources: Resources,
+                  qc_name: str | None = None) -> StudyResult:
     """Preprocess one study into a :class:`StudyResult`: ready for inference (``preprocessed`` set,
     ``status`` ``OK``) or failed (``status`` / ``error_code`` / ``failed_stage`` set).
+
+    With ``settings.qc_dir`` the study picture is drawn here, where the volumes are (also for a
+    failed study, from what the stages before the failure made), and written to
+    ``qc_dir/<qc_name>.png`` (``qc_name`` from :func:`recnec_cli.qc.files.qc_stem`; derived with
+    the site pseudonym key when not given); only the file names travel back in ``result.qc``.
 
     A study error never escapes: stage errors become their code, ``MemoryError`` becomes
     ``OUT_OF_MEMORY`` and unexpected exceptions ``INTERNAL_ERROR`` (type name only in the message:
@@ -354,8 +378,13 @@ def process_study(study: Study, *, settings: Settings, resources: Resources) -> 
         The installation cannot run any study (the run fails once, not every study).
     """
     r = StudyResult(study=study)
+    snap = None
+    if settings.qc_dir is not None:
+        from ..qc.figures import StudySnapshot
+
+        snap = StudySnapshot()
     try:
-        pre = preprocess_study(study, settings=settings, resources=resources)
+        pre = preprocess_study(study, settings=settings, resources=resources, qc=snap)
     except EnvironmentBroken:
         raise
     except RecnecError as exc:
@@ -377,9 +406,140 @@ def process_study(study: Study, *, settings: Settings, resources: Resources) -> 
         r.preprocessed = pre
         r.assignment = pre.assignment
         r.timings.update(pre.timings)
+    if snap is not None:
+        _draw_study_picture(r, snap, settings=settings, qc_name=qc_name)
     if not r.ok:
         r.timings["total"] = sum(v for k, v in r.timings.items() if k != "total")
     return r
+
+
+def qc_name_of(study: Study, settings: Settings, key: Any = None) -> str:
+    """The file-name stem of a study's QC pictures (:func:`recnec_cli.qc.files.qc_stem`): the
+    StudyInstanceUID, or a keyed pseudonym of a NIfTI / NRRD study id (``key``, or the site key of
+    ``settings.pseudonym_key_file``)."""
+    from ..qc.files import qc_stem
+
+    if key is None and study.source != "dicom":
+        from ..pseudonym import load_key
+
+        key = load_key(settings.pseudonym_key_file)
+    return qc_stem(study.study_id, study.source, key)
+
+
+def _roles_text(r: StudyResult) -> str:
+    """``T1 = series 3 (0.97) · T2 ...``: roles with confidence (series numbers for DICOM only:
+    NIfTI file names can hold what the folder is named after)."""
+    if r.assignment is None or not r.assignment.chosen:
+        return "roles: not assigned"
+    conf = {d.series_id: d.confidence for d in r.assignment.decisions}
+    parts = []
+    for role in SeriesRole.model_roles():
+        series = r.assignment.chosen.get(role)
+        if series is None:
+            parts.append(f"{role.value} missing")
+            continue
+        num = f" = series {series.header.series_number}" if series.source == "dicom" and \
+            series.header.series_number is not None else ""
+        c = conf.get(series.series_id)
+        parts.append(f"{role.value}{num}" + (f" ({c:.2f})" if c is not None else ""))
+    return "roles: " + ", ".join(parts)
+
+
+def _qc_header(r: StudyResult, name: str) -> str:
+    """First header line of a QC picture: QC id, patient pseudonym, roles, lesion."""
+    p = r.preprocessed
+    lesion = f" · lesion {p.lesion_volume_ml:.2f} mL ({p.lesion_source})" if p is not None else ""
+    return (f"recnec QC · study {name} · patient {r.study.patient_pseudonym or '-'} · {_roles_text(r)}"
+            f"{lesion}")
+
+
+def _qc_result_line(r: StudyResult, threshold: float | None) -> str:
+    """Second header line: probability, spread and label, or the failure (code and stage only:
+    messages can name files)."""
+    if r.ok and r.probability is not None:
+        thr = f" at threshold {threshold:.3f}" if threshold is not None else ""
+        return (f"p(recurrence) {r.probability:.3f} · ensemble spread {r.spread:.3f} · label {r.label}{thr}"
+                " · research use only")
+    if r.ok:
+        return "status OK: awaiting inference"
+    return f"status {r.status} (stage {r.failed_stage or '?'})"
+
+
+def _draw_study_picture(r: StudyResult, snap: Any, *, settings: Settings, qc_name: str | None) -> None:
+    """Write the study picture of ``r`` into ``settings.qc_dir``; a drawing error is logged and
+    never changes the study's row (the picture is a view of the result, not part of it)."""
+    from ..qc.figures import render_study
+    from ..qc.files import thumb_name
+
+    t0 = time.perf_counter()
+    try:
+        name = qc_name or qc_name_of(r.study, settings)
+        r.qc["name"] = name
+        qc_dir = Path(settings.qc_dir)  # type: ignore[arg-type]
+        pic = render_study(snap, qc_dir / f"{name}.png", header=[_qc_header(r, name), _qc_result_line(r, None)],
+                           name=name, thumb=qc_dir / thumb_name(f"{name}.png"))
+        if pic is not None:
+            r.qc["png"] = pic.path.name
+            if pic.thumb is not None:
+                r.qc["thumb"] = pic.thumb.name
+    except Exception as exc:  # noqa: BLE001 - a picture must never fail a study; logged, not hidden
+        log.warning("study %s: QC picture not drawn (%s)", study_key(r.study), type(exc).__name__)
+        log.debug("QC picture error:\n%s", traceback.format_exc())
+    r.timings["qc"] = r.timings.get("qc", 0.0) + time.perf_counter() - t0
+
+
+def finish_qc(r: StudyResult, *, ensemble: Any, settings: Settings) -> None:
+    """The QC work that needs the ensemble, in the process that holds it (after
+    :func:`infer_batch`): the study picture's result line is stamped (probability, spread, label,
+    or the failure) and, with ``settings.explain``, the explanation map is computed through the
+    ensemble (:func:`recnec_cli.qc.explain.occlusion_sensitivity` on the model input) and drawn
+    over the model-input T1ce (``<name>.explain.png``). Seconds go to ``timings["qc"]`` /
+    ``timings["explain"]``; errors are logged and never change the study's row."""
+    if settings.qc_dir is None:
+        return
+    qc_dir = Path(settings.qc_dir)
+    threshold = float(ensemble.threshold) if ensemble is not None else None
+    t_start = t0 = time.perf_counter()
+    try:
+        if r.qc.get("png"):
+            from ..qc.figures import stamp_result
+
+            stamp_result(qc_dir / r.qc["png"], _qc_result_line(r, threshold))
+    except Exception as exc:  # noqa: BLE001 - see _draw_study_picture
+        log.warning("study %s: QC result line not drawn (%s)", study_key(r.study), type(exc).__name__)
+        log.debug("QC stamp error:\n%s", traceback.format_exc())
+    r.timings["qc"] = r.timings.get("qc", 0.0) + time.perf_counter() - t0
+    if settings.explain and r.ok and r.preprocessed is not None and ensemble is not None:
+        t0 = time.perf_counter()
+        try:
+            _draw_explanation(r, ensemble=ensemble, settings=settings, threshold=threshold)
+        except Exception as exc:  # noqa: BLE001 - see _draw_study_picture
+            log.warning("study %s: explanation map not drawn (%s)", study_key(r.study), type(exc).__name__)
+            log.debug("explanation error:\n%s", traceback.format_exc())
+        r.timings["explain"] = time.perf_counter() - t0
+    r.timings["total"] = r.timings.get("total", 0.0) + time.perf_counter() - t_start
+
+
+def _draw_explanation(r: StudyResult, *, ensemble: Any, settings: Settings, threshold: float | None) -> None:
+    from ..qc.explain import occlusion_sensitivity
+    from ..qc.figures import render_explanation
+
+    pre = r.preprocessed
+    spec = ensemble.spec
+    name = r.qc.get("name") or qc_name_of(r.study, settings)
+    r.qc["name"] = name
+    occ = occlusion_sensitivity(ensemble, pre.model_input)  # type: ignore[union-attr]
+    t1ce = pre.model_input[list(spec.channels).index("T1ce")]  # type: ignore[union-attr]
+    notes = [f"occlusion sensitivity through the {getattr(ensemble, 'n_models', '?')}-model ONNX ensemble:",
+             f"a {occ.patch_vox * spec.spacing_mm:g} mm cube (all channels) set to 0 = brain median, "
+             f"moved in {occ.stride_vox * spec.spacing_mm:g} mm steps;",
+             f"{occ.passes} ensemble passes, {occ.seconds:.1f} s", "",
+             f"p(recurrence) {occ.p:.3f}", f"largest change {float(np.abs(occ.delta).max()):.3g}", "",
+             f"model box {spec.size_vox[0] * spec.spacing_mm:g} mm centred on the lesion"]
+    path = Path(settings.qc_dir) / f"{name}.explain.png"  # type: ignore[arg-type]
+    render_explanation(t1ce, occ.delta, box_affine(pre.lesion_centroid_ras_mm, spec), path,  # type: ignore[union-attr]
+                       header=[_qc_header(r, name), _qc_result_line(r, threshold)], name=name, notes=notes)
+    r.qc["explain"] = path.name
 
 
 def infer_batch(ready: Sequence[StudyResult], *, ensemble: Any) -> None:
@@ -436,6 +596,7 @@ def run_batch(studies: Sequence[Study], *, settings: Settings, resources: Resour
     def flush() -> None:
         infer_batch(pending, ensemble=resources.ensemble)
         for r in pending:
+            finish_qc(r, ensemble=resources.ensemble, settings=settings)
             if on_study_done:
                 on_study_done(r)
         pending.clear()
@@ -449,8 +610,10 @@ def run_batch(studies: Sequence[Study], *, settings: Settings, resources: Resour
             pending.append(r)
             if len(pending) >= settings.batch_size:
                 flush()
-        elif on_study_done:
-            on_study_done(r)
+        else:
+            finish_qc(r, ensemble=resources.ensemble, settings=settings)
+            if on_study_done:
+                on_study_done(r)
     flush()
     return results
 

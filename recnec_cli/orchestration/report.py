@@ -15,8 +15,10 @@ separated), ``flags``, ``lesion_source`` (``mask`` or ``auto``), ``lesion_r_mm``
 ``brain_volume_ml``, ``t1_reg_translation_mm`` ... (rigid offsets onto the T1ce),
 ``p_recurrence`` (ensemble mean probability of recurrence), ``ensemble_spread`` (standard
 deviation across the fold models), ``label`` (``recurrence`` if ``p_recurrence >= threshold``
-else ``necrosis``), ``threshold``, ``model_version``, ``seconds_<stage>``, ``seconds_total`` and
-``disclaimer`` (research use only, synthetic-cohort weights, not clinically validated).
+else ``necrosis``), ``threshold``, ``model_version``, ``seconds_<stage>`` (and ``seconds_qc`` /
+``seconds_explain`` for the QC pictures), ``seconds_total``, ``qc_png`` / ``explain_png`` (file
+names in the ``--qc`` folder) and ``disclaimer`` (research use only, synthetic-cohort weights, not
+clinically validated).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from .pipeline import STAGES, StudyResult
 from ..study import SeriesRole
 
 ROLE_PREFIX = {SeriesRole.T1: "t1", SeriesRole.T2: "t2", SeriesRole.T1CE: "t1ce"}
+#: seconds spent on the QC pictures (``--qc``) and the explanation map (``--explain``), per study
+QC_TIMINGS = ("qc", "explain")
 
 COLUMNS = (
     ["study_id", "patient_pseudonym", "source", "location", "status", "error_code", "error_message",
@@ -45,7 +49,8 @@ COLUMNS = (
        "brain_volume_ml"]
     + [f"{p}_reg_{k}" for p in ("t1", "t2") for k in ("translation_mm", "rotation_deg")]
     + ["p_recurrence", "ensemble_spread", "label", "threshold", "model_version"]
-    + [f"seconds_{s}" for s in STAGES] + ["seconds_total", "run_id", "processed_utc", "present_in_tree", "disclaimer"]
+    + [f"seconds_{s}" for s in (*STAGES, *QC_TIMINGS)]
+    + ["seconds_total", "qc_png", "explain_png", "run_id", "processed_utc", "present_in_tree", "disclaimer"]
 )
 
 #: written in every row so that no copy of a report travels without it
@@ -96,9 +101,11 @@ def result_row(r: StudyResult, *, threshold: float | None, model_version: str,
         row["label"] = r.label
         row["threshold"] = _r(threshold, 6)
         row["model_version"] = model_version
-    for st in STAGES:
+    for st in (*STAGES, *QC_TIMINGS):
         if st in r.timings:
             row[f"seconds_{st}"] = round(r.timings[st], 3)
+    row["qc_png"] = r.qc.get("png", "")
+    row["explain_png"] = r.qc.get("explain", "")
     row["seconds_total"] = round(r.timings.get("total", sum(r.timings.values())), 3)
     row["disclaimer"] = ROW_DISCLAIMER
     return row

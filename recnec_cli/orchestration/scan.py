@@ -56,7 +56,7 @@ from ..study import Study
 from .execution import _WORKER_RESOURCES, InProcessExecutor, preprocess_task, worker_initializer, worker_self_test
 from .fingerprint import _model_version, folder_newest_mtimes, study_files, study_fingerprint, tree_listing
 from .paths import check_scan_paths, output_paths
-from .pipeline import Resources, StudyResult, infer_batch, study_key
+from .pipeline import Resources, StudyResult, finish_qc, infer_batch, qc_name_of, study_key
 from .report import COLUMNS, ROW_DISCLAIMER, atomic_write_text, result_row, run_manifest, write_report
 from .selftest import self_test
 from .state import ScanState, StoredStudy, digest
@@ -317,7 +317,12 @@ def _run(studies: Path, *, paths: dict[str, Path], settings: Settings, fmt: str,
              len(todo), counts["unchanged"], counts["deferred"], settings.settle_minutes, n_absent)
 
     ctx = _RunContext(state=state, paths=paths, settings=settings, fmt=fmt, run_id=run_id, started=started,
-                      root=root_key, model_version=model_version, key_id=key.key_id)
+                      root=root_key, model_version=model_version, key_id=key.key_id, key=key)
+    if settings.qc_dir is not None:
+        from ..qc.files import remove_stale_temporaries
+
+        if remove_stale_temporaries(Path(settings.qc_dir)):
+            log.info("removed temporary files left by a killed run in the QC folder")
     stop = _Stop(handle_signals)
     try:
         if todo:
@@ -383,6 +388,7 @@ class _RunContext:
     root: str
     model_version: str
     key_id: str
+    key: Any = None  # the site pseudonym key (QC file names of NIfTI / NRRD studies)
     ensemble: Any = None
     decoders: Mapping[str, bool] = field(default_factory=dict)
     self_test_s: Mapping[str, float] = field(default_factory=dict)
@@ -408,7 +414,21 @@ class _RunContext:
         if self.ensemble is None:
             manifest["model_version"] = self.model_version.split("#")[0]
         atomic_write_text(self.paths["manifest"], json.dumps(manifest, indent=2, default=str) + "\n")
+        if self.settings.qc_dir is not None:
+            self.write_index(rows)
         return rows
+
+    def write_index(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """``qc_dir/index.html`` from the report rows (the state); a failure is logged, the report stands."""
+        from ..qc.index import write_index
+
+        try:
+            last = self.state.runs(limit=1)
+            write_index(Path(self.settings.qc_dir), rows,  # type: ignore[arg-type]
+                        title=f"recnec scan: {self.paths['report'].name}", run=last[0] if last else None)
+        except Exception as exc:  # noqa: BLE001 - the overview must not cost the night's report
+            log.warning("QC index not written (%s)", type(exc).__name__)
+            log.debug("QC index error", exc_info=True)
 
 
 def report_row(s: StoredStudy) -> dict[str, Any]:
@@ -493,6 +513,7 @@ def _loop(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dict[s
     done = [0]
 
     def finish(r: StudyResult) -> None:
+        finish_qc(r, ensemble=ens, settings=s)  # result line on the picture, explanation map (--qc)
         row = result_row(r, threshold=ens.threshold, model_version=ens.model_version, dicom_locations=dicom_locations)
         ctx.state.put(r.study.study_id, fingerprint=fingerprints[r.study.study_id], status=r.status, row=row,
                       run_id=ctx.run_id, processed_utc=_iso(datetime.now(timezone.utc)))
@@ -520,7 +541,8 @@ def _loop(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dict[s
             study, _ = queue.pop(0)
             if on_progress is not None:
                 on_progress(study.study_id, done[0], len(todo))
-            fut = executor.submit(preprocess_task, study, task_settings)
+            qc_name = qc_name_of(study, s, ctx.key) if s.qc_dir is not None else None
+            fut = executor.submit(preprocess_task, study, task_settings, qc_name)
             in_flight[fut] = study
             started_at[fut] = time.perf_counter()
         if not in_flight:

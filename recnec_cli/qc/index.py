@@ -1,0 +1,102 @@
+"""``DIR/index.html``: the morning overview of a scan, one self-contained page.
+
+Built from report rows (those of :func:`recnec_cli.orchestration.scan.report_row`, i.e. from the
+nightly state: every study the state knows, the failed ones and those gone from the tree
+included) with the Jinja2 template ``recnec_cli/data/templates/qc_index.html.j2`` (autoescaped:
+error messages and ids are data, not markup). No server, no external asset: styles and the
+sorting / filtering script are inline, thumbnails are relative links to the PNGs beside the page,
+so the folder can be copied anywhere and opened offline in any browser.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .. import DISCLAIMER, __version__
+from .files import INDEX_NAME, atomic_write_bytes, thumb_name
+
+TEMPLATE = "qc_index.html.j2"
+
+
+def _num(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def index_entries(qc_dir: Path, rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per report row, with the pictures that exist in ``qc_dir`` (a row from a run
+    without ``--qc``, or whose pictures were deleted, has none)."""
+    qc_dir = Path(qc_dir)
+    out = []
+    for row in rows:
+        png = str(row.get("qc_png") or "")
+        explain = str(row.get("explain_png") or "")
+        thumb = thumb_name(png) if png else ""
+        p, spread = _num(row.get("p_recurrence")), _num(row.get("ensemble_spread"))
+        vol = _num(row.get("lesion_volume_ml"))
+        status = str(row.get("status") or "")
+        out.append({
+            "study_id": str(row.get("study_id", "")),
+            "pseudonym": str(row.get("patient_pseudonym") or ""),
+            "status": status,
+            "failed": status not in ("OK", "DEFERRED"),
+            "error_code": str(row.get("error_code") or ""),
+            "error_message": str(row.get("error_message") or ""),
+            "failed_stage": str(row.get("failed_stage") or ""),
+            "p": p, "p_text": "" if p is None else f"{p:.3f}",
+            "spread": spread, "spread_text": "" if spread is None else f"{spread:.3f}",
+            "label": str(row.get("label") or ""),
+            "lesion_ml": vol, "lesion_text": "" if vol is None else f"{vol:.2f}",
+            "lesion_source": str(row.get("lesion_source") or ""),
+            "png": png if png and (qc_dir / png).is_file() else "",
+            "thumb": thumb if thumb and (qc_dir / thumb).is_file() else "",
+            "explain": explain if explain and (qc_dir / explain).is_file() else "",
+            "processed_utc": str(row.get("processed_utc") or ""),
+            "run_id": str(row.get("run_id") or ""),
+            "present": str(row.get("present_in_tree") or "yes") != "no",
+        })
+    return out
+
+
+def render_index(qc_dir: Path, rows: Iterable[Mapping[str, Any]], *, title: str = "recnec scan",
+                 run: Mapping[str, Any] | None = None, generated_utc: datetime | None = None) -> str:
+    """The index page as HTML text (see :func:`write_index`)."""
+    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+    env = Environment(loader=PackageLoader("recnec_cli", "data/templates"),
+                      autoescape=select_autoescape(["html", "j2"], default_for_string=True),
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    entries = index_entries(qc_dir, rows)
+    counts: dict[str, int] = {}
+    for e in entries:
+        counts[e["status"]] = counts.get(e["status"], 0) + 1
+    generated = (generated_utc or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    return env.get_template(TEMPLATE).render(
+        title=title, disclaimer=DISCLAIMER, version=__version__, entries=entries,
+        statuses=sorted(counts), counts=sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])),
+        labels=sorted({e["label"] for e in entries if e["label"]}),
+        generated=generated.isoformat(timespec="seconds"), run=dict(run or {}),
+        n_failed=sum(e["failed"] for e in entries))
+
+
+def write_index(qc_dir: Path, rows: Iterable[Mapping[str, Any]], **kwargs: Any) -> Path:
+    """Write ``qc_dir/index.html`` atomically from report ``rows`` and return its path.
+
+    One table row per report row: thumbnail (link to the study picture, and to the explanation
+    map when there is one), study id, patient pseudonym, status, p(recurrence), ensemble spread,
+    label, lesion volume (mL), error code and message, when it was processed. The table sorts by
+    any column (click its header) and filters by status and label; the research-use disclaimer
+    stands at the top. ``kwargs``: ``title``, ``run`` (the run's id / times / summary, shown in the
+    heading) and ``generated_utc`` of :func:`render_index`.
+    """
+    qc_dir = Path(qc_dir)
+    html = render_index(qc_dir, rows, **kwargs)
+    path = qc_dir / INDEX_NAME
+    atomic_write_bytes(path, html.encode("utf-8"))
+    return path
