@@ -67,8 +67,9 @@ Examples:
 
   recnec scan /data/exports --out report.json --format json --keep-intermediate nifti/
 
-  # QC pictures, where the model looked, and qc/index.html (open it in any browser):
   recnec scan /data/exports --out report.csv --qc qc/ --explain
+
+  (QC pictures, where the model looked, and qc/index.html for any browser)
 
   # crontab (every night at 01:30; the same report and state every night):
   30 1 * * *  recnec scan /data/exports --out /reports/recnec.csv --quiet

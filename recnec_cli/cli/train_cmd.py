@@ -46,7 +46,8 @@ inner validation split (AUC); class-weighted loss; MONAI augmentation; determini
 The decision threshold is chosen on out-of-fold predictions (Youden's J, or the best specificity
 reaching --target-sensitivity). OUT receives fold<k>.onnx, manifest.json (SHA-256 per file, input
 spec, threshold, CV metrics with bootstrap 95 % CIs, seed, data fingerprint, versions), roc.png,
-calibration.png (reliability diagram of the out-of-fold predictions) and epochs.csv. OUT must be new, empty, or a previous recnec ensemble (replaced).
+calibration.png (reliability diagram of the out-of-fold predictions) and epochs.csv. OUT must be
+new, empty, or a previous recnec ensemble (replaced).
 
 Examples:
 
