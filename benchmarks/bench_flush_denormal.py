@@ -25,6 +25,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _cases import tcga_t1ce  # noqa: E402
 
 CHILD = r"""
 import json, sys, time, resource
@@ -38,7 +40,7 @@ dev.prepare_torch = lambda threads=0: None   # keep the mode chosen above
 skullstrip.prepare_torch = dev.prepare_torch
 from recnec_cli.stages.convert import read_image_file
 vol = read_image_file(sys.argv[1])
-hd = skullstrip.HdBet(mode="fast", device="cpu", tta=False)
+hd = skullstrip.HdBet(mode="fast", device="cpu", tta=False, backend="torch")
 t0 = resource.getrusage(resource.RUSAGE_SELF).ru_utime
 w0 = time.perf_counter()
 mask = hd.brain_mask(vol)
@@ -72,14 +74,12 @@ def main() -> None:
     args = ap.parse_args()
     import numpy as np
 
-    shared = Path(os.environ.get("RECNEC_SHARED_DATA", REPO.parent / "shared" / "data"))
     cases: list[tuple[str, Path]] = []
-    tcga = shared / "real" / "nifti_tcga_fg_6692_lgg_siemens"
-    ce = sorted(tcga.glob("*POST_GAD*_t1c.nii.gz")) if tcga.is_dir() else []
+    ce = tcga_t1ce()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if ce:
-            cases.append(("TCGA-FG-6692 T1ce", _crop(ce[0], args.crop, tmp / "tcga.nii.gz")))
+            cases.append(("TCGA-FG-6692 T1ce", _crop(ce, args.crop, tmp / "tcga.nii.gz")))
         from recnec_cli.synth import write_cohort
 
         write_cohort(tmp / "syn", n=1, seed=21, fmt="nifti")

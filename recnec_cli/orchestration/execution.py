@@ -41,8 +41,9 @@ def worker_initializer(*hooks: Callable[[], None]) -> None:
         hook()
 
 
-def worker_self_test(settings: Settings) -> bool:
+def worker_self_test(settings: Settings) -> str:
     """The HD-BET part of :func:`self_test`, run inside a worker (loads and keeps its models).
+    Returns where the worker's HD-BET runs (:attr:`HdBet.provider`, e.g. ``CPUExecutionProvider``).
 
     Raises
     ------
@@ -56,7 +57,7 @@ def worker_self_test(settings: Settings) -> bool:
         res.hdbet.check_networks()
     except Exception as exc:  # noqa: BLE001
         raise EnvironmentBroken(f"self-test failed: HD-BET in a worker ({type(exc).__name__}: {exc})") from None
-    return True
+    return str(getattr(res.hdbet, "provider", "unknown"))
 
 
 def preprocess_task(study: Study, settings: Settings, qc_name: str | None = None) -> StudyResult:

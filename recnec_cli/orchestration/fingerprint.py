@@ -18,7 +18,7 @@ from .state import digest
 log = logging.getLogger(__name__)
 
 #: settings that change a study's result; a change reprocesses the study
-RESULT_SETTINGS = ("grid_spacing_mm", "hdbet_mode", "hdbet_tta", "lesion_masks_dir", "rules_file",
+RESULT_SETTINGS = ("grid_spacing_mm", "hdbet_mode", "hdbet_tta", "hdbet_backend", "lesion_masks_dir", "rules_file",
                    "anisotropy_limit", "role_confidence_threshold", "allow_derived", "max_series_voxels",
                    "registration_max_translation_mm", "registration_max_rotation_deg", "lesion_min_volume_ml")
 

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from ..config import Settings
-from ..devices import prepare_torch, resolve_torch_device
+from ..devices import prepare_torch, resolve_hdbet_device
 from ..errors import EnvironmentBroken, LesionError, RecnecError, RegistrationError
 from ..naming import safe_component
 from ..stages.modelinput import InputSpec, box_affine, make_model_input
@@ -101,8 +101,10 @@ class Resources:
             from ..stages.skullstrip import get_hdbet
 
             prepare_torch(settings.threads)
-            hdbet = get_hdbet(mode=settings.hdbet_mode, device=resolve_torch_device(settings.device),
-                              tta=settings.hdbet_tta)
+            hdbet = get_hdbet(mode=settings.hdbet_mode,
+                              device=resolve_hdbet_device(settings.device, settings.hdbet_backend),
+                              tta=settings.hdbet_tta, backend=settings.hdbet_backend, threads=settings.threads,
+                              cache_dir=settings.cache_dir)
         return cls(settings=settings, rules=rules, hdbet=hdbet, ensemble=ensemble,
                    spec=spec or InputSpec(), decoders=decoders)
 

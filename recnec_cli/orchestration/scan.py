@@ -392,6 +392,7 @@ class _RunContext:
     ensemble: Any = None
     decoders: Mapping[str, bool] = field(default_factory=dict)
     self_test_s: Mapping[str, float] = field(default_factory=dict)
+    hdbet_provider: str = ""  # where HD-BET ran (ONNX Runtime provider or torch-*), from the self-test
 
     last_write: float = 0.0
 
@@ -410,6 +411,7 @@ class _RunContext:
                                 n_discovered=sum(s.present for s in stored), decoders=dict(self.decoders))
         manifest.update(run_id=self.run_id, state=str(self.paths["state"].resolve()),
                         pseudonym_key_id=self.key_id, self_test_seconds=dict(self.self_test_s),
+                        hdbet_provider=self.hdbet_provider or None,
                         runs=self.state.runs(limit=10))
         if self.ensemble is None:
             manifest["model_version"] = self.model_version.split("#")[0]
@@ -462,8 +464,8 @@ def _process(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dic
                                          initializer=functools.partial(worker_initializer, *worker_hooks))
     else:
         worker_settings = s
-    log.info("loading models (HD-BET %s%s, ONNX ensemble from %s)", s.hdbet_mode, "+TTA" if s.hdbet_tta else "",
-             s.weights_dir)
+    log.info("loading models (HD-BET %s%s via %s, ONNX ensemble from %s)", s.hdbet_mode,
+             "+TTA" if s.hdbet_tta else "", s.hdbet_backend, s.weights_dir)
     # HD-BET lives where studies are preprocessed: here for the in-process executor, in the workers otherwise
     resources = Resources.load(s, need_hdbet=executor is None)
     ens = resources.ensemble
@@ -476,7 +478,7 @@ def _process(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dic
             if own_pool is not None:  # HD-BET's check runs in a worker (and warms it)
                 t0 = time.perf_counter()
                 try:
-                    own_pool.submit(worker_self_test, worker_settings).result()
+                    ctx.hdbet_provider = own_pool.submit(worker_self_test, worker_settings).result()
                 except EnvironmentBroken:
                     raise
                 except Exception as exc:  # noqa: BLE001 - the worker cannot even start its models
@@ -484,6 +486,10 @@ def _process(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dic
                         f"self-test failed: a worker process could not load HD-BET ({type(exc).__name__}); "
                         f"is --max-memory ({mem} MB per worker) too small? torch alone needs about 1.5 GB") from None
                 ctx.self_test_s = {**ctx.self_test_s, "hdbet_worker": time.perf_counter() - t0}
+        if resources.hdbet is not None:
+            ctx.hdbet_provider = str(getattr(resources.hdbet, "provider", "unknown"))
+        if ctx.hdbet_provider:
+            log.info("HD-BET runs on %s", ctx.hdbet_provider)
         ctx.write_outputs()  # deferred / absent studies show at once, before the first long study
         if executor is None:
             executor = InProcessExecutor()

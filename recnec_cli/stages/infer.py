@@ -159,6 +159,22 @@ def _import_ort():  # noqa: ANN202 - module type
     return ort
 
 
+def session_options(ort: Any, threads: int = 0) -> Any:
+    """recnec's ``onnxruntime.SessionOptions``: warnings only, subnormal floats flushed, and with
+    ``threads > 0`` that many intra-op threads and one inter-op thread.
+
+    ``session.set_denormal_as_zero`` is ONNX Runtime's equivalent of torch.set_flush_denormal
+    (onnxruntime session config keys): subnormal floats are slow on x86 (see recnec_cli.devices).
+    """
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.set_denormal_as_zero", "1")
+    if threads > 0:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    return so
+
+
 def resolve_providers(device: str, available: list[str]) -> tuple[list[Any], bool]:
     """Map a ``--device`` value to an ONNX Runtime provider list.
 
@@ -294,14 +310,7 @@ class Ensemble:
         # onnxruntime-gpu on a CPU-only host logs a CUDA load error at every session creation
         # unless the log severity is 4 (STACK-NOTES.md); we check the provider ourselves below.
         ort.set_default_logger_severity(4 if providers[0] != "CPUExecutionProvider" else 3)
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        # ONNX Runtime's equivalent of torch.set_flush_denormal (onnxruntime session config key
-        # "session.set_denormal_as_zero"): subnormal floats are slow on x86 (see recnec_cli.devices)
-        so.add_session_config_entry("session.set_denormal_as_zero", "1")
-        if threads > 0:
-            so.intra_op_num_threads = int(threads)
-            so.inter_op_num_threads = 1
+        so = session_options(ort, threads)
         sessions = []
         used: set[str] = set()
         for m in manifest["models"]:

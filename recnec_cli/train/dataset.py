@@ -215,7 +215,7 @@ def cache_key(study_id: str, spec: InputSpec, settings: Any, *,
     mask or rules file gives a new key, so a stale tensor is never reused."""
     relevant = {
         k: str(getattr(settings, k, None))
-        for k in ("grid_spacing_mm", "hdbet_mode", "hdbet_tta", "lesion_masks_dir", "rules_file",
+        for k in ("grid_spacing_mm", "hdbet_mode", "hdbet_tta", "hdbet_backend", "lesion_masks_dir", "rules_file",
                   "allow_derived", "anisotropy_limit", "role_confidence_threshold",
                   "lesion_min_volume_ml")
     }

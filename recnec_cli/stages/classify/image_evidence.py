@@ -89,11 +89,12 @@ IMAGE_MEASURE_MM = 1.0         # voxels finer than this are strided to about 1 m
 
 def _hdbet(settings: Settings) -> Any:
     """HD-BET with the run's mode, TTA and device, shared per process with the skull-strip stage."""
-    from ...devices import resolve_torch_device
+    from ...devices import resolve_hdbet_device
     from ..skullstrip import get_hdbet
 
-    return get_hdbet(mode=settings.hdbet_mode, device=resolve_torch_device(settings.device),
-                     tta=settings.hdbet_tta)
+    return get_hdbet(mode=settings.hdbet_mode, device=resolve_hdbet_device(settings.device, settings.hdbet_backend),
+                     tta=settings.hdbet_tta, backend=settings.hdbet_backend, threads=settings.threads,
+                     cache_dir=settings.cache_dir)
 
 
 def _n4_in_mask(data: Any, spacing: Any, mask: Any) -> Any:
