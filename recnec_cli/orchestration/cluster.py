@@ -130,17 +130,25 @@ class _ForwardToClient(logging.Handler):
 class RecnecWorkerPlugin(WorkerPlugin):
     """Dask worker plugin (``distributed.WorkerPlugin``: ``setup`` / ``teardown``, see
     https://distributed.dask.org/en/stable/plugins.html): on every worker, also those that join or
-    are restarted later, runs the scan's ``worker_hooks`` and forwards recnec's log records at
-    ``level`` and above to the client."""
+    are restarted later, sets the CPU thread counts (``threads`` > 0: ``OMP_NUM_THREADS``,
+    ``MKL_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``, ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``, read by
+    those libraries when they start; torch's own count follows ``--threads`` in each task), runs
+    the scan's ``worker_hooks`` and forwards recnec's log records at ``level`` and above to the
+    client."""
 
     idempotent = False
 
-    def __init__(self, hooks: Sequence[Callable[[], None]] = (), level: int = logging.INFO) -> None:
+    def __init__(self, hooks: Sequence[Callable[[], None]] = (), level: int = logging.INFO, threads: int = 0) -> None:
         self.hooks = tuple(hooks)
         self.level = int(level)
+        self.threads = int(threads)
         self._handler: logging.Handler | None = None
 
     def setup(self, worker: Any) -> None:
+        if self.threads > 0:
+            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
+                os.environ[var] = str(self.threads)
         for hook in self.hooks:
             hook()
         self._handler = _ForwardToClient(worker, self.level)
@@ -205,6 +213,9 @@ class DaskExecutor(cf.Executor):
         stand-in for HD-BET this way); they need the module importable on the workers.
     log_level:
         Level from which recnec's worker log records are forwarded to the client.
+    threads:
+        CPU threads per task for the libraries that read them from the environment (0 = leave
+        the workers' settings: Dask's nanny sets ``OMP_NUM_THREADS=1`` and friends).
     close_client:
         Close ``client`` in :meth:`shutdown` (when :meth:`connect` opened it).
 
@@ -215,7 +226,7 @@ class DaskExecutor(cf.Executor):
 
     def __init__(self, client: Any, *, resources: Mapping[str, float] | None = None,
                  study_timeout_s: float | None = None, worker_hooks: Sequence[Callable[[], None]] = (),
-                 log_level: int = logging.INFO, close_client: bool = False) -> None:
+                 log_level: int = logging.INFO, threads: int = 0, close_client: bool = False) -> None:
         self.client = client
         self.resources = dict(resources or {})
         self.remote_inference = bool(self.resources)
@@ -229,7 +240,7 @@ class DaskExecutor(cf.Executor):
         self._slots = (0.0, 0)
         self._seq = 0
         client.subscribe_topic(LOG_TOPIC, _handle_worker_log)
-        client.register_plugin(RecnecWorkerPlugin(worker_hooks, log_level), name=PLUGIN_NAME)
+        client.register_plugin(RecnecWorkerPlugin(worker_hooks, log_level, threads), name=PLUGIN_NAME)
         self._watchdog = threading.Thread(target=self._watch, name="recnec-study-timeouts", daemon=True)
         self._watchdog.start()
 
@@ -265,7 +276,7 @@ class DaskExecutor(cf.Executor):
         try:
             ex = cls(client, resources=resources,
                      study_timeout_s=settings.study_timeout_s if settings.study_timeout_s > 0 else None,
-                     worker_hooks=worker_hooks, log_level=log_level, close_client=True)
+                     worker_hooks=worker_hooks, log_level=log_level, threads=settings.threads, close_client=True)
         except BaseException:
             client.close()
             raise
