@@ -1,29 +1,30 @@
 """What a Dask cluster costs per study: the local worker pool vs a 2-worker ``LocalCluster``.
 
-The same cohort is scanned twice through :func:`recnec_cli.orchestration.scan.scan`, once with the
-local :class:`~recnec_cli.orchestration.workers.WorkerPool` (2 spawned processes, 1 thread each)
-and once with :class:`~recnec_cli.orchestration.cluster.DaskExecutor` on a ``LocalCluster`` of 2
-worker processes with 1 thread each (``processes=True``). Both executors are warmed first (every
-worker has imported the stages and loaded its models), so the figures compare the steady state.
-For each it prints
+The same cohort is scanned through :func:`recnec_cli.orchestration.scan.scan` with the local
+:class:`~recnec_cli.orchestration.workers.WorkerPool` (2 spawned processes, 1 thread each) and with
+:class:`~recnec_cli.orchestration.cluster.DaskExecutor` on a ``LocalCluster`` of 2 worker processes
+with 1 thread each (``processes=True``). Both executors are started and warmed first (every worker
+has imported the stages and loaded its models), so the figures compare the steady state, and they
+scan in alternating order for ``--rounds`` rounds. For each scan it prints
 
 * throughput: studies per hour between the first hand-over and the last finished study;
 * the study's cost: the mean of the per-stage seconds the worker measured (convert ... model input);
 * the executor's overhead per study: the round trip seen by the scan (hand-over -> result back)
   minus that cost (pickling, transport, queueing, unpickling);
 
-and the scheduler's overhead per study: Dask's overhead minus the pool's, in seconds and as a
-percentage of the study's cost (goal: under 2 %).
+then the medians, and the scheduler's overhead per study: Dask's overhead minus the pool's, in
+seconds and as a percentage of the study's cost (goal: under 2 %).
 
-    python benchmarks/bench_dask_overhead.py --quick             # phantoms, HD-BET stand-in: ~2 min
-    python benchmarks/bench_dask_overhead.py --studies 8         # synthetic heads, real HD-BET
+    python benchmarks/bench_dask_overhead.py --quick             # phantoms, HD-BET stand-in: 3-5 min on 2 cores
+    python benchmarks/bench_dask_overhead.py --studies 6         # synthetic heads, real HD-BET
 
 ``--quick`` scans small phantom heads (``tests/phantoms.py``) with the phantom's stand-in for HD-BET
-(a study then costs about a second, so the percentage is a pessimistic bound); without it, the
+(a study then costs a few seconds, so the percentage is a pessimistic bound); without it, the
 cohort is ``recnec synth`` heads (study space, NIfTI, true lesion masks in the study folders) through
 real HD-BET fast on the CPU, the realistic study cost (about 35-90 s per study on 2 cores; plan on
-``studies x 1 min`` per executor plus model loading). Needs the ``distributed`` extra. Run it on an
-otherwise idle machine; the two executors are measured in the same run, so their ratio counts.
+``studies x 1 min`` per executor and round plus model loading; ``--rounds 2`` or more for a
+median). Needs the ``distributed`` extra. Run it on an otherwise idle machine; the two executors
+are measured in the same run, so their ratio counts.
 """
 
 from __future__ import annotations
@@ -117,8 +118,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="phantoms with the HD-BET stand-in (tests/phantoms.py)")
     ap.add_argument("--studies", type=int, default=None, help="cohort size [quick: 12, real: 6]")
+    ap.add_argument("--rounds", type=int, default=None, help="scans per executor, alternating [quick: 3, real: 1]")
     args = ap.parse_args()
     n = args.studies or (12 if args.quick else 6)
+    args.rounds = max(1, args.rounds or (3 if args.quick else 1))
 
     import distributed
 
@@ -147,32 +150,42 @@ def main() -> None:
         settings = resolve_settings(overrides)
         logging.basicConfig(level=logging.WARNING)
 
-        # -- the local pool: 2 spawned worker processes, 1 thread each
+        # both executors are started and warmed once, then scanned in alternating order (pool
+        # first in odd rounds, Dask first in even ones) so that a drift in the machine's load
+        # shows in the spread of the rounds, not as a difference between the executors
         pool = WorkerPool(2, threads_per_worker=1, initializer=functools.partial(worker_initializer, *hooks))
         for f in [pool.submit(_warm, settings) for _ in range(2)]:
             f.result()
-        timed = Timed(pool)
-        scan(studies, out=tmp_path / "pool.csv", settings=settings, executor=timed, handle_signals=False,
-             run_self_test=False)
-        pool.shutdown()
-        local = _figures("local pool (2 processes)", timed)
-
-        # -- a LocalCluster: 2 worker processes, 1 thread each
         cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                            dashboard_address=None, silence_logs=logging.ERROR)
         client = distributed.Client(cluster, set_as_default=False)
-        dask_ex = DaskExecutor(client, worker_hooks=hooks)
+        dask_ex = DaskExecutor(client, worker_hooks=hooks, threads=settings.threads)  # as connect() does
         dask_ex.self_test(settings)  # every worker loads its models
-        timed = Timed(dask_ex)
-        scan(studies, out=tmp_path / "dask.csv", settings=settings, executor=timed, handle_signals=False,
-             run_self_test=False)
-        dask_ex.shutdown()
-        client.close()
-        cluster.close()
-        remote = _figures("Dask LocalCluster (2 x 1)", timed)
+        executors = {"local pool (2 processes)": pool, "Dask LocalCluster (2 x 1)": dask_ex}
+        figures: dict[str, list[dict[str, float]]] = {name: [] for name in executors}
+        try:
+            for rnd in range(args.rounds):
+                order = list(executors) if rnd % 2 == 0 else list(executors)[::-1]
+                for name in order:
+                    timed = Timed(executors[name])
+                    scan(studies, out=tmp_path / f"r{rnd}-{'pool' if 'pool' in name else 'dask'}.csv",
+                         settings=settings, executor=timed, handle_signals=False, run_self_test=False)
+                    figures[name].append(_figures(f"round {rnd + 1}: {name}", timed))
+        finally:
+            dask_ex.shutdown()
+            client.close()
+            cluster.close()
+            pool.shutdown()
 
+        med = {name: {k: statistics.median(f[k] for f in runs) for k in runs[0]} for name, runs in figures.items()}
+        local, remote = med["local pool (2 processes)"], med["Dask LocalCluster (2 x 1)"]
+        print(f"medians over {args.rounds} round(s):")
+        for name, m in med.items():
+            print(f"  {name:<28} {m['per_hour']:7.0f} studies/h, study cost {m['cost_s']:6.2f} s, executor overhead "
+                  f"per study {m['overhead_s'] * 1000:6.1f} ms")
         extra = remote["overhead_s"] - local["overhead_s"]
-        print(f"throughput Dask / pool: {remote['per_hour'] / local['per_hour']:.3f}")
+        print(f"throughput Dask / pool: {remote['per_hour'] / local['per_hour']:.3f}; study cost Dask / pool: "
+              f"{remote['cost_s'] / local['cost_s']:.3f}")
         print(f"scheduler overhead per study (Dask minus pool): {extra * 1000:.1f} ms = "
               f"{100 * extra / local['cost_s']:.2f} % of a study's cost ({local['cost_s']:.2f} s); "
               f"Dask's whole round-trip overhead {100 * remote['overhead_s'] / local['cost_s']:.2f} %")

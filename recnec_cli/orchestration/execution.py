@@ -132,7 +132,12 @@ def preprocess_task(study: Study, settings: Settings) -> StudyResult:
     EnvironmentBroken
         The worker's installation cannot run any study.
     """
-    return process_study(study, settings=settings, resources=_resources(settings))
+    res = _resources(settings)
+    if res.hdbet is not None:  # torch is loaded: flush subnormals in *this* thread too (per-thread
+        from ..devices import prepare_torch  # state; a Dask worker may run tasks in several threads)
+
+        prepare_torch(settings.threads)
+    return process_study(study, settings=settings, resources=res)
 
 
 def infer_task(ready: Sequence[StudyResult], settings: Settings, model_version: str) -> list[StudyResult]:
