@@ -1,6 +1,8 @@
 """A scan on a Dask cluster (``--scheduler``): a ``LocalCluster`` of 2 worker processes (1 thread
 each) gives the rows of a local scan; a worker killed mid-study, a study that kills every worker
-it runs on, a hung study and GPU-tagged workers; and no Dask at all without a scheduler.
+it runs on, a hung study and GPU-tagged workers; and no Dask at all without a scheduler. About
+80 s in the fast tier on 2 busy cores; the two tests that restart workers are marked slow (~30 s
+more).
 
 HD-BET is the phantom stand-in, installed in every Dask worker through ``worker_hooks`` (a worker
 plugin); the worker processes import ``phantoms`` from this folder (``sys.path`` travels with
@@ -142,6 +144,7 @@ def test_a_worker_killed_mid_study_is_retried_and_every_study_is_reported_once(t
     assert summary.exit_code == 0 and summary.counts["processed"] == 3
 
 
+@pytest.mark.slow  # two worker restarts (~15 s)
 def test_a_study_that_kills_every_worker_becomes_worker_died(tree, tmp_path, cluster):
     cl, _ = cluster
     studies = _copy(tree, tmp_path / "studies", {"sub-01": (phantoms.DIE_FLAG, "")})
@@ -153,6 +156,7 @@ def test_a_study_that_kills_every_worker_becomes_worker_died(tree, tmp_path, clu
     assert summary.exit_code == 1
 
 
+@pytest.mark.slow  # a worker restart after the time limit (~15 s)
 def test_a_hung_study_becomes_timeout_and_its_worker_is_restarted(tree, tmp_path, cluster):
     cl, client = cluster
     studies = _copy(tree, tmp_path / "studies", {"sub-01": (phantoms.HANG_FLAG, "")})
@@ -239,15 +243,22 @@ def test_without_a_scheduler_dask_is_never_imported(tree, tmp_path):
     assert out.stdout.strip().splitlines()[-1] == "0 []", out.stdout[-500:]
 
 
-@pytest.mark.parametrize("how", ["cli", "env"])
+@pytest.mark.parametrize("how", ["cli", "env", "library"])
 def test_missing_extra_names_it_whichever_way_the_scheduler_arrives(tree, tmp_path, monkeypatch, how):
     from typer.testing import CliRunner
 
     from recnec_cli.cli.main import app
+    from recnec_cli.errors import EnvironmentBroken
 
     real_find_spec = __import__("importlib.util").util.find_spec
     monkeypatch.setattr("importlib.util.find_spec",
                         lambda name, *a, **k: None if name == "distributed" else real_find_spec(name, *a, **k))
+    if how == "library":  # a caller's Settings
+        with pytest.raises(EnvironmentBroken, match=r"pip install 'recnec\[distributed\]'") as err:
+            scan(tree, out=tmp_path / "r.csv", settings=resolve_settings({"scheduler": "tcp://127.0.0.1:1"}),
+                 handle_signals=False)
+        assert err.value.code == "DISTRIBUTED_MISSING" and not (tmp_path / "r.state.sqlite").exists()
+        return
     args = ["scan", str(tree), "--out", str(tmp_path / "r.csv")]
     if how == "cli":
         args += ["--scheduler", "tcp://127.0.0.1:1"]
