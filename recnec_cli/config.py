@@ -61,6 +61,10 @@ class Settings:
     workers: int = -1  # worker processes; -1 = auto (cores and memory), 0 = in this process (no limits)
     study_timeout_s: float = 3600.0  # wall-clock limit per study; 0 = none (TIMEOUT row)
     max_memory_mb: int = 0  # address-space limit per worker; 0 = auto (90 % of RAM / workers)
+    # a Dask cluster instead of local workers (recnec_cli.orchestration.cluster; the distributed extra)
+    scheduler: str = ""  # scheduler address, e.g. tcp://HOST:8786; "" = local worker processes
+    scheduler_file: Path | None = None  # JSON file written by `dask scheduler --scheduler-file`
+    dask_resources: str = ""  # Dask resources each task needs, e.g. "GPU=1"; "" = any worker
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -70,6 +74,11 @@ class Settings:
                 d[k] = str(v)
         d["sources"] = dict(self.sources)
         return d
+
+    @property
+    def uses_cluster(self) -> bool:
+        """Studies go to a Dask cluster (``scheduler`` or ``scheduler_file`` set)."""
+        return bool(self.scheduler) or self.scheduler_file is not None
 
     def validate(self) -> "Settings":
         if self.batch_size < 1:
@@ -99,9 +108,41 @@ class Settings:
             ex = "RECNEC_EXPLAIN (environment)" if src.get("explain") == "env" else "--explain / RECNEC_EXPLAIN"
             raise UsageError(f"{ex} needs a QC folder (--qc DIR / RECNEC_QC_DIR): the explanation map is a "
                              "picture written there")
+        if self.scheduler and self.scheduler_file is not None:
+            raise UsageError("give --scheduler (RECNEC_SCHEDULER) or --scheduler-file (RECNEC_SCHEDULER_FILE), "
+                             "not both")
+        if self.dask_resources and not self.uses_cluster:
+            raise UsageError("--dask-resources / RECNEC_DASK_RESOURCES only apply to a Dask cluster: give "
+                             "--scheduler or --scheduler-file as well")
+        parse_resources(self.dask_resources)
         if not (0.3 <= self.grid_spacing_mm <= 3.0):
             raise UsageError(f"grid spacing must be within 0.3-3.0 mm, got {self.grid_spacing_mm}")
         return self
+
+
+def parse_resources(text: str) -> dict[str, float]:
+    """``"GPU=1"`` / ``"GPU=1,MEMORY=16e9"`` -> ``{"GPU": 1.0, ...}``: Dask's ``--resources``
+    syntax (https://distributed.dask.org/en/stable/resources.html); ``""`` -> ``{}``.
+
+    Raises
+    ------
+    UsageError
+        A part is not ``NAME=NUMBER`` with a finite number > 0.
+    """
+    import math
+
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.replace(" ", ",").split(","))):
+        name, sep, value = part.partition("=")
+        try:
+            amount = float(value)
+        except ValueError:
+            amount = math.nan
+        if not sep or not name.strip() or not (0 < amount < math.inf):
+            raise UsageError(f"--dask-resources / RECNEC_DASK_RESOURCES must look like GPU=1 or GPU=1,MEMORY=16e9, "
+                             f"got {text!r}")
+        out[name.strip()] = amount
+    return out
 
 
 _CASTS = {bool: lambda s: s.strip().lower() in ("1", "true", "yes", "on")}

@@ -248,3 +248,38 @@ def write_oversized_study(folder: Path, name: str) -> Path:
     big[300:400, 300:400, 200:300] = 100
     nib.save(nib.Nifti1Image(big, np.diag([0.3, 0.3, 0.4, 1.0])), str(t1))
     return src
+
+
+# ---- per-worker hooks driven by flag files in a study folder (for a long-lived cluster whose
+# workers keep every hook they were given: the flag, not the process, decides what happens)
+#: a study folder holding this file: converting its series sleeps ten minutes (a hang)
+HANG_FLAG = "HANG_FOR_TEST.txt"
+#: ... kills the worker process that converts it (``os._exit(3)``), on every try
+DIE_FLAG = "DIE_FOR_TEST.txt"
+#: ... sleeps as many seconds as the file says before converting each series
+SLOW_FLAG = "SLOW_FOR_TEST.txt"
+
+
+def hook_test_flags() -> None:
+    """In a worker: converting a series looks for :data:`HANG_FLAG`, :data:`DIE_FLAG` and
+    :data:`SLOW_FLAG` in the study folder first. Idempotent (a second call wraps nothing)."""
+    import os
+
+    from recnec_cli.stages import convert
+
+    if getattr(convert.convert_series, "_test_flags", False):
+        return
+    real = convert.convert_series
+
+    def flagged(series, *, settings):  # noqa: ANN001
+        folder = Path(series.files[0]).parent
+        if (folder / DIE_FLAG).exists():
+            os._exit(3)
+        if (folder / HANG_FLAG).exists():
+            time.sleep(600)
+        if (folder / SLOW_FLAG).exists():
+            time.sleep(float((folder / SLOW_FLAG).read_text() or 3))
+        return real(series, settings=settings)
+
+    flagged._test_flags = True  # type: ignore[attr-defined]
+    convert.convert_series = flagged

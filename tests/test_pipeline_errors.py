@@ -28,7 +28,7 @@ import pytest
 from recnec_cli.config import resolve_settings
 from recnec_cli.errors import InferenceError
 from recnec_cli.orchestration import pipeline
-from recnec_cli.orchestration.pipeline import Resources, preprocess_study, process_study, run_batch
+from recnec_cli.orchestration.pipeline import Resources, process_study, run_batch
 from recnec_cli.stages.discover import discover
 
 T2_NAME = "s_T2w.nii.gz"

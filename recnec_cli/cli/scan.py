@@ -53,6 +53,12 @@ time limit (--study-timeout: a hung study becomes a TIMEOUT row) and a memory li
 OUT_OF_MEMORY); the worker is replaced and the run goes on. Model inputs are batched into the ONNX
 ensemble (--batch-size) in this process.
 
+On a Dask cluster (--scheduler tcp://HOST:8786 or --scheduler-file FILE; needs
+pip install 'recnec[distributed]'), the cluster's workers preprocess the studies instead; they
+must read STUDIES (and --weights, --rules, --lesion-masks) at the same paths as this process.
+This process still writes the state, report and log. --dask-resources GPU=1 sends the studies and
+the inference batches only to workers started with --resources GPU=1.
+
 Writes REPORT (CSV or JSON: every study the state knows, once), REPORT's stem + .manifest.json
 (versions, execution provider, model checksums, settings, timings, last runs) and + .log (this
 run's log, INFO; DEBUG with -v; the 14 previous runs' logs are kept as .log.1 ... .log.14). The
@@ -71,6 +77,8 @@ Examples:
   recnec scan /data/exports --out report.csv --qc qc/ --explain
 
   (QC pictures, where the model looked, and qc/index.html for any browser)
+
+  recnec scan /shared/exports --out report.csv --scheduler tcp://headnode:8786
 
   # crontab (every night at 01:30; the same report and state every night):
   30 1 * * *  recnec scan /data/exports --out /reports/recnec.csv --quiet
@@ -119,6 +127,17 @@ def scan(
                                              "(address space): a study past it becomes an OUT_OF_MEMORY row [env "
                                              "RECNEC_MAX_MEMORY_MB; default: 0 = 90 % of RAM / workers]",
                                              show_default=False),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Dask scheduler address: studies are "
+                                            "preprocessed by that cluster's workers, which must see STUDIES at the "
+                                            "same path [env RECNEC_SCHEDULER; default: local worker processes]",
+                                            show_default=False),
+    scheduler_file: Optional[Path] = typer.Option(None, "--scheduler-file", help="JSON file written by `dask "
+                                                  "scheduler --scheduler-file`, instead of --scheduler [env "
+                                                  "RECNEC_SCHEDULER_FILE]", show_default=False),
+    dask_resources: Optional[str] = typer.Option(None, "--dask-resources", help="Dask resources each task needs, "
+                                                 "e.g. GPU=1: studies and inference batches go only to workers "
+                                                 "started with --resources GPU=1 [env RECNEC_DASK_RESOURCES; "
+                                                 "default: any worker, inference here]", show_default=False),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Weights folder with manifest.json "
                                            "[default: the shipped weights/]", show_default=False),
     device: DeviceOpt = None,
@@ -167,6 +186,7 @@ def scan(
             "rules_file": rules, "grid_spacing_mm": grid_spacing, "threads": threads,
             "state_file": state, "settle_minutes": settle_minutes, "pseudonym_key_file": pseudonym_key_file,
             "workers": workers, "study_timeout_s": study_timeout, "max_memory_mb": max_memory,
+            "scheduler": scheduler, "scheduler_file": scheduler_file, "dask_resources": dask_resources,
         })
         check_scan_paths(studies, out=out, settings=settings)  # before the log file is created
         setup_logging(verbose=verbose, quiet=quiet)  # console now; the log file once the lock is held

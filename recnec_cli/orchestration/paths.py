@@ -28,7 +28,8 @@ def check_scan_paths(studies: Path, *, out: Path, settings: Settings) -> None:
     UsageError
         STUDIES not a folder; a report, state, ``keep_intermediate_dir`` or ``qc_dir`` inside the input tree
         (recnec never writes there) or not writable as a file / folder; ``lesion_masks_dir`` or
-        ``weights_dir`` not a folder; ``rules_file`` or ``pseudonym_key_file`` not a file.
+        ``weights_dir`` not a folder; ``rules_file``, ``scheduler_file`` or ``pseudonym_key_file``
+        not a file.
     """
     studies = Path(studies)
     if not studies.is_dir():
@@ -64,7 +65,7 @@ def check_scan_paths(studies: Path, *, out: Path, settings: Settings) -> None:
         p = getattr(settings, field_)
         if p is not None and not Path(p).is_dir():
             raise UsageError(f"{name(field_, option)} {p} is not a folder")
-    for field_, option in (("rules_file", "--rules"),):
+    for field_, option in (("rules_file", "--rules"), ("scheduler_file", "--scheduler-file")):
         p = getattr(settings, field_)
         if p is not None and not Path(p).is_file():
             raise UsageError(f"{name(field_, option)} {p} is not a file")

@@ -29,7 +29,9 @@ A run, in order:
    exit code 130 / 143.
 
 The two seams for later work: ``executor`` (any :class:`concurrent.futures.Executor`: where
-studies are preprocessed; the default runs them in this process) and ``on_study_done`` (what
+studies are preprocessed; by default local worker processes, :class:`~.workers.WorkerPool`, or,
+with ``settings.scheduler`` / ``settings.scheduler_file``, a Dask cluster,
+:class:`~.cluster.DaskExecutor`, the only path that imports Dask) and ``on_study_done`` (what
 happens when a study finishes).
 """
 
@@ -53,7 +55,15 @@ from .. import __version__
 from ..config import Settings
 from ..errors import EnvironmentBroken, RecnecError, UsageError
 from ..study import Study
-from .execution import _WORKER_RESOURCES, InProcessExecutor, preprocess_task, worker_initializer, worker_self_test
+from .execution import (
+    _WORKER_RESOURCES,
+    InProcessExecutor,
+    infer_remotely,
+    preprocess_task,
+    require_distributed,
+    worker_initializer,
+    worker_self_test,
+)
 from .fingerprint import _model_version, folder_newest_mtimes, study_files, study_fingerprint, tree_listing
 from .paths import check_scan_paths, output_paths
 from .pipeline import Resources, StudyResult, finish_qc, infer_batch, qc_name_of, study_key
@@ -149,8 +159,10 @@ def scan(studies: Path, *, out: Path, settings: Settings, fmt: str = "csv", forc
     dicom_locations:
         Report DICOM folders (off: export folder names may hold patient names).
     executor:
-        Where studies are preprocessed (default :class:`InProcessExecutor`). At most
-        ``executor._max_workers`` studies are in flight at once.
+        Where studies are preprocessed. Default: a Dask cluster when ``settings.scheduler`` or
+        ``settings.scheduler_file`` is set (:class:`~recnec_cli.orchestration.cluster.DaskExecutor`),
+        else ``settings.workers`` local worker processes, or this process when it is 0. At most
+        ``executor._max_workers`` studies are in flight at once (read again as studies finish).
     on_study_done:
         Called in this process with each finished :class:`StudyResult` and its report row, after
         the row is committed to the state and the report regenerated.
@@ -166,8 +178,8 @@ def scan(studies: Path, *, out: Path, settings: Settings, fmt: str = "csv", forc
         log file there, so a run refused with :class:`StateLocked` never rotates the running
         scan's log).
     worker_hooks:
-        Picklable module-level callables run once in each worker process of the default pool
-        (per-worker set-up; the tests install a stand-in for HD-BET this way).
+        Picklable module-level callables run once in each worker process of the default pool or
+        of the Dask cluster (per-worker set-up; the tests install a stand-in for HD-BET this way).
     now:
         Clock in seconds since the epoch (for deferral; tests pass their own).
 
@@ -182,7 +194,10 @@ def scan(studies: Path, *, out: Path, settings: Settings, fmt: str = "csv", forc
     StateLocked
         Another run holds the state.
     EnvironmentBroken
-        Missing / tampered weights or a failed self-test: nothing is processed.
+        Missing / tampered weights or a failed self-test: nothing is processed. With a scheduler:
+        ``DISTRIBUTED_MISSING`` (the ``recnec[distributed]`` extra is not installed; raised before
+        anything is done), ``SCHEDULER_UNREACHABLE``, ``NO_WORKERS``, ``VERSION_MISMATCH``,
+        ``WEIGHTS_DIFFER`` or ``SCHEDULER_LOST`` (see :mod:`recnec_cli.orchestration.cluster`).
     DiscoveryError
         ``NO_IMAGE_FOUND`` / ``NO_IMAGE_DICOM_FOUND`` when the tree holds no image at all.
     """
@@ -191,6 +206,8 @@ def scan(studies: Path, *, out: Path, settings: Settings, fmt: str = "csv", forc
     t_start = time.perf_counter()
     studies = Path(studies).expanduser()
     check_scan_paths(studies, out=out, settings=settings)
+    if settings.uses_cluster and executor is None:
+        require_distributed()  # a missing extra fails at once, whatever the tree holds
     if fmt not in ("csv", "json"):
         raise UsageError(f"report format must be csv or json, got {fmt!r}")
     paths = output_paths(out, settings)
@@ -393,6 +410,7 @@ class _RunContext:
     decoders: Mapping[str, bool] = field(default_factory=dict)
     self_test_s: Mapping[str, float] = field(default_factory=dict)
     hdbet_provider: str = ""  # where HD-BET ran (ONNX Runtime provider or torch-*), from the self-test
+    execution: Mapping[str, Any] = field(default_factory=dict)
 
     last_write: float = 0.0
 
@@ -413,6 +431,8 @@ class _RunContext:
                         pseudonym_key_id=self.key_id, self_test_seconds=dict(self.self_test_s),
                         hdbet_provider=self.hdbet_provider or None,
                         runs=self.state.runs(limit=10))
+        if self.execution:
+            manifest["execution"] = dict(self.execution)
         if self.ensemble is None:
             manifest["model_version"] = self.model_version.split("#")[0]
         atomic_write_text(self.paths["manifest"], json.dumps(manifest, indent=2, default=str) + "\n")
@@ -449,7 +469,17 @@ def _process(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dic
              run_self_test: bool, worker_hooks: tuple = ()) -> None:
     s = ctx.settings
     own_pool = None
-    if executor is None and s.workers != 0:
+    worker_settings = s
+    if executor is None and s.uses_cluster:
+        from .cluster import DaskExecutor
+
+        if s.sources.get("workers") == "cli" or s.sources.get("max_memory_mb") == "cli":
+            log.warning("--workers and --max-memory do not apply to a Dask cluster: its workers are started "
+                        "(with their threads and memory limits) by the cluster")
+        log.info("connecting to the Dask scheduler %s", s.scheduler or f"in {s.scheduler_file}")
+        own_pool = executor = DaskExecutor.connect(s, worker_hooks=worker_hooks,
+                                                   log_level=logging.getLogger("recnec_cli").getEffectiveLevel())
+    elif executor is None and s.workers != 0:
         from .workers import WorkerPool, default_workers, worker_memory_mb
 
         n = s.workers if s.workers > 0 else default_workers()
@@ -462,20 +492,29 @@ def _process(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dic
         own_pool = executor = WorkerPool(n, threads_per_worker=per, max_memory_mb=mem,
                                          study_timeout_s=s.study_timeout_s if s.study_timeout_s > 0 else None,
                                          initializer=functools.partial(worker_initializer, *worker_hooks))
-    else:
-        worker_settings = s
-    log.info("loading models (HD-BET %s%s via %s, ONNX ensemble from %s)", s.hdbet_mode,
-             "+TTA" if s.hdbet_tta else "", s.hdbet_backend, s.weights_dir)
-    # HD-BET lives where studies are preprocessed: here for the in-process executor, in the workers otherwise
-    resources = Resources.load(s, need_hdbet=executor is None)
-    ens = resources.ensemble
-    ctx.ensemble, ctx.decoders = ens, resources.decoders
-    log.info("ensemble %s: %d models, provider %s, threshold %.3f", ens.model_version, ens.n_models, ens.provider,
-             ens.threshold)
     try:
+        if hasattr(own_pool, "description"):  # a cluster: where the run went, for the log and the manifest
+            ctx.execution = own_pool.description()
+            log.info("Dask cluster at %s: %d worker(s), %d task slot(s)%s, study timeout %s",
+                     ctx.execution["scheduler"], len(ctx.execution["workers"]), own_pool._max_workers,
+                     f" with resources {s.dask_resources}" if s.dask_resources else "",
+                     f"{s.study_timeout_s:g} s" if s.study_timeout_s > 0 else "none")
+        log.info("loading models (HD-BET %s%s via %s, ONNX ensemble from %s)", s.hdbet_mode,
+                 "+TTA" if s.hdbet_tta else "", s.hdbet_backend, s.weights_dir)
+        # HD-BET lives where studies are preprocessed: here for the in-process executor, in the workers otherwise
+        resources = Resources.load(s, need_hdbet=executor is None)
+        ens = resources.ensemble
+        ctx.ensemble, ctx.decoders = ens, resources.decoders
+        log.info("ensemble %s: %d models, provider %s, threshold %.3f", ens.model_version, ens.n_models, ens.provider,
+                 ens.threshold)
         if run_self_test:
             ctx.self_test_s = self_test(resources)
-            if own_pool is not None:  # HD-BET's check runs in a worker (and warms it)
+            if own_pool is not None and hasattr(own_pool, "self_test"):  # a cluster: every worker checks itself
+                t0 = time.perf_counter()
+                own_pool.self_test(worker_settings,
+                                   model_version=ens.model_version if own_pool.remote_inference else None)
+                ctx.self_test_s = {**ctx.self_test_s, "hdbet_workers": time.perf_counter() - t0}
+            elif own_pool is not None:  # HD-BET's check runs in a worker (and warms it)
                 t0 = time.perf_counter()
                 try:
                     ctx.hdbet_provider = own_pool.submit(worker_self_test, worker_settings).result()
@@ -510,7 +549,10 @@ def _loop(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dict[s
           stop: _Stop, on_study_done, on_progress, dicom_locations: bool, ens: Any, task_settings: Settings) -> None:
     s = ctx.settings
     timeout_s = s.study_timeout_s if s.study_timeout_s > 0 else None
-    max_in_flight = max(1, int(getattr(executor, "_max_workers", 1) or 1))
+    remote_inference = bool(getattr(executor, "remote_inference", False))  # a cluster's GPU workers
+
+    def max_in_flight() -> int:  # read again each time: a cluster's workers come and go
+        return max(1, int(getattr(executor, "_max_workers", 1) or 1))
     fingerprints = {st.study_id: fp for st, fp in todo}
     queue = list(todo)
     in_flight: dict[cf.Future, Study] = {}
@@ -538,12 +580,16 @@ def _loop(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dict[s
     def flush() -> None:
         batch = [r for r, _ in ready]
         ready.clear()
-        infer_batch(batch, ensemble=ens)
+        if remote_inference:
+            batch = infer_remotely(executor, batch, settings=task_settings, model_version=ens.model_version,
+                                   timeout_s=timeout_s)
+        else:
+            infer_batch(batch, ensemble=ens)
         for r in batch:
             finish(r)
 
     while True:
-        while queue and not stop and len(in_flight) < max_in_flight:
+        while queue and not stop and len(in_flight) < max_in_flight():
             study, _ = queue.pop(0)
             if on_progress is not None:
                 on_progress(study.study_id, done[0], len(todo))

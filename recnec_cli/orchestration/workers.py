@@ -3,8 +3,8 @@
 :class:`WorkerPool` is a :class:`concurrent.futures.Executor` over ``pebble.ProcessPool`` (a
 well-kept process pool that can stop a task that runs too long and replaces a worker that died),
 started with the ``spawn`` method. It plugs into the execution seam of
-:func:`recnec_cli.orchestration.scan.scan`; a Dask ``distributed.Client`` offers the same
-``submit`` shape.
+:func:`recnec_cli.orchestration.scan.scan`; :class:`~recnec_cli.orchestration.cluster.DaskExecutor`
+is the same seam on a Dask cluster.
 
 Each worker:
 
@@ -135,9 +135,15 @@ class WorkerPool(cf.Executor):
 
 
 def failure_of(exc: BaseException, timeout_s: float | None) -> tuple[str, str]:
-    """``(error code, message)`` of a task that did not return: TIMEOUT, OUT_OF_MEMORY or WORKER_DIED."""
+    """``(error code, message)`` of a task that did not return: TIMEOUT, OUT_OF_MEMORY or WORKER_DIED
+    (a local worker process died, or a cluster lost the study's worker on every try it allows:
+    :class:`~recnec_cli.orchestration.execution.WorkerLost`)."""
     from pebble import ProcessExpired
 
+    from .execution import WorkerLost
+
+    if isinstance(exc, WorkerLost):
+        return "WORKER_DIED", str(exc)
     if isinstance(exc, cf.TimeoutError):
         return "TIMEOUT", f"the study ran longer than the --study-timeout of {timeout_s:g} s and was stopped"
     if isinstance(exc, ProcessExpired):
