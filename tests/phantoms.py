@@ -215,6 +215,14 @@ def write_header_silent_study(folder: Path, name: str, *, seed: int = 0) -> Path
 
 
 # ---- per-worker hooks for the worker-pool tests (module-level: they are pickled to spawned workers)
+def hook_say_hello() -> None:
+    """In a worker: one WARNING record of a recnec logger, naming the worker's process id."""
+    import logging
+    import os
+
+    logging.getLogger("recnec_cli.tests").warning("hello from worker process %d", os.getpid())
+
+
 def hook_fake_hdbet() -> None:
     """In a worker: every HD-BET lookup returns a :class:`FakeHdBet`."""
     from recnec_cli.stages import skullstrip

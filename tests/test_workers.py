@@ -40,11 +40,16 @@ def _settings(**kw):
     return resolve_settings({"grid_spacing_mm": 2.0, **kw})
 
 
-def test_two_workers_give_the_rows_of_one(tree, tmp_path):
+def test_two_workers_give_the_rows_of_one(tree, tmp_path, caplog):
     one = scan(tree, out=tmp_path / "one.csv", settings=_settings(workers=1, threads=1), handle_signals=False,
                worker_hooks=[phantoms.hook_fake_hdbet])
-    two = scan(tree, out=tmp_path / "two.csv", settings=_settings(workers=2, threads=1, qc_dir=tmp_path / "qc"),
-               handle_signals=False, worker_hooks=[phantoms.hook_fake_hdbet])
+    with caplog.at_level("INFO", logger="recnec_cli"):
+        two = scan(tree, out=tmp_path / "two.csv", settings=_settings(workers=2, threads=1, qc_dir=tmp_path / "qc"),
+                   handle_signals=False, worker_hooks=[phantoms.hook_fake_hdbet, phantoms.hook_say_hello])
+    # worker records reach the scan's logging, marked with the worker's pid (not this process)
+    hello = [r.getMessage() for r in caplog.records if "hello from worker process" in r.getMessage()]
+    pids = {int(m.split("[worker ")[1].split("]")[0]) for m in hello}
+    assert len(hello) == 2 and len(pids) == 2 and os.getpid() not in pids, hello
     assert one.exit_code == two.exit_code == 0, (one.line(), two.line())
     a, b = _rows(tmp_path / "one.csv"), _rows(tmp_path / "two.csv")
     assert sorted(a) == sorted(b) == ["sub-00", "sub-01", "sub-02"]

@@ -15,7 +15,11 @@ Each worker:
 * limits its address space to ``max_memory_mb`` (``resource.RLIMIT_AS``), so an allocation past it
   raises ``MemoryError`` inside the study (an ``OUT_OF_MEMORY`` row) instead of the kernel's OOM
   killer taking the machine's other work with it;
-* loads its models on its first study and keeps them (:func:`~recnec_cli.orchestration.scan.preprocess_task`).
+* loads its models on its first study and keeps them (:func:`~recnec_cli.orchestration.scan.preprocess_task`);
+* sends the records of recnec's loggers, at the scan's level, through a queue to the scan process
+  (``logging.handlers.QueueHandler``, the Python logging cookbook's "logging to a single file from
+  multiple processes"), where they go to the run's handlers (terminal and ``<report>.log``) marked
+  ``[worker PID]``.
 
 A study that runs past ``study_timeout_s`` is stopped (its worker is terminated and replaced) and
 becomes a ``TIMEOUT`` row; a worker that dies (killed by the OOM killer, a crash in a C library)
@@ -26,8 +30,10 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import logging.handlers
 import multiprocessing
 import os
+import threading
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
@@ -71,9 +77,59 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def _worker_init(threads: int, max_memory_mb: int, extra: Callable[[], None] | None) -> None:
+class _WorkerLogHandler(logging.handlers.QueueHandler):
+    """In a worker: recnec's records go to the scan process, their message marked ``[worker PID]``."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record = super().prepare(record)  # formats msg % args and the traceback into msg
+        record.msg = f"[worker {os.getpid()}] {record.msg}"
+        return record
+
+
+def _forward_logs(queue: Any, level: int) -> None:
+    logger = logging.getLogger("recnec_cli")
+    logger.handlers[:] = [_WorkerLogHandler(queue)]
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+class _LogListener:
+    """In the scan process: a daemon thread hands each worker record to the logger it was made for
+    (``logging.getLogger(record.name).handle``), so the run's handlers and levels apply. A record
+    cut off by a killed worker cannot hang the run: the thread is a daemon and :meth:`stop` waits
+    at most ``timeout_s``."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+        self._thread = threading.Thread(target=self._run, name="recnec-worker-logs", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                record = self.queue.get()
+            except (EOFError, OSError, ValueError):
+                return
+            except Exception:  # noqa: BLE001 - an unreadable record is dropped, never the run
+                continue
+            if record is None:
+                return
+            logging.getLogger(record.name).handle(record)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        try:
+            self.queue.put(None)
+        except (OSError, ValueError):
+            return
+        self._thread.join(timeout_s)
+
+
+def _worker_init(threads: int, max_memory_mb: int, extra: Callable[[], None] | None,
+                 log_queue: Any = None, log_level: int = logging.INFO) -> None:
     """Runs first in every worker process (before any heavy import)."""
     _die_with_parent()
+    if log_queue is not None:
+        _forward_logs(log_queue, log_level)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
         os.environ[var] = str(threads)
     if max_memory_mb > 0:
@@ -119,9 +175,14 @@ class WorkerPool(cf.Executor):
             raise UsageError(f"--workers must be >= 1, got {workers}")
         self._max_workers = int(workers)
         self.timeout = study_timeout_s
+        ctx = multiprocessing.get_context("spawn")
+        self._log_queue = ctx.Queue()
+        self._listener = _LogListener(self._log_queue)
+        level = logging.getLogger("recnec_cli").getEffectiveLevel()
         self._pool = ProcessPool(max_workers=self._max_workers, initializer=_worker_init,
-                                 initargs=(max(1, int(threads_per_worker)), int(max_memory_mb), initializer),
-                                 context=multiprocessing.get_context("spawn"))
+                                 initargs=(max(1, int(threads_per_worker)), int(max_memory_mb), initializer,
+                                           self._log_queue, level),
+                                 context=ctx)
 
     def submit(self, fn, /, *args: Any, **kwargs: Any) -> cf.Future:  # type: ignore[override]
         return self._pool.schedule(fn, args=args, kwargs=kwargs, timeout=self.timeout)
@@ -132,6 +193,7 @@ class WorkerPool(cf.Executor):
         else:
             self._pool.close()
         self._pool.join()
+        self._listener.stop()
 
 
 def failure_of(exc: BaseException, timeout_s: float | None) -> tuple[str, str]:
