@@ -133,6 +133,26 @@ def test_lesion_overlay_lies_where_the_lesion_is_on_the_side_labelled(tmp_path):
         assert _pixels(rgb_r, LESION_RGB, panel["box_px"]).mean(0)[0] < (x0 + x1) / 2  # now on the viewer's left
 
 
+def test_long_header_lines_shrink_to_fit_instead_of_being_clipped(tmp_path):
+    """A DICOM study's header (64-character UID, three roles, lesion) is wider than the picture at
+    the normal font: it is drawn smaller, and ends before the right edge (the fresh-user trial found
+    it cut off at "roles: T1 = series 106 (0.7")."""
+    from recnec_cli.qc.figures import BACKGROUND_RGB, HEADER_PX, stamp_result
+
+    ph = _phantom(tmp_path, "left")
+    uid = "2.25." + "1234567890" * 6
+    long1 = (f"recnec QC · study {uid} · patient 9f3c1a2b4d5e6f70 · roles: T1 = series 106 (0.71), "
+             "T2 = series 205 (0.95), T1ce = series 307 (0.90) · lesion 18.45 mL (auto)")
+    pic = render_study(_snapshot(ph), tmp_path / "long.png", header=[long1, "status OK: awaiting inference"],
+                       name="long")
+    stamp_result(pic.path, "p(recurrence) 0.604 · ensemble spread 0.210 · label recurrence at threshold 0.519 "
+                 "· research use only · " + "x" * 80)
+    band = read_rgb(pic.path)[:HEADER_PX]
+    text_cols = np.where(np.any(np.abs(band.astype(int) - np.asarray(BACKGROUND_RGB)).sum(-1) > 60, axis=0))[0]
+    assert text_cols.size and text_cols.max() < band.shape[1] - 8, (text_cols.max(), band.shape[1])
+    assert text_cols.max() > band.shape[1] * 0.8  # still as wide as it can be: shrunk, not dropped
+
+
 def test_registration_picture_shows_a_shifted_t2(tmp_path):
     """T2 edges over the T1ce: aligned, they coincide with the T1's (orange); a T2 shifted 10 mm
     towards the patient's right on purpose draws its own contours 10 mm further to the viewer's

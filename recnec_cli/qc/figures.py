@@ -290,9 +290,10 @@ class _Canvas:
         self.rgb[y0:y0 + h, x0:x0 + w] = block
 
     def text(self, x: float, y: float, s: str, *, colour=TEXT_RGB, size: float = 9.0, ha: str = "left",
-             va: str = "center", weight: str = "normal") -> None:
+             va: str = "center", weight: str = "normal", fit_px: float | None = None) -> None:
+        """Queue a text item; with ``fit_px`` its font shrinks until it is at most that wide (pixels)."""
         self.texts.append((x, y, s, dict(color=tuple(c / 255.0 for c in colour), fontsize=size, ha=ha, va=va,
-                                         fontweight=weight, family="DejaVu Sans")))
+                                         fontweight=weight, family="DejaVu Sans", fit_px=fit_px)))
 
     def render(self) -> np.ndarray:
         """The final RGB image ``(H, W, 3)`` uint8: the pixels, then the text drawn over them."""
@@ -305,9 +306,15 @@ class _Canvas:
         fig = Figure(figsize=(self.w / DPI, self.h / DPI), dpi=DPI)
         fig.patch.set_facecolor(tuple(c / 255.0 for c in BACKGROUND_RGB))
         fig.figimage(self.rgb, xo=0, yo=0, origin="upper", resize=False)
-        for x, y, s, kw in self.texts:
-            fig.text(x / self.w, 1.0 - y / self.h, s, **kw)
         canvas = FigureCanvasAgg(fig)
+        for x, y, s, kw in self.texts:
+            kw = dict(kw)
+            fit = kw.pop("fit_px", None)
+            t = fig.text(x / self.w, 1.0 - y / self.h, s, **kw)
+            if fit:
+                width = t.get_window_extent(renderer=canvas.get_renderer()).width
+                if width > fit:  # long UIDs and role lists: a smaller font, never a clipped line
+                    t.set_fontsize(max(5.0, float(kw["fontsize"]) * fit / width * 0.97))
         canvas.draw()
         buf = np.asarray(canvas.buffer_rgba())
         return np.array(buf[:, :, :3])
@@ -448,7 +455,7 @@ def render_study(snap: StudySnapshot, path: Path, *, header: Sequence[str], name
     w, h = study_layout_size()
     c = _Canvas(w, h)
     for i, line in enumerate(list(header)[:2]):
-        c.text(10, 16 + 21 * i, line, size=9.5, weight="bold" if i == 0 else "normal")
+        c.text(10, 16 + 21 * i, line, size=9.5, weight="bold" if i == 0 else "normal", fit_px=w - 20)
     layout: dict[str, Any] = {
         "format": LAYOUT_FORMAT, "kind": "study", "name": name, "size_px": [w, h],
         "slice_ras_mm": [round(float(v), 3) for v in frame.point_mm],
@@ -577,7 +584,7 @@ def stamp_result(path: Path, line: str) -> None:
     h, w = rgb.shape[:2]
     c = _Canvas(w, h)
     c.rgb = rgb
-    c.text(10, 16 + 21, line, size=9.5)
+    c.text(10, 16 + 21, line, size=9.5, fit_px=w - 20)
     layout["header"] = (list(layout.get("header", []))[:1] or [""]) + [line]
     atomic_write_bytes(Path(path), _png_bytes(c.render(), layout))
 
@@ -619,7 +626,7 @@ def render_explanation(t1ce_box: np.ndarray, delta: np.ndarray, box_affine: np.n
     h = HEADER_PX + 2 * (PANEL_PX + GAP_PX) + FOOTER_PX
     c = _Canvas(w, h)
     for i, line in enumerate(list(header)[:2]):
-        c.text(10, 16 + 21 * i, line, size=9.5, weight="bold" if i == 0 else "normal")
+        c.text(10, 16 + 21 * i, line, size=9.5, weight="bold" if i == 0 else "normal", fit_px=w - 20)
     nz = t1ce_box[t1ce_box != 0]
     win = (float(np.percentile(nz, 1)), float(np.percentile(nz, 99.5))) if nz.size else (-1.0, 1.0)
     if not win[1] > win[0]:
