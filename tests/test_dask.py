@@ -58,14 +58,19 @@ def tree(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cluster():
     """2 worker processes with 1 thread each; a lost worker's task is retried once
-    (``allowed-failures`` 1, a scheduler setting), then ``KilledWorker``."""
-    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+    (``allowed-failures`` 1, a scheduler setting), then ``KilledWorker``.
+
+    ``lost-worker-timeout`` is raised for the module's whole life: ``LocalCluster`` closes a
+    nanny whose worker has been gone longer than that (15 s by default, read when the worker
+    leaves), and a worker restarted after a study's time limit can take longer than 15 s to
+    come back on 2 busy cores (CI, stop 14). ``dask worker`` nannies have no such timer."""
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1, "distributed.deploy.lost-worker-timeout": "600s"}):
         cl = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                                       silence_logs=logging.ERROR)
-    client = distributed.Client(cl, set_as_default=False)
-    yield cl, client
-    client.close()
-    cl.close()
+        client = distributed.Client(cl, set_as_default=False)
+        yield cl, client
+        client.close()
+        cl.close()
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -169,7 +174,7 @@ def test_a_hung_study_becomes_timeout_and_its_worker_is_restarted(tree, tmp_path
     assert rows["sub-01"]["status"] == "TIMEOUT" and "8 s" in rows["sub-01"]["error_message"]
     assert rows["sub-00"]["status"] == rows["sub-02"]["status"] == "OK"
     assert summary.exit_code == 1 and elapsed < 120
-    client.wait_for_workers(2, timeout=60)
+    client.wait_for_workers(2, timeout=180)
     deadline = time.monotonic() + 30  # the hung worker's process was replaced (the nanny restarts it)
     while set(client.run(os.getpid).values()) >= pids_before and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -178,7 +183,7 @@ def test_a_hung_study_becomes_timeout_and_its_worker_is_restarted(tree, tmp_path
 
 def test_gpu_tagged_worker_gets_the_studies_and_the_inference(tree, tmp_path, cluster):
     cl, client = cluster
-    client.wait_for_workers(2, timeout=60)
+    client.wait_for_workers(2, timeout=180)
     gpu, cpu = sorted(client.scheduler_info(n_workers=-1)["workers"])[:2]
 
     async def tag(dask_worker, amount):  # as if it had been started with --resources GPU=1
