@@ -8,6 +8,7 @@ it. No setting triggers network access: recnec is offline by design.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -111,6 +112,10 @@ class Settings:
         if self.scheduler and self.scheduler_file is not None:
             raise UsageError("give --scheduler (RECNEC_SCHEDULER) or --scheduler-file (RECNEC_SCHEDULER_FILE), "
                              "not both")
+        if self.scheduler and not _SCHEDULER_ADDRESS.fullmatch(self.scheduler.strip()):
+            ex = "RECNEC_SCHEDULER (environment)" if self.sources.get("scheduler") == "env" else "--scheduler"
+            raise UsageError(f"{ex} must be a Dask scheduler address with its port, e.g. tcp://HOST:8786 "
+                             f"(`dask scheduler` prints it), got {self.scheduler!r}")
         if self.dask_resources and not self.uses_cluster:
             raise UsageError("--dask-resources / RECNEC_DASK_RESOURCES only apply to a Dask cluster: give "
                              "--scheduler or --scheduler-file as well")
@@ -118,6 +123,11 @@ class Settings:
         if not (0.3 <= self.grid_spacing_mm <= 3.0):
             raise UsageError(f"grid spacing must be within 0.3-3.0 mm, got {self.grid_spacing_mm}")
         return self
+
+
+#: a Dask scheduler address: optional protocol, host (name, IPv4 or [IPv6]) and a port
+#: (https://distributed.dask.org/en/stable/api.html#distributed.Client); inproc:// addresses as they are
+_SCHEDULER_ADDRESS = re.compile(r"inproc://\S+|((tcp|tls|ucx|ws|wss)://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):[0-9]{1,5}")
 
 
 def parse_resources(text: str) -> dict[str, float]:

@@ -272,7 +272,27 @@ def test_missing_extra_names_it_whichever_way_the_scheduler_arrives(tree, tmp_pa
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2, res.output
     assert "pip install 'recnec[distributed]'" in res.output
+    assert "RECNEC_SCHEDULER" in " ".join(res.output.split())  # a cron user set the variable, not the option
     assert not (tmp_path / "r.csv").exists()
+
+
+@pytest.mark.parametrize("how", ["cli", "env"])
+@pytest.mark.parametrize("address", ["127.0.0.1", "tcp://sched.example.org", "tcp://h:port"])
+def test_a_scheduler_address_without_a_port_is_a_usage_error(tree, tmp_path, monkeypatch, how, address):
+    from typer.testing import CliRunner
+
+    from recnec_cli.cli.main import app
+
+    args = ["scan", str(tree), "--out", str(tmp_path / "r.csv")]
+    if how == "cli":
+        args += ["--scheduler", address]
+    else:
+        monkeypatch.setenv("RECNEC_SCHEDULER", address)
+    res = CliRunner().invoke(app, args)
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2, res.output
+    assert "tcp://HOST:8786" in out and ("RECNEC_SCHEDULER (environment)" in out) == (how == "env")
+    assert not list(tmp_path.iterdir())  # refused before any report, log or state file
 
 
 @pytest.mark.parametrize("settings, needle", [

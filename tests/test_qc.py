@@ -308,10 +308,17 @@ def test_failed_studies_get_what_their_stages_allow(qc_scan):
     assert rows["sub-03"]["qc_png"] == ""  # failed at classification: no pixels to show
 
 
+def test_index_heading_counts_studies_in_english(tmp_path):
+    one = write_index(tmp_path / "one", [{"study_id": "sub-a", "status": "OK"}]).read_text(encoding="utf-8")
+    two = write_index(tmp_path / "two", [{"study_id": "sub-a", "status": "OK"},
+                                         {"study_id": "sub-b", "status": "OK"}]).read_text(encoding="utf-8")
+    assert "QC overview of 1 study</h1>" in one and "QC overview of 2 studies</h1>" in two
+
+
 def test_index_lists_every_study_from_the_state(qc_scan):
     qc = qc_scan.qc
     html = (qc / "index.html").read_text(encoding="utf-8")
-    assert html.count('<tr class="study') == 4 and DISCLAIMER in html
+    assert html.count('<tr class="study') == 4 and DISCLAIMER in html and "of 4 studies" in html
     assert "REGISTRATION_FAILED" in html and "MISSING_ROLE" in html and "no picture" in html
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)  # nothing from outside
     for ref in re.findall(r'(?:src|href)="([^"#]+)"', html):

@@ -39,7 +39,8 @@ def require_distributed() -> None:
     import importlib.util
 
     if importlib.util.find_spec("distributed") is None:
-        raise EnvironmentBroken(f"--scheduler / --scheduler-file need Dask's distributed package, which is not "
+        raise EnvironmentBroken(f"--scheduler / --scheduler-file (RECNEC_SCHEDULER / RECNEC_SCHEDULER_FILE) need "
+                                f"Dask's distributed package, which is not "
                                 f"installed: {EXTRA_HINT}", code="DISTRIBUTED_MISSING")
 
 
