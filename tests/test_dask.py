@@ -119,6 +119,9 @@ def test_cluster_scan_gives_the_rows_of_a_local_scan(tree, tmp_path, cluster, mo
     # the worker's own log line for the failed study reached this process's log, marked by worker
     worker_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[worker tcp://")]
     assert any("sub-03" in m and "MISSING_ROLE" in m for m in worker_lines), worker_lines[-5:]
+    # a NIfTI study's MISSING_ROLE names its own image files, in the row and at INFO (README "Outputs")
+    missing = next(r for r in b if r["study_id"] == "sub-03")["error_message"]
+    assert "sub-03_T1w.nii.gz=T1" in missing and any("sub-03_T1w.nii.gz" in m for m in worker_lines)
 
 
 def test_a_worker_killed_mid_study_is_retried_and_every_study_is_reported_once(tree, tmp_path, cluster):
