@@ -119,9 +119,9 @@ def test_cluster_scan_gives_the_rows_of_a_local_scan(tree, tmp_path, cluster, mo
     # the worker's own log line for the failed study reached this process's log, marked by worker
     worker_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[worker tcp://")]
     assert any("sub-03" in m and "MISSING_ROLE" in m for m in worker_lines), worker_lines[-5:]
-    # a NIfTI study's MISSING_ROLE names its own image files, in the row and at INFO (README "Outputs")
+    # a NIfTI study's MISSING_ROLE names its own image files in the row (README "Outputs")
     missing = next(r for r in b if r["study_id"] == "sub-03")["error_message"]
-    assert "sub-03_T1w.nii.gz=T1" in missing and any("sub-03_T1w.nii.gz" in m for m in worker_lines)
+    assert "sub-03_T1w.nii.gz=T1" in missing and "sub-03_ce-gadolinium_T1w.nii.gz=T1ce" in missing
 
 
 def test_a_worker_killed_mid_study_is_retried_and_every_study_is_reported_once(tree, tmp_path, cluster):
@@ -168,7 +168,9 @@ def test_a_study_that_kills_every_worker_becomes_worker_died(tree, tmp_path, clu
 def test_a_hung_study_becomes_timeout_and_its_worker_is_restarted(tree, tmp_path, cluster):
     cl, client = cluster
     studies = _copy(tree, tmp_path / "studies", {"sub-01": (phantoms.HANG_FLAG, "")})
+    client.wait_for_workers(2, timeout=180)  # the previous test's killed worker may still be coming back
     pids_before = set(client.run(os.getpid).values())
+    assert len(pids_before) == 2
     t0 = time.perf_counter()
     summary = scan(studies, out=tmp_path / "r.csv", settings=_settings(cl, study_timeout_s=8), handle_signals=False,
                    worker_hooks=HOOKS)
