@@ -13,17 +13,22 @@ Studies (one run):
 - the real TCGA-FG-6692 glioma (T1, T2, T1ce, FLAIR NIfTI) from ``$RECNEC_SHARED_DATA/real``
   when present (``--no-real`` leaves it out). It is reported as it is, not a goal.
 
-Variants, each applied with SimpleITK to a copy of every series of the study (same rigid motion
-for all series, as if the head had moved between two sessions), on the series' own grid, linear
-interpolation, 0 outside:
+Variants, each applied with SimpleITK to a copy of every series of the study, on the series' own
+grid, linear interpolation, 0 outside. Shift and rotation are the same rigid motion for all series
+(centre: the T1ce's image centre), as if the head had moved between two sessions:
 
 - ``shift3mm``: content translated 3 mm along world x (LPS, i.e. left-right);
 - ``rot5deg``: content rotated 5 degrees about the world z axis through the image centre;
 - ``t2x1.5``: the T2 series' intensities x 1.5 (a different scanner gain; nothing else changed);
 - ``noise3pct``: Gaussian noise, SD = 3 % of the median of the head (Otsu foreground) of each
   series, fixed seed;
-- ``mirrorLR``: every series flipped along its voxel axis closest to world x (the lesion moves to
-  the other hemisphere; the anatomy is nearly symmetric).
+- ``mirrorLR``: every series flipped along its voxel axis closest to world x, about its own grid
+  centre (not a rigid motion; series with different fields of view are mirrored about different
+  planes, which the scan's registration then has to absorb). The lesion moves to the other
+  hemisphere; the anatomy is nearly symmetric.
+
+A variant whose scan fails (status not OK) is counted separately and printed; it is never taken
+for a stable result.
 
 Goal (issue 12): max |Δp| <= 0.05 and no label flips on the synthetic studies.
 
@@ -176,6 +181,7 @@ def main() -> None:
         print(hdr)
         print("-" * len(hdr))
         worst = {"synthetic": [0.0, 0], "real": [0.0, 0]}
+        failed = {"synthetic": 0, "real": 0}
         for base, kind in bases.items():
             ref = rows.get(f"{base}{SEP}original", {})
             p0 = f(ref, "p_recurrence")
@@ -190,6 +196,8 @@ def main() -> None:
                 moved = float(np.linalg.norm(c - c0))
                 flip = bool(r.get("label") and ref.get("label") and r.get("label") != ref.get("label"))
                 group = "real" if kind.startswith("real") else "synthetic"
+                if variant != "original" and r.get("status") != "OK":
+                    failed[group] += 1
                 if variant != "original" and not math.isnan(dp):
                     worst[group][0] = max(worst[group][0], dp)
                     worst[group][1] += int(flip)
@@ -204,11 +212,11 @@ def main() -> None:
         for group, (mx, flips) in worst.items():
             if any((k.startswith("real") if group == "real" else not k.startswith("real")) for k in bases.values()):
                 goal = " (goal <= 0.05, 0 flips)" if group == "synthetic" else " (reported as it is)"
-                print(f"{group}: max |dp| {mx:.3f}, label flips {flips}{goal}")
+                print(f"{group}: max |dp| {mx:.3f}, label flips {flips}, failed scans {failed[group]}{goal}")
         if args.json:
             args.json.write_text(json.dumps({"seed": args.seed, "n": args.n, "wall_s": wall, "rows": results,
                                              "max_abs_dp": {g: v[0] for g, v in worst.items()},
-                                             "flips": {g: v[1] for g, v in worst.items()}}, indent=1))
+                                             "flips": {g: v[1] for g, v in worst.items()}, "failed": failed}, indent=1))
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ class Settings:
         if self.scheduler and self.scheduler_file is not None:
             raise UsageError("give --scheduler (RECNEC_SCHEDULER) or --scheduler-file (RECNEC_SCHEDULER_FILE), "
                              "not both")
-        if self.scheduler and not _SCHEDULER_ADDRESS.fullmatch(self.scheduler.strip()):
+        if self.scheduler and not _valid_scheduler_address(self.scheduler):
             ex = "RECNEC_SCHEDULER (environment)" if self.sources.get("scheduler") == "env" else "--scheduler"
             raise UsageError(f"{ex} must be a Dask scheduler address with its port, e.g. tcp://HOST:8786 "
                              f"(`dask scheduler` prints it), got {self.scheduler!r}")
@@ -128,6 +128,13 @@ class Settings:
 #: a Dask scheduler address: optional protocol, host (name, IPv4 or [IPv6]) and a port
 #: (https://distributed.dask.org/en/stable/api.html#distributed.Client); inproc:// addresses as they are
 _SCHEDULER_ADDRESS = re.compile(r"inproc://\S+|((tcp|tls|ucx|ws|wss)://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):[0-9]{1,5}")
+
+
+def _valid_scheduler_address(text: str) -> bool:
+    """``text`` matches :data:`_SCHEDULER_ADDRESS` exactly (no surrounding blanks) with a port 1-65535."""
+    if not _SCHEDULER_ADDRESS.fullmatch(text):
+        return False
+    return text.startswith("inproc://") or 1 <= int(text.rpartition(":")[2]) <= 65535
 
 
 def parse_resources(text: str) -> dict[str, float]:

@@ -282,7 +282,8 @@ def test_missing_extra_names_it_whichever_way_the_scheduler_arrives(tree, tmp_pa
 
 
 @pytest.mark.parametrize("how", ["cli", "env"])
-@pytest.mark.parametrize("address", ["127.0.0.1", "tcp://sched.example.org", "tcp://h:port"])
+@pytest.mark.parametrize("address", ["127.0.0.1", "tcp://sched.example.org", "tcp://h:port", "tcp://h:99999",
+                                     "tcp://h:8786 "])
 def test_a_scheduler_address_without_a_port_is_a_usage_error(tree, tmp_path, monkeypatch, how, address):
     from typer.testing import CliRunner
 
