@@ -145,11 +145,9 @@ def main() -> None:
         bases: dict[str, str] = {}
         if args.n:
             info = write_cohort(tmp / "syn", n=args.n, seed=args.seed, fmt="nifti")
-            labels = dict(line.split(",") for line in (tmp / "syn" / "labels.csv").read_text().split()[1:])
-            for d in sorted(p for p in (tmp / "syn").iterdir() if p.is_dir() and p.name != "masks"):
-                write_variants(d, studies, d.name)
-                bases[d.name] = f"synthetic ({labels.get(d.name, '?')})"
-            del info
+            for sid, label in zip(info.study_ids, info.labels):
+                write_variants(tmp / "syn" / sid, studies, sid)
+                bases[sid] = f"synthetic ({label})"
         tcga = shared_real() / "nifti_tcga_fg_6692_lgg_siemens"
         if not args.no_real and tcga.is_dir():
             write_variants(tcga, studies, "TCGA-FG-6692")
@@ -163,10 +161,7 @@ def main() -> None:
         t0 = time.perf_counter()
         summary = scan(studies, out=tmp / "report.csv", settings=settings, handle_signals=False, force=True)
         wall = time.perf_counter() - t0
-        rows = {}
-        for r in summary.rows:
-            sid = Path(str(r.get("study_id") or r.get("location"))).name
-            rows[sid] = r
+        rows = {r["study_id"]: r for r in summary.rows}  # NIfTI study id = the folder name
 
         def f(r, k):
             try:
