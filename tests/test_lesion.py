@@ -46,6 +46,54 @@ def test_rim_lesion_is_filled():
     assert out.volume_ml == pytest.approx(outer.sum() / 1000, rel=0.25)
 
 
+def test_fragmented_rim_is_one_lesion():
+    """A rim-enhancing lesion broken into pieces (as on thick slices) is one lesion, not the
+    largest fragment (the BraTS metastasis of issue 12: 0.34 mL of a larger lesion)."""
+    t1, t1ce, brain, aff, idx = _head(4)
+    outer, inner = _ball(idx, (60, 55, 45), 11), _ball(idx, (60, 55, 45), 8)
+    rim = outer & ~inner
+    ii, jj, kk = idx
+    gaps = (ii == 60) | (jj == 55) | (kk == 45)  # 1 mm cuts (2-3 mm after the detector's opening)
+    t1ce[rim & ~gaps] += 70
+    pieces = ndimage.label(rim & ~gaps, ndimage.generate_binary_structure(3, 3))[1]
+    assert pieces == 8  # the cuts leave 8 separate pieces
+    out = lesion.detect_enhancing_lesion(t1ce, brain, aff, t1=t1)
+    assert (out.mask & outer).sum() >= 0.75 * outer.sum()  # rim and core, though open at the poles
+    assert (out.mask & ~outer).sum() <= 0.05 * outer.sum()
+    np.testing.assert_allclose(out.centroid_ras_mm, (aff @ np.array([60, 55, 45, 1.0]))[:3], atol=1.5)
+
+
+def _with_t2(t1, brain, idx, rng):
+    """T2 of the phantom head: parenchyma ~100, plus the requested bright regions."""
+    return (rng.normal(100, 4, t1.shape) * brain).astype(np.float32)
+
+
+def test_t2_evidence_prefers_the_lesion_with_oedema_over_enhancing_choroid_plexus():
+    """Two enhancing blobs: a larger one in a pool of CSF (T2 bright, T1 dark: the choroid plexus
+    in a ventricle) and a smaller one in T2-hyperintense, T1-isointense-to-mildly-dark parenchyma
+    (oedema). With the T2 the lesion is chosen; without it, the larger blob is."""
+    rng = np.random.default_rng(5)
+    t1, t1ce, brain, aff, idx = _head(5)
+    t2 = _with_t2(t1, brain, idx, rng)
+    plexus_c, lesion_c = (65, 55, 45), (30, 60, 50)
+    csf = _ball(idx, plexus_c, 12) & ~_ball(idx, plexus_c, 7)
+    t1[csf] -= 60
+    t1ce[csf] -= 60
+    t2[csf] += 120
+    t1ce[_ball(idx, plexus_c, 7)] += 70
+    oedema = _ball(idx, lesion_c, 13) & ~_ball(idx, lesion_c, 5)
+    t2[oedema] += 40
+    t1[oedema] -= 5
+    t1ce[oedema] -= 5
+    t1ce[_ball(idx, lesion_c, 5)] += 70
+    truth = (aff @ np.array([*lesion_c, 1.0]))[:3]
+    with_t2 = lesion.detect_enhancing_lesion(t1ce, brain, aff, t1=t1, t2=t2)
+    assert np.linalg.norm(with_t2.centroid_ras_mm - truth) < 1.5
+    assert with_t2.oedema_fraction > 0.5 and with_t2.csf_fraction < 0.3
+    without = lesion.detect_enhancing_lesion(t1ce, brain, aff, t1=t1)
+    assert np.linalg.norm(without.centroid_ras_mm - (aff @ np.array([*plexus_c, 1.0]))[:3]) < 1.5
+
+
 def test_no_enhancement_is_a_lesion_error():
     t1, t1ce, brain, aff, _ = _head(2)
     with pytest.raises(LesionError) as ei:

@@ -53,7 +53,7 @@ def quick_weights(cohort: Path, tmp_path_factory) -> Path:
 def test_quick_training_writes_verified_ensemble(quick_weights: Path, cohort: Path) -> None:
     m = json.loads((quick_weights / "manifest.json").read_text())
     assert {p.name for p in quick_weights.iterdir()} == {
-        "fold0.onnx", "fold1.onnx", "roc.png", "calibration.png", "epochs.csv", "manifest.json"}
+        "fold0.onnx", "fold1.onnx", "roc.png", "calibration.png", "epochs.csv", "oof.csv", "manifest.json"}
     for name, digest in m["files"].items():
         assert sha256_file(quick_weights / name) == digest
     assert m["input"]["shape"] == [3, 40, 40, 40] and m["input"]["channels"] == ["T1", "T2", "T1ce"]
@@ -69,6 +69,19 @@ def test_quick_training_writes_verified_ensemble(quick_weights: Path, cohort: Pa
     assert m["command"].startswith("recnec train") and "--quick" in m["command"]
     assert {"torch", "monai", "onnxruntime", "numpy"} <= set(m["libraries"])
     assert m["ensemble_mb"] < 40
+    # calibration (Platt on the out-of-fold scores) and applicability (training feature distribution)
+    cal, app = m["calibration"], m["applicability"]
+    assert cal["method"] in ("platt", "identity") and 0.0 < cal["threshold"] < 1.0
+    assert len(app["features"]) == 16 and len(app["precision"]) == 16 and app["threshold"] > 0
+    oof = (quick_weights / "oof.csv").read_text().splitlines()
+    assert oof[0] == "study_id,label,fold,p_raw,p_calibrated,applicability_distance" and len(oof) == 1 + N_TINY
+    rows = [line.split(",") for line in oof[1:]]
+    assert {r[2] for r in rows} == {"0", "1"}  # every study is out-of-fold in exactly one fold
+    # the out-of-fold AUC in the manifest is recomputed from oof.csv's raw scores
+    from sklearn.metrics import roc_auc_score
+
+    y = [r[1] == "recurrence" for r in rows]
+    assert roc_auc_score(y, [float(r[3]) for r in rows]) == pytest.approx(cv["auc"], abs=1e-5)
     log_lines = (quick_weights / "epochs.csv").read_text().splitlines()
     assert log_lines[0].startswith("fold,epoch,train_loss,val_loss,val_auc") and len(log_lines) == 1 + 2 * 2
 
@@ -135,12 +148,19 @@ def test_evaluate_writes_metrics(quick_weights: Path, cohort: Path, tmp_path: Pa
     assert m["data"]["same_as_training_data"] is True
     assert len(m["predictions"]) == N_TINY
     # the figures are scikit-learn's on the file's own predictions at the manifest threshold
-    threshold = json.loads((quick_weights / "manifest.json").read_text())["threshold"]
-    assert m["threshold"] == threshold
+    # (calibrated probabilities and the threshold mapped with them; labels from the raw mean at the
+    # manifest's raw threshold are the same)
+    manifest = json.loads((quick_weights / "manifest.json").read_text())
+    threshold = manifest["calibration"]["threshold"]
+    assert m["threshold"] == pytest.approx(threshold, abs=1e-12)
     y = np.array([r["label"] == "recurrence" for r in m["predictions"]], dtype=int)
     p = np.array([r["probability"] for r in m["predictions"]])
+    raw = np.array([r["probability_raw"] for r in m["predictions"]])
     assert [r["predicted"] for r in m["predictions"]] == [
-        "recurrence" if v >= threshold else "necrosis" for v in p]
+        "recurrence" if v >= manifest["threshold"] else "necrosis" for v in raw]
+    assert np.array_equal(p >= threshold, raw >= manifest["threshold"])
+    assert m["applicability"]["available"] is True
+    assert m["applicability"]["n_out_of_distribution"] == sum(r["out_of_distribution"] for r in m["predictions"])
     _assert_metrics_match(m, _sklearn_metrics(y, p, threshold))
     assert (tmp_path / "metrics.roc.png").is_file()
     cal = m["calibration"]  # the reliability diagram's bins hold every study once

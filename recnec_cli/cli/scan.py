@@ -224,7 +224,8 @@ def _print_table(rows) -> None:  # noqa: ANN001
     from rich.table import Table
 
     table = Table(title="recnec scan (research use only; synthetic-cohort weights, not clinically validated)")
-    for col in ("study", "status", "p_recurrence", "spread", "label", "lesion mL", "lesion src", "seconds", "run"):
+    for col in ("study", "status", "p_recurrence", "spread", "label", "applicability", "lesion mL", "lesion src",
+                "seconds", "run"):
         table.add_column(col, overflow="fold")
     for row in rows:
         msg = str(row["error_message"])
@@ -235,6 +236,7 @@ def _print_table(rows) -> None:  # noqa: ANN001
             status += " (no longer in the tree)"
         sid = str(row["study_id"])
         table.add_row(sid if len(sid) <= 32 else "..." + sid[-29:], status, str(row["p_recurrence"]),
-                      str(row["ensemble_spread"]), str(row["label"]), str(row["lesion_volume_ml"]),
+                      str(row["ensemble_spread"]), str(row["label"]), str(row.get("applicability", "")),
+                      str(row["lesion_volume_ml"]),
                       str(row["lesion_source"]), str(row["seconds_total"]), str(row.get("run_id", ""))[:16])
     results_console().print(table)

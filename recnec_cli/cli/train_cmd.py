@@ -222,6 +222,15 @@ def _print_train_summary(manifest: dict, out: Path) -> None:
     for k in ("auc", "sensitivity", "specificity", "accuracy"):
         t.add_row(k, _fmt_ci(m, k))
     t.add_row("threshold", f"{manifest['threshold']:.4f} ({manifest['threshold_selection']['method']})")
+    cal = manifest.get("calibration")
+    if cal:
+        t.add_row("calibration", f"Platt a={cal['a']:.3f} b={cal['b']:.3f}; out-of-fold ECE "
+                  f"{cal['oof_ece_before']:.3f} -> {cal['oof_ece_after']:.3f}; threshold {cal['threshold']:.4f} "
+                  "on the calibrated scale")
+    app = manifest.get("applicability")
+    if app:
+        t.add_row("applicability", f"OUT_OF_DISTRIBUTION beyond distance {app['threshold']:.2f} "
+                  f"({app['cv_flag_rate']:.1%} of training studies, cross-validated)")
     t.add_row("studies", f"{m['n']} ({m['n_recurrence']} recurrence / {m['n_necrosis']} necrosis)")
     t.add_row("ensemble", f"{len(manifest['models'])} x {manifest['models'][0]['arch']}, "
               f"{manifest['ensemble_mb']:.1f} MB, ONNX max |diff| {manifest['onnx']['max_abs_diff_vs_torch']:.2g}")

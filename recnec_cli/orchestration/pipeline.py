@@ -140,9 +140,15 @@ class StudyResult:
     failed_stage: str = ""
     assignment: RoleAssignment | None = None
     preprocessed: Preprocessed | None = None
+    #: calibrated probability of recurrence (the reported one); ``probability_raw`` before calibration
     probability: float | None = None
+    probability_raw: float | None = None
     spread: float | None = None
     label: str = ""
+    #: applicability distance to the training inputs (NaN: weights without an applicability model)
+    #: and whether it is beyond the manifest threshold (:mod:`recnec_cli.stages.applicability`)
+    applicability_distance: float | None = None
+    out_of_distribution: bool = False
     timings: dict[str, float] = field(default_factory=dict)
     #: QC pictures (``--qc``): ``name`` (file stem), ``png``, ``thumb``, ``explain`` (file names in the QC folder)
     qc: dict[str, str] = field(default_factory=dict)
@@ -283,6 +289,7 @@ def preprocess_study(study: Study, *, settings: Settings, resources: Resources,
             else:
                 les = lesion.detect_enhancing_lesion(
                     on_grid[SeriesRole.T1CE], brain, grid_aff, t1=on_grid[SeriesRole.T1],
+                    t2=on_grid[SeriesRole.T2],
                     min_volume_ml=settings.lesion_min_volume_ml)
             if qc is not None:
                 qc.lesion, qc.lesion_centroid_ras_mm = les.mask, tuple(float(v) for v in les.centroid_ras_mm)
@@ -500,7 +507,7 @@ def finish_qc(r: StudyResult, *, ensemble: Any, settings: Settings) -> None:
     if settings.qc_dir is None:
         return
     qc_dir = Path(settings.qc_dir)
-    threshold = float(ensemble.threshold) if ensemble is not None else None
+    threshold = _report_threshold(ensemble)
     t_start = t0 = time.perf_counter()
     try:
         if r.qc.get("png"):
@@ -544,9 +551,19 @@ def _draw_explanation(r: StudyResult, *, ensemble: Any, settings: Settings, thre
     r.qc["explain"] = path.name
 
 
+def _report_threshold(ensemble: Any) -> float | None:
+    """The ensemble's threshold on the reported (calibrated) probability, or ``None``."""
+    if ensemble is None:
+        return None
+    return float(getattr(ensemble, "report_threshold", ensemble.threshold))
+
+
 def infer_batch(ready: Sequence[StudyResult], *, ensemble: Any) -> None:
     """Run the ensemble once on the model inputs of ``ready`` (preprocessed, OK results) and fill
-    in ``probability``, ``spread``, ``label`` and ``timings["infer"]`` / ``timings["total"]``.
+    in ``probability`` (calibrated), ``probability_raw``, ``spread``, ``label``,
+    ``applicability_distance`` / ``out_of_distribution`` and ``timings["infer"]`` /
+    ``timings["total"]``. The label compares the raw ensemble mean with the manifest threshold
+    (the calibration map is increasing, so the calibrated probability and threshold agree).
 
     ``ensemble.predict`` takes float32 ``(N, C, X, Y, Z)``; batched and one-by-one results agree
     within 1e-5 (``tests/test_infer.py``). An inference error fails every study of the batch with
@@ -569,10 +586,18 @@ def infer_batch(ready: Sequence[StudyResult], *, ensemble: Any) -> None:
     else:
         per = (time.perf_counter() - t0) / len(ready)
         thr = float(ensemble.threshold)
+        calibrated = pred.probability if getattr(pred, "probability", None) is not None else pred.mean
         for i, r in enumerate(ready):
-            r.probability = float(pred.mean[i])
+            r.probability_raw = float(pred.mean[i])
+            r.probability = float(calibrated[i])
             r.spread = float(pred.spread[i])
-            r.label = "recurrence" if r.probability >= thr else "necrosis"
+            r.label = "recurrence" if r.probability_raw >= thr else "necrosis"
+            if getattr(pred, "distance", None) is not None:
+                r.applicability_distance = float(pred.distance[i])
+                r.out_of_distribution = bool(pred.out_of_distribution[i])
+                if r.out_of_distribution:
+                    log.info("study %s: applicability distance %.1f is beyond the training data's "
+                             "threshold: flagged OUT_OF_DISTRIBUTION", study_key(r.study), r.applicability_distance)
             r.timings["infer"] = per
     for r in ready:
         r.timings["total"] = sum(v for k, v in r.timings.items() if k != "total")

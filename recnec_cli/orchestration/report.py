@@ -13,9 +13,13 @@ with ``--dicom-locations``, since export folder names may hold patient names), `
 separated), ``flags``, ``lesion_source`` (``mask`` or ``auto``), ``lesion_r_mm`` /
 ``lesion_a_mm`` / ``lesion_s_mm`` (centroid, world RAS+), ``lesion_volume_ml``,
 ``brain_volume_ml``, ``t1_reg_translation_mm`` ... (rigid offsets onto the T1ce),
-``p_recurrence`` (ensemble mean probability of recurrence), ``ensemble_spread`` (standard
-deviation across the fold models), ``label`` (``recurrence`` if ``p_recurrence >= threshold``
-else ``necrosis``), ``threshold``, ``model_version``, ``seconds_<stage>`` (and ``seconds_qc`` /
+``p_recurrence`` (calibrated probability of recurrence: the ensemble mean through the
+manifest's Platt map, :mod:`recnec_cli.stages.calibration`), ``p_recurrence_raw`` (the ensemble
+mean before calibration), ``ensemble_spread`` (standard deviation across the fold models, raw
+scale), ``label`` (``recurrence`` if ``p_recurrence >= threshold`` else ``necrosis``),
+``threshold`` (on the calibrated scale), ``applicability`` (``in_distribution``,
+``OUT_OF_DISTRIBUTION`` (also in ``flags``) or ``unknown`` for weights without an applicability
+model) and ``applicability_distance`` (:mod:`recnec_cli.stages.applicability`), ``model_version``, ``seconds_<stage>`` (and ``seconds_qc`` /
 ``seconds_explain`` for the QC pictures), ``seconds_total``, ``qc_png`` / ``explain_png`` (file
 names in the ``--qc`` folder) and ``disclaimer`` (research use only, synthetic-cohort weights, not
 clinically validated).
@@ -34,7 +38,8 @@ from typing import Any, Iterable, Sequence
 
 from .. import DISCLAIMER
 from ..provenance import SCAN_DISTRIBUTIONS, library_versions
-from .pipeline import STAGES, StudyResult
+from ..stages.applicability import OOD_FLAG
+from .pipeline import STAGES, StudyResult, _report_threshold
 from ..study import SeriesRole
 
 ROLE_PREFIX = {SeriesRole.T1: "t1", SeriesRole.T2: "t2", SeriesRole.T1CE: "t1ce"}
@@ -48,7 +53,8 @@ COLUMNS = (
     + ["flags", "lesion_source", "lesion_r_mm", "lesion_a_mm", "lesion_s_mm", "lesion_volume_ml",
        "brain_volume_ml"]
     + [f"{p}_reg_{k}" for p in ("t1", "t2") for k in ("translation_mm", "rotation_deg")]
-    + ["p_recurrence", "ensemble_spread", "label", "threshold", "model_version"]
+    + ["p_recurrence", "p_recurrence_raw", "ensemble_spread", "label", "threshold", "applicability",
+       "applicability_distance", "model_version"]
     + [f"seconds_{s}" for s in (*STAGES, *QC_TIMINGS)]
     + ["seconds_total", "qc_png", "explain_png", "run_id", "processed_utc", "present_in_tree", "disclaimer"]
 )
@@ -98,8 +104,17 @@ def result_row(r: StudyResult, *, threshold: float | None, model_version: str,
     if r.probability is not None:
         row["p_recurrence"] = _r(r.probability, 6)
         row["ensemble_spread"] = _r(r.spread, 6)
+        row["p_recurrence_raw"] = _r(r.probability_raw, 6)
         row["label"] = r.label
         row["threshold"] = _r(threshold, 6)
+        d = r.applicability_distance
+        if d is None or d != d:  # None or NaN: these weights have no applicability model
+            row["applicability"] = "unknown"
+        else:
+            row["applicability"] = OOD_FLAG if r.out_of_distribution else "in_distribution"
+            row["applicability_distance"] = round(d, 3)
+        if r.out_of_distribution:
+            row["flags"] = " ".join(f for f in (row["flags"], OOD_FLAG) if f)
         row["model_version"] = model_version
     for st in (*STAGES, *QC_TIMINGS):
         if st in r.timings:
@@ -175,7 +190,7 @@ def run_manifest(*, settings_dict: dict[str, Any], ensemble: Any, rows: Iterable
         "status_counts": statuses,
         "execution_provider": getattr(ensemble, "provider", None),
         "model_version": getattr(ensemble, "model_version", None),
-        "threshold": getattr(ensemble, "threshold", None),
+        "threshold": _report_threshold(ensemble),
         "model_checksums": dict(getattr(ensemble, "checksums", {}) or {}),
         "pixel_decoders": dict(decoders or {}),
         "settings": settings_dict,

@@ -57,6 +57,12 @@ def _starts(n: int, patch: int, stride: int) -> list[int]:
     return s
 
 
+def _probability(pred: Any) -> np.ndarray:
+    """The reported (calibrated) probability of a prediction, or its raw ``mean``."""
+    p = getattr(pred, "probability", None)
+    return pred.mean if p is None else p
+
+
 def occlusion_sensitivity(ensemble: Any, x: np.ndarray, *, patch_vox: int | None = None,
                           stride_vox: int | None = None, fill: float = 0.0,
                           batch: int = BATCH) -> Occlusion:
@@ -66,7 +72,8 @@ def occlusion_sensitivity(ensemble: Any, x: np.ndarray, *, patch_vox: int | None
     ----------
     ensemble:
         Anything with ``predict(x (N, C, X, Y, Z) float32) -> .mean (N,)``, e.g.
-        :class:`recnec_cli.stages.infer.Ensemble`.
+        :class:`recnec_cli.stages.infer.Ensemble`; its calibrated ``.probability`` is used when
+        present, so the map is in the units of the report's ``p_recurrence``.
     x:
         float32 ``(C, X, Y, Z)``: one study's model input (channels T1, T2, T1ce; RAS+).
     patch_vox, stride_vox:
@@ -93,7 +100,7 @@ def occlusion_sensitivity(ensemble: Any, x: np.ndarray, *, patch_vox: int | None
     if patch < 1 or stride < 1:
         raise ValueError("patch_vox and stride_vox must be >= 1")
     t0 = time.perf_counter()
-    p0 = float(ensemble.predict(x[None]).mean[0])
+    p0 = float(_probability(ensemble.predict(x[None]))[0])
     spatial = x.shape[1:]
     cubes = [(i, j, k) for i in _starts(spatial[0], patch, stride) for j in _starts(spatial[1], patch, stride)
              for k in _starts(spatial[2], patch, stride)]
@@ -104,7 +111,7 @@ def occlusion_sensitivity(ensemble: Any, x: np.ndarray, *, patch_vox: int | None
         xs = np.repeat(x[None], len(chunk), axis=0)
         for n, (i, j, k) in enumerate(chunk):
             xs[n, :, i:i + patch, j:j + patch, k:k + patch] = fill
-        p = np.asarray(ensemble.predict(xs).mean, dtype=np.float64)
+        p = np.asarray(_probability(ensemble.predict(xs)), dtype=np.float64)
         for n, (i, j, k) in enumerate(chunk):
             acc[i:i + patch, j:j + patch, k:k + patch] += p0 - p[n]
             cnt[i:i + patch, j:j + patch, k:k + patch] += 1.0

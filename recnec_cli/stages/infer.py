@@ -8,6 +8,10 @@ manifest is the single source of truth for what the ensemble expects and what it
   order T1, T2, T1ce, 1.5 mm box, robust z-score in the brain);
 * ``threshold``: decision threshold on the mean probability of recurrence, chosen on
   out-of-fold predictions by ``recnec train``;
+* ``calibration``: the Platt map from that raw mean to the reported probability
+  (:mod:`recnec_cli.stages.calibration`; identity for weights trained before it existed);
+* ``applicability``: the training distribution of the input statistics, for the
+  ``OUT_OF_DISTRIBUTION`` flag (:mod:`recnec_cli.stages.applicability`; absent in older weights);
 * ``files``: SHA-256 of every shipped file; all are verified **before** any ONNX Runtime session
   is created (STYLE.md habit 5: weights verified before use);
 * ``models``: the ONNX files in ensemble order. Each graph takes ``input`` of shape
@@ -30,6 +34,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import EnvironmentBroken, InferenceError
+from .applicability import Applicability
+from .calibration import Calibration
 from .modelinput import InputSpec
 
 log = logging.getLogger(__name__)
@@ -221,18 +227,29 @@ class EnsemblePrediction:
     Attributes
     ----------
     mean:
-        float64 ``(N,)``: mean over models of the probability of recurrence (label 1). This is
-        the score compared with :attr:`Ensemble.threshold`.
+        float64 ``(N,)``: mean over models of the probability of recurrence (label 1), before
+        calibration. This is the score compared with :attr:`Ensemble.threshold`.
     spread:
         float64 ``(N,)``: population standard deviation (``ddof=0``) of the ``M`` model
         probabilities, a crude disagreement measure.
     per_model:
         float64 ``(M, N)``: each model's probability, in manifest order.
+    probability:
+        float64 ``(N,)``: ``mean`` through the manifest's calibration map: the reported
+        probability of recurrence (equal to ``mean`` for weights without calibration).
+    distance:
+        float64 ``(N,)``: applicability distance (Mahalanobis, unitless) to the training inputs;
+        NaN for weights without an applicability model.
+    out_of_distribution:
+        bool ``(N,)``: ``distance`` above the manifest's applicability threshold.
     """
 
     mean: np.ndarray
     spread: np.ndarray
     per_model: np.ndarray
+    probability: np.ndarray | None = None
+    distance: np.ndarray | None = None
+    out_of_distribution: np.ndarray | None = None
 
 
 @dataclass
@@ -244,8 +261,13 @@ class Ensemble:
     spec:
         The model-input recipe from the manifest (tensor ``(3, 40, 40, 40)``, T1, T2, T1ce).
     threshold:
-        Decision threshold on :attr:`EnsemblePrediction.mean`; ``mean >= threshold`` means
-        recurrence.
+        Decision threshold on :attr:`EnsemblePrediction.mean` (the raw score);
+        ``mean >= threshold`` means recurrence. :attr:`report_threshold` is the same threshold
+        on the calibrated probability.
+    calibration:
+        Raw score -> reported probability (strictly increasing; identity when the manifest has none).
+    applicability:
+        Training distribution of the input statistics, or ``None`` (older weights: no flag).
     model_version:
         Manifest ``model_version`` (goes into every report row).
     provider:
@@ -265,7 +287,14 @@ class Ensemble:
     checksums: dict[str, str]
     manifest: dict[str, Any]
     weights_dir: Path
+    calibration: Calibration = field(default_factory=Calibration)
+    applicability: Applicability | None = None
     _sessions: list[Any] = field(default_factory=list, repr=False)
+
+    @property
+    def report_threshold(self) -> float:
+        """The decision threshold on the calibrated probability (what reports print)."""
+        return float(self.calibration(np.array([self.threshold]))[0])
 
     @property
     def n_models(self) -> int:
@@ -305,6 +334,8 @@ class Ensemble:
             raise EnvironmentBroken(
                 f"manifest input/threshold unreadable: {exc}", code="WEIGHTS_MANIFEST_INVALID"
             ) from None
+        calibration = Calibration.from_manifest(manifest)
+        applicability = Applicability.from_manifest(manifest)
         ort = _import_ort()
         providers, cuda_required = resolve_providers(device, list(ort.get_available_providers()))
         # onnxruntime-gpu on a CPU-only host logs a CUDA load error at every session creation
@@ -335,8 +366,9 @@ class Ensemble:
         if providers[0] != "CPUExecutionProvider" and provider == "CPUExecutionProvider":
             log.warning("CUDA execution provider unavailable at run time; using the CPU")
         log.info(
-            "loaded %d-model ensemble %s from %s on %s (threshold %.4f)",
+            "loaded %d-model ensemble %s from %s on %s (threshold %.4f; calibration %s; applicability %s)",
             len(sessions), manifest.get("model_version", "?"), weights_dir, provider, threshold,
+            calibration.method, "on" if applicability is not None else "not in these weights",
         )
         return cls(
             spec=spec,
@@ -346,6 +378,8 @@ class Ensemble:
             checksums={k: str(v).lower() for k, v in manifest["files"].items()},
             manifest=manifest,
             weights_dir=weights_dir,
+            calibration=calibration,
+            applicability=applicability,
             _sessions=sessions,
         )
 
@@ -364,7 +398,8 @@ class Ensemble:
         Returns
         -------
         EnsemblePrediction
-            ``mean`` and ``spread`` of shape ``(N,)``, ``per_model`` of shape ``(M, N)``.
+            ``mean``, ``spread``, ``probability`` (calibrated), ``distance`` and
+            ``out_of_distribution`` of shape ``(N,)``, ``per_model`` of shape ``(M, N)``.
 
         Raises
         ------
@@ -400,10 +435,19 @@ class Ensemble:
                 per_model[mi, start:start + len(chunk)] = np.asarray(out, dtype=np.float64).reshape(-1)
         if not np.isfinite(per_model).all():
             raise InferenceError("ensemble returned non-finite probabilities", code="INFERENCE_FAILED")
+        mean = per_model.mean(axis=0) if n else np.zeros(0)
+        if self.applicability is not None and n:
+            distance = self.applicability.distance(x)
+            ood = distance > self.applicability.threshold
+        else:
+            distance, ood = np.full(n, np.nan), np.zeros(n, dtype=bool)
         return EnsemblePrediction(
-            mean=per_model.mean(axis=0) if n else np.zeros(0),
+            mean=mean,
             spread=per_model.std(axis=0) if n else np.zeros(0),
             per_model=per_model,
+            probability=self.calibration(mean),
+            distance=distance,
+            out_of_distribution=ood,
         )
 
 

@@ -11,12 +11,27 @@ Automatic detection (no mask given) looks for voxels that enhance after contrast
    subtraction maps"), here on rigidly co-registered, intensity-standardised images;
 3. the candidate map is opened with a 1-voxel ball (removes vessels thinner than ~2 mm) and the
    brain mask is eroded by 3 mm first so dura and scalp edges at the mask border do not count;
-4. connected components (26-connectivity); each is filled (so a necrotic rim and its core count as
-   one lesion) and scored by ``filled volume (mL) * roundness``, where roundness (``sqrt`` of the
-   smallest over the largest principal variance of the component's voxel positions) down-weights
-   the tubes and sheets that enhance normally (veins, dural sinuses, falx). Mean enhancement is
-   deliberately not in the score: venous blood in the sinuses enhances more than tumour does;
-   the best component is the lesion if its enhancing volume is at least ``min_volume_ml``.
+4. candidate voxels closer than :data:`MERGE_MM` (4 mm) belong to one lesion: a rim-enhancing
+   lesion falls apart into many fragments on thick slices, and without this the detector picks
+   one fragment (0.34 mL of a large metastasis, issue 12). Each group is closed and filled, in 3D
+   and plane by plane (so a necrotic rim and its core count as one lesion, also when the rim is
+   open at its poles);
+5. each group is scored by ``filled volume (mL) * roundness * evidence``. Roundness (``sqrt`` of
+   the smallest over the largest principal variance of the voxel positions) down-weights the
+   tubes and sheets that enhance normally (veins, dural sinuses, falx). Evidence is what a
+   radiologist looks at next, from the T2 when the study has one: the fraction of the
+   :data:`SHELL_MM` (6 mm) shell around the enhancing part that is T2-hyperintense parenchyma
+   (``z(T2) > 1`` and, with a T1, ``z(T1) > -2``: oedema or non-enhancing tumour), times one minus
+   the fraction that is CSF (``z(T2) > 1`` and ``z(T1) <= -2``): the choroid plexus, which
+   enhances normally, sits in ventricular CSF; a vessel has neither oedema nor a ball shape.
+   ``evidence = (EVIDENCE_FLOOR + oedema_fraction) * (1 - csf_fraction)``; without a T2 it is 1.
+   Mean enhancement is deliberately not in the score: venous blood in the sinuses enhances more
+   than tumour does. The best group is the lesion if its enhancing volume is at least
+   ``min_volume_ml``.
+
+Perilesional T2/FLAIR hyperintensity as the companion of enhancement: RANO criteria (Wen et al.
+2010, J Clin Oncol 28:1963) assess enhancing and non-enhancing (T2/FLAIR) disease together; the
+choroid plexus and dural sinuses are the normally enhancing structures named there as pitfalls.
 
 The lesion centroid is the centre of mass of the filled component, in world mm (RAS+); the
 reported volume is the filled volume in mL. No component -> :class:`LesionError`
@@ -42,6 +57,19 @@ log = logging.getLogger(__name__)
 ENHANCEMENT_Z = 3.0
 T1CE_Z = 2.0
 BORDER_EROSION_MM = 3.0
+#: enhancing voxels closer than this (mm) are one lesion (fragments of one rim; the 1-voxel
+#: opening widens every gap by up to 2 voxels)
+MERGE_MM = 4.0
+#: width of the shell around a candidate in which T2 evidence is measured (mm)
+SHELL_MM = 6.0
+#: T2 z-score above which shell voxels are hyperintense; T1 z-score at or below which they are CSF
+OEDEMA_T2_Z = 1.0
+CSF_T1_Z = -2.0
+#: evidence weight of a candidate with no T2-hyperintense shell at all (not 0: some recurrences
+#: have little oedema, and the T2 may be poorly registered)
+EVIDENCE_FLOOR = 0.25
+#: T2 evidence is computed for this many best candidates by volume x roundness (cost bound)
+EVIDENCE_CANDIDATES = 12
 
 #: a user lesion mask must lie at least this much inside the brain mask (a mask on another grid or
 #: in another patient's space lands mostly outside: FAILURES.md-style silent wrong result)
@@ -57,7 +85,8 @@ class Lesion:
 
     ``mask`` is bool ``(X, Y, Z)`` on the common grid; ``centroid_ras_mm`` world mm RAS+;
     ``volume_ml`` in mL; ``source`` is ``"mask"`` (user file) or ``"auto"``; ``enhancement``
-    the mean enhancement z of the component (``nan`` for user masks).
+    the mean enhancement z of the component, ``oedema_fraction`` / ``csf_fraction`` the T2
+    evidence of its shell (``nan`` for user masks or without a T2).
     """
 
     mask: MaskRAS
@@ -65,6 +94,8 @@ class Lesion:
     volume_ml: float
     source: str
     enhancement: float = float("nan")
+    oedema_fraction: float = float("nan")
+    csf_fraction: float = float("nan")
 
 
 def _roundness(mask: np.ndarray, spacing: np.ndarray) -> float:
@@ -105,14 +136,58 @@ def lesion_from_mask(mask: np.ndarray, affine: Affine, *, min_volume_ml: float =
     return Lesion(mask, _centroid_world(mask, affine), vol, "mask")
 
 
+def _ball(radius_mm: float, spacing: np.ndarray) -> np.ndarray:
+    """Boolean ellipsoidal structuring element of ``radius_mm`` on a grid of ``spacing`` (mm)."""
+    r = np.maximum(1, np.floor(radius_mm / np.asarray(spacing, dtype=float)).astype(int))
+    g = np.ogrid[tuple(slice(-k, k + 1) for k in r)]
+    return sum((gi * sp) ** 2 for gi, sp in zip(g, spacing)) <= radius_mm ** 2 + 1e-6
+
+
+def _fill(mask: np.ndarray) -> np.ndarray:
+    """Fill what ``mask`` encloses in 3D or in any axial, coronal or sagittal plane: a rim that is
+    open at its poles (thick slices, partial volume) still encloses its core in most planes."""
+    out = ndimage.binary_fill_holes(mask)
+    for ax in range(3):
+        st = ndimage.generate_binary_structure(3, 1).copy()
+        for k in (0, 2):  # no connections across planes: each plane is filled on its own
+            idx = [slice(None)] * 3
+            idx[ax] = k
+            st[tuple(idx)] = False
+        out |= ndimage.binary_fill_holes(mask, structure=st)
+    return out
+
+
+def _shell_evidence(filled: np.ndarray, sl: tuple[slice, ...], core: np.ndarray, zt2: np.ndarray,
+                    zt1: np.ndarray | None, spacing: np.ndarray) -> tuple[float, float]:
+    """(oedema fraction, CSF fraction) of the :data:`SHELL_MM` shell around ``filled`` (a mask on
+    the ``sl`` box of the grid), inside ``core``; see the module docstring."""
+    pad = [int(np.ceil(SHELL_MM / sp)) + 1 for sp in spacing]
+    big = tuple(slice(max(0, s.start - p), min(n, s.stop + p)) for s, p, n in zip(sl, pad, core.shape))
+    inner = np.zeros(tuple(b.stop - b.start for b in big), dtype=bool)
+    inner[tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(sl, big))] = filled
+    dist = ndimage.distance_transform_edt(~inner, sampling=spacing)
+    shell = (dist > 0) & (dist <= SHELL_MM) & core[big]
+    n = int(shell.sum())
+    if n == 0:
+        return 0.0, 0.0
+    bright = zt2[big][shell] > OEDEMA_T2_Z
+    if zt1 is None:
+        return float(bright.mean()), 0.0
+    dark = zt1[big][shell] <= CSF_T1_Z
+    return float((bright & ~dark).mean()), float((bright & dark).mean())
+
+
 def detect_enhancing_lesion(t1ce: VolumeRAS, brain_mask: MaskRAS, affine: Affine, *,
-                            t1: VolumeRAS | None = None, min_volume_ml: float = 0.1) -> Lesion:
+                            t1: VolumeRAS | None = None, t2: VolumeRAS | None = None,
+                            min_volume_ml: float = 0.1) -> Lesion:
     """Find the enhancing lesion automatically (see module docstring for the method).
 
     Parameters
     ----------
-    t1ce, t1:
-        float ``(X, Y, Z)`` on one co-registered grid (``affine``, voxel -> RAS mm); ``t1`` optional.
+    t1ce, t1, t2:
+        float ``(X, Y, Z)`` on one co-registered grid (``affine``, voxel -> RAS mm); ``t1`` and
+        ``t2`` optional (``t2`` adds the perilesional evidence, ``t1`` the enhancement
+        subtraction and the CSF test).
     brain_mask:
         bool ``(X, Y, Z)``, True inside the brain.
     min_volume_ml:
@@ -131,31 +206,46 @@ def detect_enhancing_lesion(t1ce: VolumeRAS, brain_mask: MaskRAS, affine: Affine
     if core.sum() < 1000:
         raise LesionError("brain mask too small to search for an enhancing lesion")
     zc = robust_zscore(np.asarray(t1ce, dtype=np.float32), core)
-    enh = zc - robust_zscore(np.asarray(t1, dtype=np.float32), core) if t1 is not None else zc
+    zt1 = robust_zscore(np.asarray(t1, dtype=np.float32), core) if t1 is not None else None
+    enh = zc - zt1 if zt1 is not None else zc
     cand = core & (enh > ENHANCEMENT_Z) & (zc > T1CE_Z)
     cand = ndimage.binary_opening(cand, ndimage.generate_binary_structure(3, 1))
-    lab, n = ndimage.label(cand, ndimage.generate_binary_structure(3, 3))
-    if n == 0:
+    if not cand.any():
         raise LesionError("no enhancing voxels found inside the brain (T1ce vs T1)")
-    objects = ndimage.find_objects(lab)
-    best = None
-    for idx, sl in enumerate(objects, start=1):
-        comp = lab[sl] == idx
+    ball = _ball(MERGE_MM / 2.0, spacing)  # dilating both sides by MERGE_MM / 2 joins gaps < MERGE_MM
+    groups, n = ndimage.label(ndimage.binary_dilation(cand, ball), ndimage.generate_binary_structure(3, 3))
+    scored = []
+    margin = [k // 2 + 1 for k in ball.shape]  # closing needs room around the object
+    for idx, sl in enumerate(ndimage.find_objects(groups), start=1):
+        if sl is None:
+            continue
+        sl = tuple(slice(max(0, s.start - m), min(n, s.stop + m)) for s, m, n in zip(sl, margin, cand.shape))
+        comp = cand[sl] & (groups[sl] == idx)
         n_vox = int(comp.sum())
         if n_vox * voxel_ml < min_volume_ml:
             continue
-        filled = ndimage.binary_fill_holes(comp)
-        mean_enh = float(enh[sl][comp].mean())
-        score = float(filled.sum()) * voxel_ml * _roundness(filled, spacing)
-        if best is None or score > best[0]:
-            best = (score, idx, sl, filled, mean_enh)
-    if best is None:
+        filled = _fill(ndimage.binary_closing(comp, ball) | comp) & core[sl]
+        base = float(filled.sum()) * voxel_ml * _roundness(filled, spacing)
+        scored.append((base, idx, sl, comp, filled))
+    if not scored:
         raise LesionError(f"no enhancing component of at least {min_volume_ml:g} mL inside the brain")
-    _, idx, sl, filled, mean_enh = best
+    scored.sort(key=lambda c: -c[0])
+    zt2 = robust_zscore(np.asarray(t2, dtype=np.float32), core) if t2 is not None else None
+    best = None
+    for base, idx, sl, comp, filled in scored[:EVIDENCE_CANDIDATES if zt2 is not None else 1]:
+        oedema, csf = float("nan"), float("nan")
+        score = base
+        if zt2 is not None:
+            oedema, csf = _shell_evidence(filled, sl, core, zt2, zt1, spacing)
+            score = base * (EVIDENCE_FLOOR + oedema) * (1.0 - csf)
+        if best is None or score > best[0]:
+            best = (score, sl, comp, filled, oedema, csf)
+    _, sl, comp, filled, oedema, csf = best
+    mean_enh = float(enh[sl][comp].mean())
     full = np.zeros(brain.shape, dtype=bool)
     full[sl] = filled
     vol = float(full.sum()) * voxel_ml
-    return Lesion(full, _centroid_world(full, affine), vol, "auto", mean_enh)
+    return Lesion(full, _centroid_world(full, affine), vol, "auto", mean_enh, oedema, csf)
 
 
 def find_user_mask(study_lesion_mask: Path | None, masks_dir: Path | None, study_id: str) -> Path | None:

@@ -12,10 +12,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .. import DISCLAIMER
 from ..stages.infer import Ensemble
 from .dataset import LABEL_NAMES, load_cohort
-from .metrics import PAPER_RESNET10, plot_calibration, plot_roc, summarise
+from .metrics import PAPER_RESNET10, calibration_bins, plot_calibration, plot_roc, summarise
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,9 @@ def evaluate_ensemble(
     out:
         ``metrics.json`` path. Top-level numbers ``auc``, ``sensitivity``, ``specificity``,
         ``accuracy`` (also ``ppv``, ``npv``), ``ci95`` (bootstrap, ``seed``), ``confusion``,
-        ``threshold``, the weights' ``model_version`` and checksums, the data fingerprint, the
+        ``threshold`` (on the calibrated probability, which ``predictions`` report with the raw
+        ensemble mean beside it), ``applicability`` (how many studies are
+        ``OUT_OF_DISTRIBUTION``), the weights' ``model_version`` and checksums, the data fingerprint, the
         paper's ResNet10 figures for comparison, one ``predictions`` row per study, and
         ``warnings`` / ``ci95_unreliable`` (small classes, zero-width bootstrap intervals).
     roc_png:
@@ -55,7 +59,10 @@ def evaluate_ensemble(
     cohort = load_cohort(Path(data), labels=Path(labels), spec=ens.spec, settings=settings,
                          cache_dir=cache_dir)
     pred = ens.predict(cohort.x, batch_size=batch_size)
-    result: dict[str, Any] = summarise(cohort.y, pred.mean, ens.threshold, n_boot=n_boot, seed=seed)
+    # the reported probability is calibrated; the map is increasing, so AUC and labels are those of
+    # the raw score (the threshold is mapped with it)
+    prob, threshold = pred.probability, ens.report_threshold
+    result: dict[str, Any] = summarise(cohort.y, prob, threshold, n_boot=n_boot, seed=seed)
     trained_on = ens.manifest.get("data", {}).get("fingerprint_sha256")
     if trained_on == cohort.fingerprint:
         log.warning("this cohort is the one the ensemble was trained on: the figures are optimistic")
@@ -65,11 +72,21 @@ def evaluate_ensemble(
         if not w.startswith("this cohort"):
             log.warning("%s", w)
     roc_png = Path(roc_png) if roc_png is not None else Path(out).with_suffix(".roc.png")
-    plot_roc(cohort.y, pred.mean, roc_png, threshold=ens.threshold, summary=result,
+    plot_roc(cohort.y, prob, roc_png, threshold=threshold, summary=result,
              title=f"recnec evaluate: {ens.model_version}")
     calibration_png = (Path(calibration_png) if calibration_png is not None
                        else Path(out).with_suffix(".calibration.png"))
-    calibration = plot_calibration(cohort.y, pred.mean, calibration_png, title=f"recnec evaluate: {ens.model_version}")
+    calibration = plot_calibration(cohort.y, prob, calibration_png, title=f"recnec evaluate: {ens.model_version}",
+                                   p_before=pred.mean if ens.calibration.method != "identity" else None)
+    calibration["method"] = ens.calibration.method
+    calibration["raw"] = {k: v for k, v in calibration_bins(cohort.y, pred.mean).items() if k in ("ece", "brier")}
+    n_ood = int(np.sum(pred.out_of_distribution))
+    applicability = {
+        "available": ens.applicability is not None,
+        "threshold": None if ens.applicability is None else ens.applicability.threshold,
+        "n_out_of_distribution": n_ood if ens.applicability is not None else None,
+        "fraction_out_of_distribution": n_ood / max(1, len(cohort.y)) if ens.applicability is not None else None,
+    }
     result.update({
         "weights": {"dir": str(weights_dir), "model_version": ens.model_version,
                     "provider": ens.provider, "n_models": ens.n_models, "checksums": ens.checksums},
@@ -80,11 +97,15 @@ def evaluate_ensemble(
         "roc_png": str(roc_png),
         "calibration_png": str(calibration_png),
         "calibration": calibration,
+        "applicability": applicability,
         "disclaimer": DISCLAIMER,
         "predictions": [
             {"study_id": sid, "label": LABEL_NAMES[int(lab)], "probability": round(float(p), 6),
-             "spread": round(float(s), 6), "predicted": LABEL_NAMES[int(p >= ens.threshold)]}
-            for sid, lab, p, s in zip(cohort.study_ids, cohort.y, pred.mean, pred.spread)
+             "probability_raw": round(float(raw), 6), "spread": round(float(s), 6),
+             "predicted": LABEL_NAMES[int(raw >= ens.threshold)],
+             "applicability_distance": None if d != d else round(float(d), 3), "out_of_distribution": bool(o)}
+            for sid, lab, p, raw, s, d, o in zip(cohort.study_ids, cohort.y, prob, pred.mean, pred.spread,
+                                                 pred.distance, pred.out_of_distribution)
         ],
     })
     Path(out).parent.mkdir(parents=True, exist_ok=True)

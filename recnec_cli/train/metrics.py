@@ -371,12 +371,15 @@ def calibration_bins(y: np.ndarray, p: np.ndarray, *, n_bins: int = 10) -> dict[
     return {"bins": bins, "brier": float(np.mean((p - y) ** 2)), "ece": float(ece), "n_bins": int(n_bins)}
 
 
-def plot_calibration(y: np.ndarray, p: np.ndarray, path: Path, *, title: str, n_bins: int = 10) -> dict[str, Any]:
+def plot_calibration(y: np.ndarray, p: np.ndarray, path: Path, *, title: str, n_bins: int = 10,
+                     p_before: np.ndarray | None = None) -> dict[str, Any]:
     """Write a calibration plot (reliability diagram) PNG: per bin of the score (x: mean
     p(recurrence) in the bin), the observed fraction of recurrences (y), with the diagonal of a
     perfectly calibrated model, the study count of each bin beside its point, Brier score and ECE
-    (see :func:`calibration_bins`, whose result is returned). Same frame as :func:`plot_roc`
-    (5 x 5 inches at 100 dpi, both axes -0.01 ... 1.01); deterministic (no time stamp)."""
+    (see :func:`calibration_bins`, whose result is returned). With ``p_before`` (the same
+    studies' raw scores before the calibration map) a second, grey curve shows those.
+    Same frame as :func:`plot_roc` (5 x 5 inches at 100 dpi, both axes -0.01 ... 1.01);
+    deterministic (no time stamp)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -386,6 +389,11 @@ def plot_calibration(y: np.ndarray, p: np.ndarray, path: Path, *, title: str, n_
     fig = Figure(figsize=(5.0, 5.0), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1, label="perfectly calibrated")
+    if p_before is not None:
+        raw = calibration_bins(y, p_before, n_bins=n_bins)
+        ax.plot([b["mean_p"] for b in raw["bins"]], [b["fraction_recurrence"] for b in raw["bins"]], "--s",
+                color="silver", lw=1, ms=5,
+                label=f"before calibration: Brier {raw['brier']:.3f}, ECE {raw['ece']:.3f}")
     xs = [b["mean_p"] for b in cal["bins"]]
     ys = [b["fraction_recurrence"] for b in cal["bins"]]
     ax.plot(xs, ys, "-o", color="C0", lw=1.5, ms=7,

@@ -26,6 +26,7 @@ from .export import (MAX_ABS_DIFF, OPSET, check_out_dir, compare_with_torch, exp
                      library_versions, machine, prepare_out_dir, write_manifest)
 from .loop import CVResult, TrainConfig, cross_validate, make_config
 from .metrics import auc_score, choose_threshold, plot_calibration, plot_roc, summarise
+from .reliability import fit_applicability, fit_platt
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ MAX_ENSEMBLE_MB = 40.0
 EPOCH_LOG = "epochs.csv"
 ROC_PNG = "roc.png"
 CALIBRATION_PNG = "calibration.png"
+OOF_CSV = "oof.csv"
 
 
 @dataclass
@@ -57,6 +59,21 @@ def _write_epoch_log(path: Path, rows: list[dict[str, Any]]) -> None:
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
+
+
+def _write_oof(path: Path, study_ids, y: np.ndarray, cv: CVResult, p_cal: np.ndarray,
+               distance: np.ndarray) -> None:
+    """Out-of-fold predictions, one row per training study: the data behind ``roc.png``,
+    ``calibration.png`` and the manifest's cross-validated figures, for a reviewer to recompute."""
+    fold_of = np.full(len(y), -1)
+    for f in cv.folds:
+        fold_of[f.test_idx] = f.fold
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["study_id", "label", "fold", "p_raw", "p_calibrated", "applicability_distance"])
+        for i, sid in enumerate(study_ids):
+            w.writerow([sid, "recurrence" if y[i] else "necrosis", int(fold_of[i]), f"{cv.oof[i]:.6f}",
+                        f"{p_cal[i]:.6f}", f"{distance[i]:.4f}"])
 
 
 def train_ensemble(
@@ -88,8 +105,10 @@ def train_ensemble(
         Optional callback receiving each per-epoch log row (dict).
 
     Writes ``out/fold<k>.onnx`` (k = 0..folds-1), ``roc.png`` (out-of-fold ROC), ``calibration.png``
-    (out-of-fold reliability diagram),
-    ``epochs.csv`` and, last, ``manifest.json``.
+    (out-of-fold reliability diagram, before and after the Platt map), ``oof.csv`` (out-of-fold
+    predictions and applicability distances), ``epochs.csv`` and, last, ``manifest.json`` with the
+    ``calibration`` (:func:`~recnec_cli.train.reliability.fit_platt`) and ``applicability``
+    (:func:`~recnec_cli.train.reliability.fit_applicability`) entries.
 
     Raises
     ------
@@ -109,6 +128,16 @@ def train_ensemble(
     y, oof = cohort.y, cv.oof
     choice = choose_threshold(y, oof, target_sensitivity=cfg.target_sensitivity)
     cv_metrics = summarise(y, oof, choice.value, n_boot=cfg.n_boot, seed=cfg.seed)
+    calibration, calibration_entry = fit_platt(y, oof, threshold=choice.value)
+    all_idx = np.arange(len(y))
+    _, applicability_entry, cv_dist = fit_applicability(
+        cohort.x, [(np.setdiff1d(all_idx, f.test_idx), f.test_idx) for f in cv.folds],
+        spacing_mm=spec.spacing_mm, clip=spec.clip)
+    log.info("calibration: Platt a=%.3f b=%.3f (out-of-fold ECE %.3f -> %.3f); applicability "
+             "threshold %.2f (%.1f %% of training studies beyond it, cross-validated)",
+             calibration.a, calibration.b, calibration_entry["oof_ece_before"],
+             calibration_entry["oof_ece_after"], applicability_entry["threshold"],
+             100 * applicability_entry["cv_flag_rate"])
 
     prepare_out_dir(out)
     t0 = time.perf_counter()
@@ -138,9 +167,11 @@ def train_ensemble(
     plot_roc(y, oof, out / ROC_PNG, threshold=choice.value, summary=cv_metrics,
              title=f"recnec {cfg.arch} ensemble: {cfg.folds}-fold out-of-fold ROC")
     files.append(ROC_PNG)
-    plot_calibration(y, oof, out / CALIBRATION_PNG,
+    plot_calibration(y, calibration(oof), out / CALIBRATION_PNG, p_before=oof,
                      title=f"recnec {cfg.arch} ensemble: {cfg.folds}-fold out-of-fold calibration")
     files.append(CALIBRATION_PNG)
+    _write_oof(out / OOF_CSV, cohort.study_ids, y, cv, calibration(oof), cv_dist)
+    files.append(OOF_CSV)
     ensemble_mb = sum(m["bytes"] for m in models) / 1e6
     if ensemble_mb > MAX_ENSEMBLE_MB:
         log.warning("ensemble is %.1f MB (> %.0f MB budget): reduce --width", ensemble_mb, MAX_ENSEMBLE_MB)
@@ -160,6 +191,8 @@ def train_ensemble(
                    "probability of tumour recurrence (label 1); necrosis = label 0; ensemble score "
                    "= mean over models, recurrence if score >= threshold"},
         "threshold": float(choice.value),
+        "calibration": calibration_entry,
+        "applicability": applicability_entry,
         "threshold_selection": {
             "method": choice.method, "target_sensitivity": choice.target_sensitivity,
             "chosen_on": "out-of-fold probabilities of the cross-validation (single fold models)",
