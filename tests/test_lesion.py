@@ -142,3 +142,18 @@ def test_real_gbm_localised_within_10mm(real):
     assert np.linalg.norm(out.centroid_ras_mm - truth_c) < 10.0
     dice = 2 * (out.mask & truth).sum() / (out.mask.sum() + truth.sum())
     assert dice > 0.4
+
+
+def test_two_similar_candidates_make_the_choice_ambiguous():
+    """One lesion: not ambiguous (runner-up ratio 0). Two equal blobs: the row will say
+    LESION_AMBIGUOUS, whichever is chosen; a blob 1/8 the volume of the lesion does not."""
+    t1, t1ce, brain, aff, idx = _head(6)
+    t1ce[_ball(idx, (30, 55, 45), 6)] += 70
+    one = lesion.detect_enhancing_lesion(t1ce.copy(), brain, aff, t1=t1)
+    assert not one.ambiguous and one.runner_up_ratio == 0.0
+    small = t1ce.copy()
+    small[_ball(idx, (70, 55, 45), 3)] += 70
+    assert not lesion.detect_enhancing_lesion(small, brain, aff, t1=t1).ambiguous
+    t1ce[_ball(idx, (70, 55, 45), 6)] += 70
+    two = lesion.detect_enhancing_lesion(t1ce, brain, aff, t1=t1)
+    assert two.ambiguous and two.runner_up_ratio > 0.8

@@ -291,6 +291,8 @@ def preprocess_study(study: Study, *, settings: Settings, resources: Resources,
                     on_grid[SeriesRole.T1CE], brain, grid_aff, t1=on_grid[SeriesRole.T1],
                     t2=on_grid[SeriesRole.T2],
                     min_volume_ml=settings.lesion_min_volume_ml)
+                if les.ambiguous:
+                    flags.append(lesion.AMBIGUOUS_FLAG)
             if qc is not None:
                 qc.lesion, qc.lesion_centroid_ras_mm = les.mask, tuple(float(v) for v in les.centroid_ras_mm)
                 qc.box_mm = float(resources.spec.size_vox[0] * resources.spec.spacing_mm)

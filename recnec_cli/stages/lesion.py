@@ -27,7 +27,9 @@ Automatic detection (no mask given) looks for voxels that enhance after contrast
    ``evidence = (EVIDENCE_FLOOR + oedema_fraction) * (1 - csf_fraction)``; without a T2 it is 1.
    Mean enhancement is deliberately not in the score: venous blood in the sinuses enhances more
    than tumour does. The best group is the lesion if its enhancing volume is at least
-   ``min_volume_ml``.
+   ``min_volume_ml``. When the runner-up scores at least half as high (:data:`AMBIGUOUS_RATIO`)
+   the report row gets the flag ``LESION_AMBIGUOUS``: the model box may be on the wrong
+   structure (a non-enhancing tumour, for instance, leaves only normal enhancing tissue to find).
 
 Perilesional T2/FLAIR hyperintensity as the companion of enhancement: RANO criteria (Wen et al.
 2010, J Clin Oncol 28:1963) assess enhancing and non-enhancing (T2/FLAIR) disease together; the
@@ -70,6 +72,10 @@ CSF_T1_Z = -2.0
 EVIDENCE_FLOOR = 0.25
 #: T2 evidence is computed for this many best candidates by volume x roundness (cost bound)
 EVIDENCE_CANDIDATES = 12
+#: a runner-up scoring at least this fraction of the chosen lesion makes the choice ambiguous
+#: (report flag ``LESION_AMBIGUOUS``: check the QC picture, or give a lesion mask)
+AMBIGUOUS_RATIO = 0.5
+AMBIGUOUS_FLAG = "LESION_AMBIGUOUS"
 
 #: a user lesion mask must lie at least this much inside the brain mask (a mask on another grid or
 #: in another patient's space lands mostly outside: FAILURES.md-style silent wrong result)
@@ -86,7 +92,9 @@ class Lesion:
     ``mask`` is bool ``(X, Y, Z)`` on the common grid; ``centroid_ras_mm`` world mm RAS+;
     ``volume_ml`` in mL; ``source`` is ``"mask"`` (user file) or ``"auto"``; ``enhancement``
     the mean enhancement z of the component, ``oedema_fraction`` / ``csf_fraction`` the T2
-    evidence of its shell (``nan`` for user masks or without a T2).
+    evidence of its shell (``nan`` for user masks or without a T2), ``runner_up_ratio`` the
+    second-best candidate's score over the chosen one's (0 when there was one candidate; ``nan``
+    for user masks).
     """
 
     mask: MaskRAS
@@ -96,6 +104,12 @@ class Lesion:
     enhancement: float = float("nan")
     oedema_fraction: float = float("nan")
     csf_fraction: float = float("nan")
+    runner_up_ratio: float = float("nan")
+
+    @property
+    def ambiguous(self) -> bool:
+        """A second candidate scored at least :data:`AMBIGUOUS_RATIO` of the chosen one."""
+        return bool(self.runner_up_ratio >= AMBIGUOUS_RATIO)
 
 
 def _roundness(mask: np.ndarray, spacing: np.ndarray) -> float:
@@ -231,21 +245,22 @@ def detect_enhancing_lesion(t1ce: VolumeRAS, brain_mask: MaskRAS, affine: Affine
         raise LesionError(f"no enhancing component of at least {min_volume_ml:g} mL inside the brain")
     scored.sort(key=lambda c: -c[0])
     zt2 = robust_zscore(np.asarray(t2, dtype=np.float32), core) if t2 is not None else None
-    best = None
-    for base, idx, sl, comp, filled in scored[:EVIDENCE_CANDIDATES if zt2 is not None else 1]:
+    final = []
+    for base, idx, sl, comp, filled in scored[:EVIDENCE_CANDIDATES] if zt2 is not None else scored:
         oedema, csf = float("nan"), float("nan")
         score = base
         if zt2 is not None:
             oedema, csf = _shell_evidence(filled, sl, core, zt2, zt1, spacing)
             score = base * (EVIDENCE_FLOOR + oedema) * (1.0 - csf)
-        if best is None or score > best[0]:
-            best = (score, sl, comp, filled, oedema, csf)
-    _, sl, comp, filled, oedema, csf = best
+        final.append((score, sl, comp, filled, oedema, csf))
+    final.sort(key=lambda c: -c[0])
+    best_score, sl, comp, filled, oedema, csf = final[0]
+    runner_up = final[1][0] / best_score if len(final) > 1 and best_score > 0 else 0.0
     mean_enh = float(enh[sl][comp].mean())
     full = np.zeros(brain.shape, dtype=bool)
     full[sl] = filled
     vol = float(full.sum()) * voxel_ml
-    return Lesion(full, _centroid_world(full, affine), vol, "auto", mean_enh, oedema, csf)
+    return Lesion(full, _centroid_world(full, affine), vol, "auto", mean_enh, oedema, csf, float(runner_up))
 
 
 def find_user_mask(study_lesion_mask: Path | None, masks_dir: Path | None, study_id: str) -> Path | None:
