@@ -13,7 +13,9 @@ Class imbalance (the paper's cohort is 192 recurrence / 42 necrosis): ``BCEWithL
 ``pos_weight = n_necrosis / n_recurrence`` of the training split, so both classes carry equal total
 weight. Augmentation (training only) uses MONAI array transforms (docs.monai.io, "Transforms"):
 translation (pad + random crop), left-right flip, occasional small rotation/scaling
-(``RandAffine``), intensity scale/shift and Gaussian noise on the z-scored input.
+(``RandAffine``), intensity scale/shift and Gaussian noise on the z-scored input; before them, the
+scan's acquisition is simulated (thick slices, registration error:
+:mod:`recnec_cli.train.acquisition_aug`; ``TrainConfig.acquisition``).
 
 Determinism: every fold seeds torch, numpy and MONAI from ``seed`` and the fold index, runs with
 ``torch.use_deterministic_algorithms(True)`` and a fixed ``torch.set_num_threads(threads)``, and
@@ -61,6 +63,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     val_fraction: float = 0.2  # inner stratified validation split for early stopping
     augment: bool = True
+    #: with ``augment``: also simulate the scan's acquisition (thick slices, registration error;
+    #: :mod:`recnec_cli.train.acquisition_aug`)
+    acquisition: bool = True
     seed: int = 0
     threads: int = 1  # torch.set_num_threads during training (see the module docstring)
     n_boot: int = 2000  # bootstrap resamples for the 95 % CIs
@@ -133,7 +138,8 @@ def deterministic(seed: int, threads: int) -> Iterator[None]:
         torch.set_num_threads(prev_threads)
 
 
-def _augmenter(seed: int, shape: tuple[int, int, int]) -> Callable[[np.ndarray], np.ndarray]:
+def _augmenter(seed: int, shape: tuple[int, int, int], *,
+               acquisition: bool = False) -> Callable[[np.ndarray], np.ndarray]:
     """MONAI array-transform chain for one ``(3, X, Y, Z)`` float32 tensor, seeded.
 
     Translation by zero-padding 4 voxels per side and a random crop back to ``shape`` (+-6 mm
@@ -141,7 +147,12 @@ def _augmenter(seed: int, shape: tuple[int, int, int]) -> Callable[[np.ndarray],
     ``(X, Y, Z)``), a small rotation (<= 10 deg) and scaling (<= 5 %) on 30 % of samples
     (``RandAffine``, ~5 ms CPU per tensor, the most expensive step), intensity scale/shift and
     Gaussian noise on the z-scored input. Total ~3 ms CPU per tensor with MetaTensor tracking off.
+    With ``acquisition``, each tensor first goes through
+    :func:`~recnec_cli.train.acquisition_aug.simulate_acquisition` (numpy generator seeded from
+    ``seed``; ~11 ms CPU per tensor).
     """
+    from .acquisition_aug import simulate_acquisition
+
     from monai.transforms import (Compose, RandAffine, RandFlip, RandGaussianNoise,
                                   RandScaleIntensity, RandShiftIntensity, RandSpatialCrop,
                                   SpatialPad)
@@ -157,7 +168,11 @@ def _augmenter(seed: int, shape: tuple[int, int, int]) -> Callable[[np.ndarray],
         RandGaussianNoise(prob=0.3, mean=0.0, std=0.1),
     ]).set_random_state(seed=seed)
 
+    acq_rng = np.random.default_rng([seed, 7919])
+
     def apply(x: np.ndarray) -> np.ndarray:
+        if acquisition:
+            x = simulate_acquisition(x, acq_rng)
         out = chain(torch.from_numpy(np.ascontiguousarray(x)))
         return np.asarray(out.detach().cpu().numpy() if hasattr(out, "detach") else out, dtype=np.float32)
 
@@ -239,7 +254,7 @@ def train_fold(
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([n_neg / n_pos], dtype=torch.float32))
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.max_epochs)
-    aug = _augmenter(fold_seed, tuple(x.shape[2:])) if cfg.augment else None
+    aug = _augmenter(fold_seed, tuple(x.shape[2:]), acquisition=cfg.acquisition) if cfg.augment else None
     xv = x[val_idx]
     yv_t = torch.from_numpy(y[val_idx].astype(np.float32))
     best_key = (-np.inf, -np.inf)

@@ -67,8 +67,8 @@ def fit_platt(y: np.ndarray, p_oof: np.ndarray, *, threshold: float) -> tuple[Ca
                      "sklearn LogisticRegression(C=1e6) on logit(p); Platt 1999",
         "oof_ece_before": before["ece"], "oof_ece_after": after["ece"],
         "oof_brier_before": before["brier"], "oof_brier_after": after["brier"],
-        "note": "the 'after' figures are in-sample for a and b; the fresh-cohort figures are in "
-                "benchmarks/README.md (bench_calibration.py)",
+        "note": "the 'after' figures are in-sample for a and b; judge calibration on an independent "
+                "cohort with `recnec evaluate` (its calibration.ece)",
     }
     return cal, entry
 

@@ -221,9 +221,12 @@ def train_ensemble(
                       f"(mean over {cfg.select_window} epochs, checkpoints from epoch "
                       f"{cfg.select_from_epoch})",
             "class_balance": "BCEWithLogitsLoss(pos_weight = n_necrosis / n_recurrence)",
-            "augmentation": "MONAI SpatialPad(+4 vox)+RandSpatialCrop (shift <= 6 mm), RandFlip(LR), "
-                            "RandAffine(p=0.2, rot 10 deg, scale 5 %), RandScaleIntensity, "
-                            "RandShiftIntensity, RandGaussianNoise" if cfg.augment else "none",
+            "augmentation": (("simulated acquisition per channel (thick slices 3-7 mm p=0.5, T1/T2 "
+                              "misregistration <= 1.5 mm p=0.5; recnec_cli.train.acquisition_aug), then "
+                              if cfg.acquisition else "")
+                             + "MONAI SpatialPad(+4 vox)+RandSpatialCrop (shift <= 6 mm), RandFlip(LR), "
+                             "RandAffine(p=0.3, rot 10 deg, scale 5 %), RandScaleIntensity, "
+                             "RandShiftIntensity, RandGaussianNoise") if cfg.augment else "none",
             "optimiser": f"AdamW(lr={cfg.lr}, weight_decay={cfg.weight_decay}), cosine annealing",
         },
         "data": {
