@@ -135,6 +135,37 @@ def test_training_is_deterministic_and_cv_metrics_match_sklearn(
     assert (sel["oof_sensitivity"], sel["oof_specificity"]) == (cv["sensitivity"], cv["specificity"])
 
 
+def test_calibration_cohort_fits_the_map_on_the_ensemble(cohort: Path, tmp_path: Path) -> None:
+    """--calibration-data: the Platt map is fitted on the ensemble's scores on another cohort (the
+    manifest says which); the training cohort itself is refused as calibration cohort; the
+    labels option alone is a usage error."""
+    cal = write_tiny_cohort(tmp_path / "cal", n=N_TINY, seed=12)
+    out = tmp_path / "w"
+    res = runner.invoke(app, ["train", str(cohort), "--out", str(out), "--quick", "--quiet",
+                              "--calibration-data", str(cal)])
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert "calibration cohort never used for training" in m["calibration"]["fitted_on"]
+    assert "calibration_cohort_ece_after" in m["calibration"] and "--calibration-data" in m["command"]
+    from recnec_cli.stages.infer import Ensemble as _E
+    from recnec_cli.train.metrics import calibration_bins
+
+    ens = _E.load(out, device="cpu", threads=1)
+    x = np.stack([np.load(cal / "tensors" / f"{sid}.npy") for sid in sorted(
+        line.split(",")[0] for line in (cal / "labels.csv").read_text().splitlines()[1:])])
+    y = np.array([line.split(",")[1] == "recurrence" for line in sorted(
+        (cal / "labels.csv").read_text().splitlines()[1:])], dtype=int)
+    pred = ens.predict(x)
+    assert calibration_bins(y, pred.probability)["ece"] == pytest.approx(
+        m["calibration"]["calibration_cohort_ece_after"], abs=1e-4)
+    res = runner.invoke(app, ["train", str(cohort), "--out", str(tmp_path / "w2"), "--quick", "--quiet",
+                              "--calibration-data", str(cohort)])
+    assert res.exit_code == 2 and "calibration cohort is the training cohort" in res.output
+    res = runner.invoke(app, ["train", str(cohort), "--out", str(tmp_path / "w3"), "--quick", "--quiet",
+                              "--calibration-labels", str(cal / "labels.csv")])
+    assert res.exit_code == 2 and "--calibration-labels needs --calibration-data" in res.output
+
+
 def test_evaluate_writes_metrics(quick_weights: Path, cohort: Path, tmp_path: Path) -> None:
     out = tmp_path / "metrics.json"
     res = runner.invoke(app, ["evaluate", str(cohort), "--labels", str(cohort / "labels.csv"),

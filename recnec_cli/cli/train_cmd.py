@@ -42,12 +42,16 @@ preprocessed with exactly the code `recnec scan` uses, each study's tensor cache
 LABELS is a CSV with columns study_id,label where label is recurrence or necrosis (1/0).
 
 Stratified k-fold cross-validation: one model per fold forms the ensemble; early stopping on an
-inner validation split (AUC); class-weighted loss; MONAI augmentation; deterministic per --seed.
-The decision threshold is chosen on out-of-fold predictions (Youden's J, or the best specificity
-reaching --target-sensitivity). OUT receives fold<k>.onnx, manifest.json (SHA-256 per file, input
-spec, threshold, CV metrics with bootstrap 95 % CIs, seed, data fingerprint, versions), roc.png,
-calibration.png (reliability diagram of the out-of-fold predictions) and epochs.csv. OUT must be
-new, empty, or a previous recnec ensemble (replaced).
+inner validation split (AUC); class-weighted loss; MONAI augmentation plus a simulated acquisition
+(thick slices, misregistration); deterministic per --seed. The decision threshold is chosen on
+out-of-fold predictions (Youden's J, or the best specificity reaching --target-sensitivity). The
+reported probability is calibrated (Platt scaling on the out-of-fold scores, or on the ensemble's
+scores on --calibration-data), and the training inputs' statistics are stored so that `recnec
+scan` flags studies unlike them (OUT_OF_DISTRIBUTION). OUT receives fold<k>.onnx, manifest.json
+(SHA-256 per file, input spec, threshold, calibration, applicability, CV metrics with bootstrap
+95 % CIs, seed, data fingerprint, versions), roc.png, calibration.png (reliability diagram of the
+out-of-fold predictions, before and after calibration), oof.csv (the out-of-fold predictions)
+and epochs.csv. OUT must be new, empty, or a previous recnec ensemble (replaced).
 
 Examples:
 
@@ -63,7 +67,8 @@ Examples:
 EVALUATE_HELP = f"""Score a labelled cohort with an ensemble: AUC, sensitivity, specificity, accuracy.
 
 DATA and LABELS as for `recnec train`. Uses the shipped weights/ unless --weights is given; the
-manifest's threshold decides recurrence (>= threshold) versus necrosis. Writes OUT (JSON with
+manifest's threshold decides recurrence (>= threshold) versus necrosis; probabilities and the
+threshold are on the calibrated scale (the raw ensemble means beside them). Writes OUT (JSON with
 top-level auc, sensitivity, specificity, accuracy, bootstrap 95 % CIs under ci95, the confusion
 matrix and one prediction per study), a ROC curve PNG (OUT's stem + .roc.png) and a calibration
 plot (reliability diagram, OUT's stem + .calibration.png; bins, Brier score and ECE in OUT).
@@ -126,8 +131,16 @@ def train(
     threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads (recorded; results are "
                                 "reproducible for a fixed value)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Per-study tensor cache (study folders), or "
-                                         "where --reproduce-shipped keeps its synthetic cohort.",
+                                         "where --reproduce-shipped keeps its synthetic cohort (and, "
+                                         "beside it, NAME-calibration-seed2).",
                                          show_default=False),
+    calibration_data: Optional[Path] = typer.Option(
+        None, "--calibration-data", help="A labelled cohort never used for training (same forms as DATA): "
+        "the probability calibration (Platt) is fitted on the ensemble's scores on it [default: on the "
+        "out-of-fold scores]", show_default=False),
+    calibration_labels: Optional[Path] = typer.Option(
+        None, "--calibration-labels", help="Labels of --calibration-data [default: "
+        "CALIBRATION_DATA/labels.csv]", show_default=False),
     reproduce_shipped: bool = typer.Option(False, "--reproduce-shipped", help="Regenerate the synthetic "
                                            "cohort (n=234, seed 0) and train the shipped ensemble."),
     device: DeviceOpt = None,
@@ -153,8 +166,8 @@ def train(
             from ..train.run import SHIPPED_COMMAND
             from ..train.run import reproduce_shipped as _reproduce
 
-            if data is not None or quick:
-                raise UsageError("--reproduce-shipped takes no DATA and no --quick")
+            if data is not None or quick or calibration_data is not None:
+                raise UsageError("--reproduce-shipped takes no DATA, --quick or --calibration-data")
             if cfg != make_config("default", seed=0, threads=threads):
                 raise UsageError("--reproduce-shipped uses the default profile: drop the other training options")
             log.info("reproducing the shipped ensemble: %s", SHIPPED_COMMAND)
@@ -167,11 +180,20 @@ def train(
             from ..train.run import train_ensemble
 
             lab = _labels_path(data, labels)
+            cal_lab = None
+            if calibration_data is not None:
+                if not calibration_data.is_dir():
+                    raise UsageError(f"--calibration-data must be a folder: {calibration_data}")
+                cal_lab = _labels_path(calibration_data, calibration_labels)
+            elif calibration_labels is not None:
+                raise UsageError("--calibration-labels needs --calibration-data")
             command = _command_line(data, lab, out, cfg, quick=quick, cache=cache)
+            if calibration_data is not None:
+                command += f" --calibration-data {calibration_data} --calibration-labels {cal_lab}"
             result = train_ensemble(
                 data, labels=lab, out=out, config=cfg, cache_dir=cache,
                 settings=_settings(device, hdbet_mode, lesion_masks, None), command=command,
-                on_epoch=on_epoch,
+                on_epoch=on_epoch, calibration_data=calibration_data, calibration_labels=cal_lab,
             )
         if not quiet:
             _print_train_summary(result.manifest, out)
@@ -224,9 +246,11 @@ def _print_train_summary(manifest: dict, out: Path) -> None:
     t.add_row("threshold", f"{manifest['threshold']:.4f} ({manifest['threshold_selection']['method']})")
     cal = manifest.get("calibration")
     if cal:
-        t.add_row("calibration", f"Platt a={cal['a']:.3f} b={cal['b']:.3f}; out-of-fold ECE "
-                  f"{cal['oof_ece_before']:.3f} -> {cal['oof_ece_after']:.3f}; threshold {cal['threshold']:.4f} "
-                  "on the calibrated scale")
+        where = (f"calibration-cohort ECE {cal['calibration_cohort_ece_before']:.3f} -> "
+                 f"{cal['calibration_cohort_ece_after']:.3f}" if "calibration_cohort_ece_after" in cal else
+                 f"out-of-fold ECE {cal['oof_ece_before']:.3f} -> {cal['oof_ece_after']:.3f}")
+        t.add_row("calibration", f"Platt a={cal['a']:.3f} b={cal['b']:.3f}; {where}; threshold "
+                  f"{cal['threshold']:.4f} on the calibrated scale")
     app = manifest.get("applicability")
     if app:
         t.add_row("applicability", f"OUT_OF_DISTRIBUTION beyond distance {app['threshold']:.2f} "

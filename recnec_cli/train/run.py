@@ -25,7 +25,7 @@ from .dataset import Cohort, load_cohort
 from .export import (MAX_ABS_DIFF, OPSET, check_out_dir, compare_with_torch, export_onnx,
                      library_versions, machine, prepare_out_dir, write_manifest)
 from .loop import CVResult, TrainConfig, cross_validate, make_config
-from .metrics import auc_score, choose_threshold, plot_calibration, plot_roc, summarise
+from .metrics import auc_score, calibration_bins, choose_threshold, plot_calibration, plot_roc, summarise
 from .reliability import fit_applicability, fit_platt
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,9 @@ SHIPPED_COMMAND = "recnec train --reproduce-shipped --out weights/"
 #: the shipped cohort: size and class mix of the paper (234 patients, 192 recurrence / 42 necrosis)
 SHIPPED_N = 234
 SHIPPED_SEED = 0
+#: the synthetic cohort the shipped Platt map is fitted on (never trained on; fresh-cohort figures
+#: use seeds 1 and 4242, tests 7, benchmarks 9001 / 9002)
+CALIBRATION_SEED = 2
 MAX_ENSEMBLE_MB = 40.0
 EPOCH_LOG = "epochs.csv"
 ROC_PNG = "roc.png"
@@ -61,6 +64,20 @@ def _write_epoch_log(path: Path, rows: list[dict[str, Any]]) -> None:
         w.writerows(rows)
 
 
+def _ensemble_probability(cv: CVResult, x: np.ndarray, batch: int = 32) -> np.ndarray:
+    """Mean over the fold models of the probability of recurrence for ``x`` ``(N, 3, X, Y, Z)``;
+    float64 ``(N,)`` (what the exported ONNX ensemble computes, within 1e-6)."""
+    import torch
+
+    out = np.zeros(len(x))
+    with torch.no_grad():
+        for f in cv.folds:
+            f.model.eval()
+            for i in range(0, len(x), batch):
+                out[i:i + batch] += f.model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch]))).numpy().reshape(-1)
+    return out / len(cv.folds)
+
+
 def _write_oof(path: Path, study_ids, y: np.ndarray, cv: CVResult, p_cal: np.ndarray,
                distance: np.ndarray) -> None:
     """Out-of-fold predictions, one row per training study: the data behind ``roc.png``,
@@ -81,6 +98,8 @@ def train_ensemble(
     cache_dir: Path | None = None, settings: Any = None, command: str | None = None,
     spec: InputSpec = InputSpec(), on_epoch: Callable[[dict[str, Any]], None] | None = None,
     extra_timings: dict[str, float] | None = None, data_description: str | None = None,
+    calibration_data: Path | None = None, calibration_labels: Path | None = None,
+    calibration_description: str | None = None,
 ) -> TrainResult:
     """Train a k-fold ensemble on a labelled cohort and write it to ``out``.
 
@@ -103,6 +122,11 @@ def train_ensemble(
         Command line recorded in the manifest (``command`` key).
     on_epoch:
         Optional callback receiving each per-epoch log row (dict).
+    calibration_data, calibration_labels:
+        Optional labelled cohort (same forms as ``data`` / ``labels``) never used for training:
+        the Platt map is then fitted on the **ensemble's** mean probabilities on it, the score
+        that is deployed, instead of on the out-of-fold scores of single fold models (which are
+        noisier than the ensemble, so a map fitted on them leaves the ensemble under-confident).
 
     Writes ``out/fold<k>.onnx`` (k = 0..folds-1), ``roc.png`` (out-of-fold ROC), ``calibration.png``
     (out-of-fold reliability diagram, before and after the Platt map), ``oof.csv`` (out-of-fold
@@ -123,12 +147,33 @@ def train_ensemble(
     t_data = time.perf_counter() - t0
     log.info("cohort: %d studies (%s) from %s, fingerprint %s", len(cohort.y), cohort.counts,
              cohort.source, cohort.fingerprint[:12])
+    cal_cohort = None
+    if calibration_data is not None:  # read and checked before training, not after
+        cal_cohort = load_cohort(Path(calibration_data), labels=Path(calibration_labels or
+                                 Path(calibration_data) / "labels.csv"), spec=spec, settings=settings,
+                                 cache_dir=cache_dir)
+        if cal_cohort.fingerprint == cohort.fingerprint:
+            raise TrainingError("the calibration cohort is the training cohort: give one never used for "
+                                "training", code="USAGE_ERROR")
     check_out_dir(out)  # fail before training, not after; the folder is cleared at export time
     cv = cross_validate(cohort.x, cohort.y, cfg, on_epoch=on_epoch)
     y, oof = cohort.y, cv.oof
     choice = choose_threshold(y, oof, target_sensitivity=cfg.target_sensitivity)
     cv_metrics = summarise(y, oof, choice.value, n_boot=cfg.n_boot, seed=cfg.seed)
-    calibration, calibration_entry = fit_platt(y, oof, threshold=choice.value)
+    if cal_cohort is not None:
+        p_cal = _ensemble_probability(cv, cal_cohort.x)
+        calibration, calibration_entry = fit_platt(cal_cohort.y, p_cal, threshold=choice.value)
+        calibration_entry["fitted_on"] = (
+            "ensemble mean probabilities on a calibration cohort never used for training "
+            f"({calibration_description or calibration_data}; n={len(cal_cohort.y)}, "
+            f"{cal_cohort.counts}, fingerprint {cal_cohort.fingerprint[:12]}), sklearn "
+            "LogisticRegression(C=1e6) on logit(p); Platt 1999")
+        calibration_entry["oof_ece_before"] = calibration_bins(y, oof)["ece"]
+        calibration_entry["oof_ece_after"] = calibration_bins(y, calibration(oof))["ece"]
+        calibration_entry["calibration_cohort_ece_before"] = calibration_bins(cal_cohort.y, p_cal)["ece"]
+        calibration_entry["calibration_cohort_ece_after"] = calibration_bins(cal_cohort.y, calibration(p_cal))["ece"]
+    else:
+        calibration, calibration_entry = fit_platt(y, oof, threshold=choice.value)
     all_idx = np.arange(len(y))
     _, applicability_entry, cv_dist = fit_applicability(
         cohort.x, [(np.setdiff1d(all_idx, f.test_idx), f.test_idx) for f in cv.folds],
@@ -273,8 +318,10 @@ def reproduce_shipped(
     """Regenerate the shipped synthetic cohort and train the shipped ensemble on it.
 
     Calls ``recnec_cli.synth.write_cohort(dir, n=234, seed=0, space="model")`` (in ``cache_dir``,
-    or a temporary folder removed afterwards), then :func:`train_ensemble` with the ``default``
-    profile and seed 0. The manifest's ``command`` is :data:`SHIPPED_COMMAND`.
+    or a temporary folder removed afterwards) and the same for the calibration cohort (seed
+    :data:`CALIBRATION_SEED`, n=234, 192:42, never trained on), then :func:`train_ensemble` with
+    the ``default`` profile and seed 0, the Platt map fitted on the ensemble's scores on the
+    calibration cohort. The manifest's ``command`` is :data:`SHIPPED_COMMAND`.
     """
     try:
         from ..synth import write_cohort
@@ -286,10 +333,14 @@ def reproduce_shipped(
         cohort_dir = Path(cache_dir) if cache_dir is not None else Path(tmp) / "cohort"
         t0 = time.perf_counter()
         write_cohort(cohort_dir, n=SHIPPED_N, seed=SHIPPED_SEED, fmt="nifti", space="model")
+        cal_dir = cohort_dir.parent / f"{cohort_dir.name}-calibration-seed{CALIBRATION_SEED}"
+        write_cohort(cal_dir, n=SHIPPED_N, seed=CALIBRATION_SEED, fmt="nifti", space="model")
         t_synth = time.perf_counter() - t0
-        log.info("synthetic cohort written in %.1f s", t_synth)
+        log.info("synthetic training and calibration cohorts written in %.1f s", t_synth)
         return train_ensemble(
             cohort_dir, labels=cohort_dir / "labels.csv", out=out, config=cfg,
             command=SHIPPED_COMMAND, on_epoch=on_epoch, extra_timings={"synth_seconds": t_synth},
             data_description=f"recnec synth, model space, n={SHIPPED_N}, seed={SHIPPED_SEED}",
+            calibration_data=cal_dir, calibration_labels=cal_dir / "labels.csv",
+            calibration_description=f"recnec synth, model space, n={SHIPPED_N}, seed={CALIBRATION_SEED}",
         )
