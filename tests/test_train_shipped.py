@@ -31,7 +31,9 @@ def test_shipped_manifest_is_complete() -> None:
     size_mb = sum((WEIGHTS / f).stat().st_size for f in m["files"]) / 1e6
     assert size_mb <= 40.0
     assert "RESEARCH USE ONLY" in m["disclaimer"]
-    assert {"roc.png", "epochs.csv"} <= set(m["files"])
+    assert {"roc.png", "epochs.csv", "calibration.png", "oof.csv"} <= set(m["files"])
+    assert m["calibration"]["method"] == "platt" and m["calibration"]["a"] > 0
+    assert m["applicability"]["threshold"] > 0 and m["applicability"]["cv_flag_rate"] <= 0.05
 
 
 #: a synthetic cohort seed never used for the shipped weights (trained on seed 0; README: seed 1)
@@ -97,7 +99,7 @@ def test_shipped_ensemble_on_cuda_matches_cpu(tmp_path: Path) -> None:
 
 @pytest.mark.veryslow
 def test_reproduce_shipped_gives_identical_files(tmp_path: Path) -> None:
-    """``recnec train --reproduce-shipped`` (~10-15 min on 2 cores) reproduces weights/ exactly.
+    """``recnec train --reproduce-shipped`` (~20 min on 2 cores) reproduces weights/ exactly.
 
     Byte identity holds on the machine type that made the weights (same CPU instruction set,
     same library versions, 1 torch thread); elsewhere compare the metrics with a tolerance.
@@ -113,6 +115,40 @@ def test_reproduce_shipped_gives_identical_files(tmp_path: Path) -> None:
         assert res.manifest["metrics"]["cross_validated"][k] == pytest.approx(
             shipped["metrics"]["cross_validated"][k], abs=1e-6)
     if res.manifest["libraries"] == shipped["libraries"]:
-        # every shipped file again, byte for byte; calibration.png is newer than the shipped weights
-        assert {k: res.manifest["files"][k] for k in shipped["files"]} == shipped["files"]
-        assert set(res.manifest["files"]) - set(shipped["files"]) <= {"calibration.png"}
+        # every shipped file again, byte for byte (ONNX, epochs.csv, oof.csv, both plots), and
+        # the calibration map and applicability model
+        assert res.manifest["files"] == shipped["files"]
+        for k in ("calibration", "applicability"):
+            assert res.manifest[k] == shipped[k]
+
+
+def _readme_shipped_section() -> str:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    start = text.index("## The shipped model")
+    return text[start:text.index("\n## ", start + 5)]
+
+
+def test_readme_figures_match_the_shipped_manifest() -> None:
+    """Every cross-validated figure, the threshold, the calibration map and the applicability
+    threshold the README prints for the shipped weights are the manifest's (3 decimals)."""
+    import re
+
+    m = read_manifest(WEIGHTS, verify=False)
+    sec = _readme_shipped_section()
+    cv = m["metrics"]["cross_validated"]
+    for k in ("auc", "sensitivity", "specificity", "accuracy"):
+        lo, hi = cv["ci95"][k]
+        row = re.search(rf"^\| {k.upper() if k == 'auc' else k} \| ([^|]+)\|", sec, re.M)
+        assert row, f"no README row for {k}"
+        assert row.group(1).strip() == f"{cv[k]:.3f} ({lo:.3f}-{hi:.3f})", (k, row.group(1))
+    assert f"Threshold {m['threshold']:.3f}" in sec
+    if "calibration" in m:
+        cal = m["calibration"]
+        assert f"a = {cal['a']:.3f}, b = {cal['b']:.3f}" in sec
+        assert f"threshold {cal['threshold']:.3f} on the calibrated scale" in sec
+        assert f"out-of-fold ECE {cal['oof_ece_before']:.3f} -> {cal['oof_ece_after']:.3f}" in sec
+        if "calibration_cohort_ece_after" in cal:
+            assert (f"ECE there {cal['calibration_cohort_ece_before']:.3f} -> "
+                    f"{cal['calibration_cohort_ece_after']:.3f}") in sec
+    if "applicability" in m:
+        assert f"distance above {m['applicability']['threshold']:.2f}" in sec

@@ -55,7 +55,7 @@ and epochs.csv. OUT must be new, empty, or a previous recnec ensemble (replaced)
 
 Examples:
 
-  recnec train --reproduce-shipped --out weights/      # the shipped ensemble (~10-15 min on 2 cores)
+  recnec train --reproduce-shipped --out weights/      # the shipped ensemble (~20 min on 2 cores)
 
   recnec train cohort/ --labels cohort/labels.csv --out my_weights/ --cache cache/
 
