@@ -207,7 +207,8 @@ def test_occlusion_map_finds_what_the_model_reads_and_runs_through_the_onnx_ense
     ens = Ensemble.load(REPO / "weights", device="cpu", threads=1)
     occ = occlusion_sensitivity(ens, x, patch_vox=20, stride_vox=20)
     assert occ.passes == 8 and np.isfinite(occ.delta).all()
-    assert occ.p == pytest.approx(float(ens.predict(x[None]).mean[0]), abs=1e-6)
+    # in the report's units: the calibrated probability
+    assert occ.p == pytest.approx(float(ens.predict(x[None]).probability[0]), abs=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -139,10 +139,12 @@ def test_batched_equals_one_by_one(batch_scan):
     assert len(boxes) == 2
     for box in boxes:
         x = np.moveaxis(np.asarray(nib.load(box).dataobj, dtype=np.float32), -1, 0)[None]
-        single = float(ens.predict(x).mean[0])
+        pred = ens.predict(x)
         key = Path(box).parent.name
         row = next(r for sid, r in rows.items() if key == safe_name(sid))
-        assert abs(single - float(row["p_recurrence"])) < 1e-5
+        assert abs(float(pred.probability[0]) - float(row["p_recurrence"])) < 1e-5  # calibrated
+        assert abs(float(pred.mean[0]) - float(row["p_recurrence_raw"])) < 1e-5  # raw ensemble mean
+        assert row["applicability"] in ("in_distribution", "OUT_OF_DISTRIBUTION")
 
 
 def test_tampered_weights_are_refused(tmp_path):
