@@ -50,7 +50,8 @@ def _centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return (affine @ np.append(ndimage.center_of_mass(mask), 1.0))[:3]
 
 
-def _figures(found: np.ndarray, centroid: np.ndarray, ref: np.ndarray, affine: np.ndarray) -> dict:
+def _figures(found: np.ndarray, centroid: np.ndarray, ambiguous: bool, ref: np.ndarray,
+             affine: np.ndarray) -> dict:
     """Distance (mm), centroid inside the reference, Dice, volumes (mL) of one detection."""
     voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
     ijk = np.round(np.linalg.solve(affine, np.append(centroid, 1.0))[:3]).astype(int)
@@ -58,10 +59,11 @@ def _figures(found: np.ndarray, centroid: np.ndarray, ref: np.ndarray, affine: n
     inter = float((found & ref).sum())
     return {"distance_mm": float(np.linalg.norm(centroid - _centroid(ref, affine))), "inside": inside,
             "dice": 2 * inter / max(1.0, float(found.sum() + ref.sum())),
-            "found_ml": float(found.sum()) * voxel_ml, "reference_ml": float(ref.sum()) * voxel_ml}
+            "found_ml": float(found.sum()) * voxel_ml, "reference_ml": float(ref.sum()) * voxel_ml,
+            "ambiguous": bool(ambiguous)}
 
 
-def _detect(t1ce, brain, affine, **kw) -> tuple[np.ndarray, np.ndarray] | None:
+def _detect(t1ce, brain, affine, **kw) -> tuple[np.ndarray, np.ndarray, bool] | None:
     from recnec_cli.errors import LesionError
     from recnec_cli.stages.lesion import detect_enhancing_lesion
 
@@ -69,7 +71,7 @@ def _detect(t1ce, brain, affine, **kw) -> tuple[np.ndarray, np.ndarray] | None:
         les = detect_enhancing_lesion(t1ce, brain, affine, **kw)
     except LesionError:
         return None
-    return les.mask, np.asarray(les.centroid_ras_mm)
+    return les.mask, np.asarray(les.centroid_ras_mm), les.ambiguous
 
 
 def _load(p: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -128,7 +130,8 @@ def scanned_cases(args, tmp: Path) -> list[dict]:
             ref = lab == (1 + int(np.argmax(ndimage.sum(hyper, lab, range(1, n + 1))))) if n else hyper
         scan_mask = _load(d / "lesion_mask.nii.gz")[0] > 0
         c_scan = np.array([float(rows[sid][f"lesion_{a}_mm"]) for a in "ras"])
-        res = {"case": sid, "kind": kind, "status": "OK", "with_t2": _figures(scan_mask, c_scan, ref, aff)}
+        res = {"case": sid, "kind": kind, "status": "OK",
+               "with_t2": _figures(scan_mask, c_scan, "LESION_AMBIGUOUS" in rows[sid]["flags"], ref, aff)}
         no_t2 = _detect(t1ce, brain, aff, t1=t1)
         res["without_t2"] = _figures(*no_t2, ref, aff) if no_t2 else None
         out.append(res)
@@ -174,8 +177,9 @@ def main() -> None:
 
     def cell(f: dict | None) -> str:
         if f is None:
-            return f"{'no lesion found':<34}"
-        return f"{f['distance_mm']:6.1f} {'yes' if f['inside'] else 'no':>4} {f['dice']:5.2f} {f['found_ml']:7.2f}"
+            return f"{'no lesion found':<28}"
+        return (f"{f['distance_mm']:6.1f} {'yes' if f['inside'] else 'no':>4} {f['dice']:5.2f} {f['found_ml']:7.2f}"
+                f"{' A' if f['ambiguous'] else '  '}")
 
     print(f"\n{'case':<22} {'kind':<30} {'ref mL':>7} | {'scan detector (T2 evidence)':^26} | "
           f"{'without T2 evidence':^26}")
@@ -187,8 +191,9 @@ def main() -> None:
             continue
         ref_ml = (c["with_t2"] or c["without_t2"] or {}).get("reference_ml", float("nan"))
         left = cell(c["with_t2"]) if c["with_t2"] is not None or c["kind"].startswith("synthetic") or \
-            "FLAIR" in c["kind"] else f"{'n/a (no T1/T2)':<26}"
+            "FLAIR" in c["kind"] else f"{'n/a (no T1/T2)':<28}"
         print(f"{c['case']:<22} {c['kind']:<30} {ref_ml:7.2f} | {left} | {cell(c['without_t2'])}")
+    print("A = flagged LESION_AMBIGUOUS (a second candidate scored at least half as high)")
     syn = [c for c in cases if c["kind"].startswith("synthetic") and c["status"] == "OK"]
     for key in ("with_t2", "without_t2"):
         f = [c[key] for c in syn if c[key] is not None]

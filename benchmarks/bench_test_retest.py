@@ -172,11 +172,12 @@ def main() -> None:
         results = []
         print(f"\nscanned {len(rows)} in {wall:.0f} s ({wall / max(1, len(rows)):.1f} s per study)\n")
         hdr = f"{'study':<18} {'kind':<22} {'variant':<10} {'status':<8} {'p':>6} {'|dp|':>6} {'label':<11} " \
-              f"{'spread':>6} {'lesion mL':>9} {'lesion moved mm':>15}"
+              f"{'spread':>6} {'lesion mL':>9} {'lesion moved mm':>15} {'applicability (distance)':>26} flags"
         print(hdr)
         print("-" * len(hdr))
         worst = {"synthetic": [0.0, 0], "real": [0.0, 0]}
         failed = {"synthetic": 0, "real": 0}
+        ood = {"synthetic": 0, "real": 0}
         for base, kind in bases.items():
             ref = rows.get(f"{base}{SEP}original", {})
             p0 = f(ref, "p_recurrence")
@@ -198,20 +199,29 @@ def main() -> None:
                     worst[group][1] += int(flip)
                 print(f"{base:<18} {kind:<22} {variant:<10} {r.get('status', '-'):<8} {p:6.3f} "
                       f"{dp:6.3f} {str(r.get('label', '')) + (' FLIP' if flip else ''):<11} "
-                      f"{f(r, 'ensemble_spread'):6.3f} {f(r, 'lesion_volume_ml'):9.2f} {moved:15.1f}")
+                      f"{f(r, 'ensemble_spread'):6.3f} {f(r, 'lesion_volume_ml'):9.2f} {moved:15.1f} "
+                      f"{str(r.get('applicability', '')) + ' (' + str(r.get('applicability_distance', '')) + ')':>26} "
+                      f"{r.get('flags', '')}")
+                if r.get("applicability") == "OUT_OF_DISTRIBUTION":
+                    ood[group] += 1
                 results.append({"study": base, "kind": kind, "variant": variant, "status": r.get("status"),
                                 "error_code": r.get("error_code") or None, "p": p, "abs_dp": dp,
                                 "label": r.get("label"), "flip": flip, "spread": f(r, "ensemble_spread"),
-                                "lesion_volume_ml": f(r, "lesion_volume_ml"), "lesion_moved_mm": moved})
+                                "lesion_volume_ml": f(r, "lesion_volume_ml"), "lesion_moved_mm": moved,
+                                "applicability": r.get("applicability"),
+                                "applicability_distance": f(r, "applicability_distance"), "flags": r.get("flags")})
         print()
         for group, (mx, flips) in worst.items():
             if any((k.startswith("real") if group == "real" else not k.startswith("real")) for k in bases.values()):
                 goal = " (goal <= 0.05, 0 flips)" if group == "synthetic" else " (reported as it is)"
-                print(f"{group}: max |dp| {mx:.3f}, label flips {flips}, failed scans {failed[group]}{goal}")
+                print(f"{group}: max |dp| {mx:.3f}, label flips {flips}, failed scans {failed[group]}, "
+                      f"OUT_OF_DISTRIBUTION {ood[group]} of {sum(1 for x in results if x['kind'].startswith('real') == (group == 'real'))}"
+                      f"{goal}")
         if args.json:
             args.json.write_text(json.dumps({"seed": args.seed, "n": args.n, "wall_s": wall, "rows": results,
                                              "max_abs_dp": {g: v[0] for g, v in worst.items()},
-                                             "flips": {g: v[1] for g, v in worst.items()}, "failed": failed}, indent=1))
+                                             "flips": {g: v[1] for g, v in worst.items()}, "failed": failed,
+                                             "out_of_distribution": ood}, indent=1))
 
 
 if __name__ == "__main__":
