@@ -97,6 +97,12 @@ def input_features(x: np.ndarray, *, spacing_mm: float = 1.5, clip: float = 5.0)
     return out
 
 
+def mahalanobis(d: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """``sqrt(d_n^T P d_n)`` for feature differences ``d`` ``(N, F)`` and a precision matrix
+    ``P`` ``(F, F)``; float64 ``(N,)`` (negative round-off clipped to 0)."""
+    return np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", d, precision, d), 0.0))
+
+
 @dataclass(frozen=True)
 class Applicability:
     """The training distribution of :func:`input_features`, as stored in the manifest.
@@ -123,7 +129,7 @@ class Applicability:
         """Mahalanobis distance (unitless) of model inputs ``(N, 3, X, Y, Z)`` to the training
         features; float64 ``(N,)``."""
         d = input_features(x, spacing_mm=self.spacing_mm, clip=self.clip) - self.mean
-        return np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", d, self.precision, d), 0.0))
+        return mahalanobis(d, self.precision)
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any]) -> "Applicability | None":

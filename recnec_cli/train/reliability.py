@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..stages.applicability import FEATURE_NAMES, Applicability, input_features
+from ..stages.applicability import FEATURE_NAMES, Applicability, input_features, mahalanobis
 from ..stages.calibration import Calibration, logit
 from .metrics import calibration_bins
 
@@ -103,7 +103,7 @@ def fit_applicability(x: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarra
     for train_idx, test_idx in folds:
         lw = LedoitWolf().fit(feats[train_idx])
         d = feats[test_idx] - lw.location_
-        cv_dist[test_idx] = np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", d, lw.precision_, d), 0.0))
+        cv_dist[test_idx] = mahalanobis(d, lw.precision_)
     lw = LedoitWolf().fit(feats)
     q = float(np.quantile(cv_dist, quantile))
     threshold = margin * q

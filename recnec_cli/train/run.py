@@ -299,10 +299,7 @@ def train_ensemble(
     # the written folder must load and agree with PyTorch through the production code path
     ens = Ensemble.load(out, device="cpu", threads=cfg.threads)
     probe = cohort.x[: min(8, len(cohort.x))]
-    import torch
-
-    with torch.no_grad():
-        ref = np.mean([f.model(torch.from_numpy(probe)).numpy() for f in cv.folds], axis=0)
+    ref = _ensemble_probability(cv, probe)
     got = ens.predict(probe).mean
     if np.max(np.abs(got - ref)) > MAX_ABS_DIFF:
         raise TrainingError("written ensemble disagrees with the trained models", code="ONNX_MISMATCH")
