@@ -53,6 +53,10 @@ scan` flags studies unlike them (OUT_OF_DISTRIBUTION). OUT receives fold<k>.onnx
 out-of-fold predictions, before and after calibration), oof.csv (the out-of-fold predictions)
 and epochs.csv. OUT must be new, empty, or a previous recnec ensemble (replaced).
 
+--init-from WEIGHTS fine-tunes an existing ensemble instead (the shipped weights/ or any recnec
+train --out): the same cross-validation, each fold starting from one of its models with its batch
+norms frozen (folded into the convolutions, as exported), learning rate 1e-4 unless --lr.
+
 Examples:
 
   recnec train --reproduce-shipped --out weights/      # the shipped ensemble (~20 min on 2 cores)
@@ -60,6 +64,8 @@ Examples:
   recnec train cohort/ --labels cohort/labels.csv --out my_weights/ --cache cache/
 
   recnec train cohort/ --labels labels.csv --out vgg/ --arch vgg16     # the paper's comparison
+
+  recnec train cohort/ --labels labels.csv --out site/ --init-from weights/   # fine-tune the shipped
 
 {DISCLAIMER}
 """
@@ -112,7 +118,9 @@ def train(
     labels: Optional[Path] = typer.Option(None, "--labels", help="CSV study_id,label "
                                           "(recurrence/necrosis) [default: DATA/labels.csv]", show_default=False),
     out: Path = typer.Option(..., "--out", "-o", help="Weights folder to write.", show_default=False),
-    arch: Arch = typer.Option(Arch.resnet10, "--arch", help="Network family (paper: ResNet10 best)."),
+    arch: Optional[Arch] = typer.Option(None, "--arch", help="Network family (paper: ResNet10 best) "
+                                        "[default: resnet10; with --init-from: the folder's]",
+                                        show_default=False),
     quick: bool = typer.Option(False, "--quick", help="Tiny profile for tests: 2 folds, 2 epochs, width 4."),
     folds: Optional[int] = typer.Option(None, "--folds", min=2, help="Cross-validation folds [default: 5]",
                                         show_default=False),
@@ -121,7 +129,14 @@ def train(
     patience: Optional[int] = typer.Option(None, "--patience", min=1, help="Early-stopping patience in "
                                            "epochs [default: 20]", show_default=False),
     width: Optional[int] = typer.Option(None, "--width", min=2, help="Base channel width "
-                                        "[default: 16; vgg16: 8]", show_default=False),
+                                        "[default: 16; vgg16: 8; with --init-from: the folder's]",
+                                        show_default=False),
+    lr: Optional[float] = typer.Option(None, "--lr", min=1e-7, max=1.0, help="AdamW learning rate "
+                                       "[default: 3e-4; with --init-from: 1e-4]", show_default=False),
+    init_from: Optional[Path] = typer.Option(
+        None, "--init-from", help="Fine-tune this ensemble (the shipped weights/ or any recnec train "
+        "--out) instead of starting from random weights: fold k starts from its model k mod M, same "
+        "cross-validation and manifest. resnet10/resnet18/vgg16.", show_default=False),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2, help="[default: 16]",
                                              show_default=False),
     seed: int = typer.Option(0, "--seed", help="Seed for splits, initialisation, augmentation, bootstrap."),
@@ -156,10 +171,19 @@ def train(
         setup_logging(verbose=verbose, quiet=quiet)
         from ..train.loop import make_config
 
+        arch_name = arch.value if arch is not None else None
+        if init_from is not None:
+            from ..train.init import FINE_TUNE_LR, source_architecture
+
+            if reproduce_shipped:
+                raise UsageError("--reproduce-shipped trains from scratch: drop --init-from")
+            src_arch, src_width = source_architecture(init_from)
+            arch_name, width = arch_name or src_arch, width or src_width
+            lr = lr if lr is not None else FINE_TUNE_LR
         cfg = make_config(
-            "quick" if quick else "default", arch=arch.value, folds=folds, max_epochs=epochs,
+            "quick" if quick else "default", arch=arch_name, folds=folds, max_epochs=epochs,
             patience=patience, width=width, batch_size=batch_size, seed=seed,
-            target_sensitivity=target_sensitivity, threads=threads,
+            target_sensitivity=target_sensitivity, threads=threads, lr=lr,
         )
         on_epoch = _epoch_reporter(cfg, quiet=quiet)
         if reproduce_shipped:
@@ -188,12 +212,15 @@ def train(
             elif calibration_labels is not None:
                 raise UsageError("--calibration-labels needs --calibration-data")
             command = _command_line(data, lab, out, cfg, quick=quick, cache=cache)
+            if init_from is not None:
+                command += f" --init-from {init_from}"
             if calibration_data is not None:
                 command += f" --calibration-data {calibration_data} --calibration-labels {cal_lab}"
             result = train_ensemble(
                 data, labels=lab, out=out, config=cfg, cache_dir=cache,
                 settings=_settings(device, hdbet_mode, lesion_masks, None), command=command,
                 on_epoch=on_epoch, calibration_data=calibration_data, calibration_labels=cal_lab,
+                init_from=init_from,
             )
         if not quiet:
             _print_train_summary(result.manifest, out)
@@ -207,7 +234,7 @@ def _command_line(data: Path, labels: Path, out: Path, cfg: Any, *, quick: bool,
         parts.append("--quick")
     parts += ["--arch", cfg.arch, "--folds", str(cfg.folds), "--epochs", str(cfg.max_epochs),
               "--patience", str(cfg.patience), "--width", str(cfg.width), "--batch-size", str(cfg.batch_size),
-              "--seed", str(cfg.seed), "--threads", str(cfg.threads)]
+              "--lr", f"{cfg.lr:g}", "--seed", str(cfg.seed), "--threads", str(cfg.threads)]
     if cfg.target_sensitivity is not None:
         parts += ["--target-sensitivity", str(cfg.target_sensitivity)]
     if cache is not None:

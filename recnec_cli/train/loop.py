@@ -232,9 +232,12 @@ def check_cohort_size(y: np.ndarray, folds: int) -> None:
 def train_fold(
     x: np.ndarray, y: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray, *,
     cfg: TrainConfig, fold: int, epoch_log: list[dict[str, Any]],
-    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None, init_net: nn.Module | None = None,
 ) -> tuple[nn.Module, int, float, int]:
     """Train one model on ``x[train_idx]`` with early stopping on ``x[val_idx]``.
+
+    ``init_net`` (a logits network, e.g. from :func:`recnec_cli.train.init.load_init_source`) is
+    trained in place instead of a freshly initialised ``build_model(cfg.arch, width=cfg.width)``.
 
     The kept checkpoint is the epoch (from ``select_from_epoch`` on) with the best validation AUC
     averaged over the last ``select_window`` epochs (ties: lower averaged validation loss); with
@@ -247,7 +250,7 @@ def train_fold(
     fold_seed = cfg.seed * 1000 + fold
     torch.manual_seed(fold_seed)
     rng = np.random.default_rng(fold_seed)
-    net = build_model(cfg.arch, width=cfg.width)
+    net = init_net if init_net is not None else build_model(cfg.arch, width=cfg.width)
     ytr = y[train_idx]
     n_pos = max(int(ytr.sum()), 1)
     n_neg = max(int(len(ytr) - ytr.sum()), 1)
@@ -317,9 +320,14 @@ def train_fold(
 
 def cross_validate(
     x: np.ndarray, y: np.ndarray, cfg: TrainConfig, *,
-    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None, init: Any = None,
 ) -> CVResult:
     """Stratified ``cfg.folds``-fold training; returns every fold's model and the OOF scores.
+
+    With ``init`` (:class:`~recnec_cli.train.init.InitSource`), fold ``k`` starts from a copy of
+    the source ensemble's model ``k mod M`` instead of a random initialisation (fine-tuning; the
+    source was trained on another cohort, so no held-out study was seen by its starting point
+    unless the source cohort overlaps this one).
 
     Parameters
     ----------
@@ -350,7 +358,8 @@ def cross_validate(
             tr_rel, va_rel = next(inner.split(np.zeros(len(trval_idx)), y[trval_idx]))
             train_idx, val_idx = np.sort(trval_idx[tr_rel]), np.sort(trval_idx[va_rel])
             net, best_epoch, best_auc, epochs_run = train_fold(
-                x, y, train_idx, val_idx, cfg=cfg, fold=fold, epoch_log=epoch_log, on_epoch=on_epoch)
+                x, y, train_idx, val_idx, cfg=cfg, fold=fold, epoch_log=epoch_log, on_epoch=on_epoch,
+                init_net=init.net_for_fold(fold) if init is not None else None)
             head = ProbabilityHead(net).eval()
             with torch.no_grad():
                 prob = torch.cat([head(torch.from_numpy(np.ascontiguousarray(x[test_idx[i:i + 32]])))

@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import DISCLAIMER, __version__
 from ..errors import TrainingError
-from ..stages.infer import Ensemble
+from ..stages.infer import Ensemble, sha256_file
 from ..stages.modelinput import InputSpec
 from .dataset import Cohort, load_cohort
 from .export import (MAX_ABS_DIFF, OPSET, check_out_dir, compare_with_torch, export_onnx,
@@ -64,6 +64,20 @@ def _write_epoch_log(path: Path, rows: list[dict[str, Any]]) -> None:
         w.writerows(rows)
 
 
+def model_version(cfg: TrainConfig, data_fingerprint: str, onnx_sha256: dict[str, str], *,
+                  fine_tuned: bool = False) -> str:
+    """``<recnec version>+<arch>w<width>.k<folds>.seed<seed>[.ft].<data fp 8 hex>.<weights 8 hex>``.
+
+    The last part is a digest of the ONNX files' SHA-256 (``{file: sha256}``), so two trainings
+    on the same data that give different weights (another recipe, a retrain) never share a name;
+    ``.ft`` marks an ensemble fine-tuned from another (``--init-from``).
+    """
+    from ..orchestration.state import digest
+
+    return (f"{__version__}+{cfg.arch}w{cfg.width}.k{cfg.folds}.seed{cfg.seed}{'.ft' if fine_tuned else ''}."
+            f"{data_fingerprint[:8]}.{digest([dict(sorted(onnx_sha256.items()))])[:8]}")
+
+
 def _ensemble_probability(cv: CVResult, x: np.ndarray, batch: int = 32) -> np.ndarray:
     """Mean over the fold models of the probability of recurrence for ``x`` ``(N, 3, X, Y, Z)``;
     float64 ``(N,)`` (what the exported ONNX ensemble computes, within 1e-6)."""
@@ -99,7 +113,7 @@ def train_ensemble(
     spec: InputSpec = InputSpec(), on_epoch: Callable[[dict[str, Any]], None] | None = None,
     extra_timings: dict[str, float] | None = None, data_description: str | None = None,
     calibration_data: Path | None = None, calibration_labels: Path | None = None,
-    calibration_description: str | None = None,
+    calibration_description: str | None = None, init_from: Path | None = None,
 ) -> TrainResult:
     """Train a k-fold ensemble on a labelled cohort and write it to ``out``.
 
@@ -127,6 +141,10 @@ def train_ensemble(
         the Platt map is then fitted on the **ensemble's** mean probabilities on it, the score
         that is deployed, instead of on the out-of-fold scores of single fold models (which are
         noisier than the ensemble, so a map fitted on them leaves the ensemble under-confident).
+    init_from:
+        A recnec weights folder to fine-tune (``recnec train --init-from``): fold ``k`` starts from
+        its model ``k mod M`` rebuilt by :func:`recnec_cli.train.init.load_init_source` (its
+        architecture and width must be ``config``'s); recorded in the manifest under ``init_from``.
 
     Writes ``out/fold<k>.onnx`` (k = 0..folds-1), ``roc.png`` (out-of-fold ROC), ``calibration.png``
     (out-of-fold reliability diagram, before and after the Platt map), ``oof.csv`` (out-of-fold
@@ -137,11 +155,23 @@ def train_ensemble(
     Raises
     ------
     TrainingError
-        Bad labels or tensors, too few cases, a non-empty foreign ``out``, ONNX mismatch.
+        Bad labels or tensors, too few cases, a non-empty foreign ``out``, ONNX mismatch;
+        ``USAGE_ERROR`` if ``out`` is the ``init_from`` folder; the ``INIT_*`` codes of
+        :func:`~recnec_cli.train.init.load_init_source`.
     """
     cfg = (config or make_config("default")).validate()
     t_start = time.perf_counter()
     out = Path(out)
+    init = None
+    if init_from is not None:
+        from .init import load_init_source
+
+        if out.resolve() == Path(init_from).resolve():
+            raise TrainingError("--out is the --init-from folder: write the fine-tuned ensemble to a new "
+                                "folder (the source is needed until the new one is verified)",
+                                code="USAGE_ERROR")
+        init = load_init_source(Path(init_from), spec=spec, arch=cfg.arch, width=cfg.width,
+                                threads=cfg.threads)
     t0 = time.perf_counter()
     cohort = load_cohort(Path(data), labels=Path(labels), spec=spec, settings=settings, cache_dir=cache_dir)
     t_data = time.perf_counter() - t0
@@ -156,7 +186,7 @@ def train_ensemble(
             raise TrainingError("the calibration cohort is the training cohort: give one never used for "
                                 "training", code="USAGE_ERROR")
     check_out_dir(out)  # fail before training, not after; the folder is cleared at export time
-    cv = cross_validate(cohort.x, cohort.y, cfg, on_epoch=on_epoch)
+    cv = cross_validate(cohort.x, cohort.y, cfg, on_epoch=on_epoch, init=init)
     y, oof = cohort.y, cv.oof
     choice = choose_threshold(y, oof, target_sensitivity=cfg.target_sensitivity)
     cv_metrics = summarise(y, oof, choice.value, n_boot=cfg.n_boot, seed=cfg.seed)
@@ -225,7 +255,8 @@ def train_ensemble(
     fp = cohort.fingerprint
     manifest: dict[str, Any] = {
         "format": "recnec-weights/1",
-        "model_version": f"{__version__}+{cfg.arch}w{cfg.width}.k{cfg.folds}.seed{cfg.seed}.{fp[:8]}",
+        "model_version": model_version(cfg, fp, {m["file"]: sha256_file(out / m["file"]) for m in models},
+                                       fine_tuned=init is not None),
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": command or "recnec_cli.train.train_ensemble(...)",
         "disclaimer": DISCLAIMER,
@@ -235,6 +266,7 @@ def train_ensemble(
         "output": {"name": "probability", "shape": ["N"], "meaning":
                    "probability of tumour recurrence (label 1); necrosis = label 0; ensemble score "
                    "= mean over models, recurrence if score >= threshold"},
+        **({"init_from": init.entry} if init is not None else {}),
         "threshold": float(choice.value),
         "calibration": calibration_entry,
         "applicability": applicability_entry,
