@@ -116,6 +116,9 @@ def test_cluster_scan_gives_the_rows_of_a_local_scan(tree, tmp_path, cluster, mo
     manifest = json.loads((tmp_path / "dask.manifest.json").read_text())
     assert manifest["execution"]["executor"] == "dask" and len(manifest["execution"]["workers"]) == 2
     assert "hdbet_workers" in manifest["self_test_seconds"]
+    # where the workers' HD-BET runs, from their self-test (the fake reports no provider)
+    assert manifest["hdbet_provider"] == "unknown"
+    assert any(r.getMessage() == "HD-BET runs on unknown" for r in caplog.records)
     # the worker's own log line for the failed study reached this process's log, marked by worker
     worker_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[worker tcp://")]
     assert any("sub-03" in m and "MISSING_ROLE" in m for m in worker_lines), worker_lines[-5:]
@@ -124,8 +127,9 @@ def test_cluster_scan_gives_the_rows_of_a_local_scan(tree, tmp_path, cluster, mo
     assert "sub-03_T1w.nii.gz=T1" in missing and "sub-03_ce-gadolinium_T1w.nii.gz=T1ce" in missing
 
 
-def test_a_worker_killed_mid_study_is_retried_and_every_study_is_reported_once(tree, tmp_path, cluster):
+def test_a_worker_killed_mid_study_is_retried_and_every_study_is_reported_once(tree, tmp_path, cluster, caplog):
     cl, client = cluster
+    caplog.set_level(logging.INFO, logger="recnec_cli")
     studies = _copy(tree, tmp_path / "studies", {sid: (phantoms.SLOW_FLAG, "1.5") for sid in ("sub-00", "sub-01",
                                                                                                "sub-02")})
     killed: list[int] = []
@@ -150,6 +154,10 @@ def test_a_worker_killed_mid_study_is_retried_and_every_study_is_reported_once(t
     assert sorted(r["study_id"] for r in rows) == ["sub-00", "sub-01", "sub-02"]  # each exactly once
     assert {r["status"] for r in rows} == {"OK"}, [(r["study_id"], r["error_message"]) for r in rows]
     assert summary.exit_code == 0 and summary.counts["processed"] == 3
+    # the lost worker is a line of the run log, at WARNING
+    left = [r for r in caplog.records if "left the cluster" in r.getMessage()]
+    assert any(r.levelno == logging.WARNING and "while running" in r.getMessage() for r in left), \
+        [r.getMessage() for r in caplog.records][-10:]
 
 
 @pytest.mark.slow  # two worker restarts (~15 s)

@@ -147,3 +147,15 @@ def test_hdbet_device_follows_onnx_runtime_for_the_onnx_backend(tmp_path, tiny):
         with pytest.raises(EnvironmentBroken) as err:
             hdbet_onnx.OnnxFold(path, device=0)
         assert err.value.code == "CUDA_UNAVAILABLE"
+
+
+def test_torch_backend_says_where_hd_bet_runs(caplog):
+    """The torch backend logs where its forward passes run, as the ONNX backend does."""
+    import logging
+
+    from recnec_cli.stages.skullstrip import HdBet
+
+    caplog.set_level(logging.INFO, logger="recnec_cli")
+    h = HdBet(backend="torch")
+    assert h.provider == "torch-cpu"
+    assert "HD-BET fast via torch (torch-cpu)" in [r.getMessage() for r in caplog.records]

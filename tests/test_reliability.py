@@ -148,6 +148,10 @@ def test_shipped_weights_calibrate_and_know_their_inputs() -> None:
     bad = ens.predict(swapped)
     assert bad.out_of_distribution.all(), bad.distance
     assert np.isfinite(bad.probability).all()
+    # probabilities only (the occlusion map's passes): same probabilities, no distance, no flag
+    quick = ens.predict(swapped, applicability=False)
+    np.testing.assert_array_equal(quick.probability, bad.probability)
+    assert np.isnan(quick.distance).all() and not quick.out_of_distribution.any()
 
 
 def test_report_row_says_applicability_and_flags_it() -> None:

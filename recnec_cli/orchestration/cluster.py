@@ -169,10 +169,33 @@ def _handle_worker_log(event: Any) -> None:
     logging.getLogger(record.name).handle(record)
 
 
+#: the scheduler's own event topic: it logs ``add-worker`` / ``remove-worker`` there
+#: (``distributed.Scheduler.add_worker`` / ``remove_worker``, ``log_event("all", ...)``)
+CLUSTER_TOPIC = "all"
+
+
+def _handle_cluster_event(event: Any) -> None:
+    """On the client: a worker joining or leaving the cluster becomes a line of the run log
+    (WARNING when it left unexpectedly, e.g. killed or out of memory; its studies are retried)."""
+    _, msg = event
+    if not isinstance(msg, dict):
+        return
+    action, worker = msg.get("action"), msg.get("worker", "?")
+    if action == "remove-worker":
+        n = len(msg.get("processing-tasks") or ())
+        busy = f" while running {n} task(s), which the scheduler retries elsewhere" if n else ""
+        log.log(logging.INFO if msg.get("expected") else logging.WARNING,
+                "Dask worker %s left the cluster%s%s", worker, busy,
+                "" if msg.get("expected") else " (unexpected: killed, out of memory or its machine gone?)")
+    elif action == "add-worker":
+        log.info("Dask worker %s joined the cluster", worker)
+
+
 def worker_check(settings: Settings, model_version: str | None = None) -> dict[str, Any]:
     """The start-up self-test on one worker: HD-BET's networks (loaded and kept), and with
     ``model_version`` the ensemble as well (loaded from ``settings.weights_dir``, SHA-256 checked,
-    same model version as the client's). Returns the worker's recnec version and process id.
+    same model version as the client's). Returns the worker's recnec version, process id and
+    where its HD-BET runs (``hdbet_provider``, e.g. ``CPUExecutionProvider``).
 
     Raises
     ------
@@ -183,14 +206,14 @@ def worker_check(settings: Settings, model_version: str | None = None) -> dict[s
     from .. import __version__
     from .execution import worker_ensemble, worker_self_test
 
-    worker_self_test(settings)
+    provider = worker_self_test(settings)
     if model_version is not None:
         ens = worker_ensemble(settings)
         if ens.model_version != model_version:
             raise EnvironmentBroken(f"the ensemble a worker loaded from {settings.weights_dir} is "
                                     f"{ens.model_version}, the client's is {model_version}: the workers must see "
                                     "the client's weights folder (a shared path)", code="WEIGHTS_DIFFER")
-    return {"recnec": __version__, "pid": os.getpid()}
+    return {"recnec": __version__, "pid": os.getpid(), "hdbet_provider": provider}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,6 +263,7 @@ class DaskExecutor(cf.Executor):
         self._slots = (0.0, 0)
         self._seq = 0
         client.subscribe_topic(LOG_TOPIC, _handle_worker_log)
+        client.subscribe_topic(CLUSTER_TOPIC, _handle_cluster_event)
         client.register_plugin(RecnecWorkerPlugin(worker_hooks, log_level, threads), name=PLUGIN_NAME)
         self._watchdog = threading.Thread(target=self._watch, name="recnec-study-timeouts", daemon=True)
         self._watchdog.start()
@@ -474,6 +498,7 @@ class DaskExecutor(cf.Executor):
             if self.client.status == "running":
                 self.client.unregister_worker_plugin(PLUGIN_NAME)
                 self.client.unsubscribe_topic(LOG_TOPIC)
+                self.client.unsubscribe_topic(CLUSTER_TOPIC)
         except Exception as exc:  # noqa: BLE001 - a scheduler already gone: nothing left to tidy
             log.debug("Dask clean-up: %s", type(exc).__name__)
         finally:

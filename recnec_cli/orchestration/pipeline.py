@@ -41,6 +41,7 @@ from ..config import Settings
 from ..devices import prepare_torch, resolve_hdbet_device
 from ..errors import EnvironmentBroken, LesionError, RecnecError, RegistrationError
 from ..naming import safe_component
+from ..qc.captions import qc_header, qc_result_line
 from ..stages.modelinput import InputSpec, box_affine, make_model_input
 from ..study import RoleAssignment, SeriesRole, Study, StudyImages, Volume
 
@@ -437,45 +438,6 @@ def qc_name_of(study: Study, settings: Settings, key: Any = None) -> str:
     return qc_stem(study.study_id, study.source, key)
 
 
-def _roles_text(r: StudyResult) -> str:
-    """``T1 = series 3 (0.97) · T2 ...``: roles with confidence (series numbers for DICOM only:
-    NIfTI file names can hold what the folder is named after)."""
-    if r.assignment is None or not r.assignment.chosen:
-        return "roles: not assigned"
-    conf = {d.series_id: d.confidence for d in r.assignment.decisions}
-    parts = []
-    for role in SeriesRole.model_roles():
-        series = r.assignment.chosen.get(role)
-        if series is None:
-            parts.append(f"{role.value} missing")
-            continue
-        num = f" = series {series.header.series_number}" if series.source == "dicom" and \
-            series.header.series_number is not None else ""
-        c = conf.get(series.series_id)
-        parts.append(f"{role.value}{num}" + (f" ({c:.2f})" if c is not None else ""))
-    return "roles: " + ", ".join(parts)
-
-
-def _qc_header(r: StudyResult, name: str) -> str:
-    """First header line of a QC picture: QC id, patient pseudonym, roles, lesion."""
-    p = r.preprocessed
-    lesion = f" · lesion {p.lesion_volume_ml:.2f} mL ({p.lesion_source})" if p is not None else ""
-    return (f"recnec QC · study {name} · patient {r.study.patient_pseudonym or '-'} · {_roles_text(r)}"
-            f"{lesion}")
-
-
-def _qc_result_line(r: StudyResult, threshold: float | None) -> str:
-    """Second header line: probability, spread and label, or the failure (code and stage only:
-    messages can name files)."""
-    if r.ok and r.probability is not None:
-        thr = f" at threshold {threshold:.3f}" if threshold is not None else ""
-        return (f"p(recurrence) {r.probability:.3f} · ensemble spread {r.spread:.3f} · label {r.label}{thr}"
-                " · research use only")
-    if r.ok:
-        return "status OK: awaiting inference"
-    return f"status {r.status} (stage {r.failed_stage or '?'})"
-
-
 def _draw_study_picture(r: StudyResult, snap: Any, *, settings: Settings, qc_name: str | None) -> None:
     """Write the study picture of ``r`` into ``settings.qc_dir``; a drawing error is logged and
     never changes the study's row (the picture is a view of the result, not part of it)."""
@@ -487,7 +449,7 @@ def _draw_study_picture(r: StudyResult, snap: Any, *, settings: Settings, qc_nam
         name = qc_name or qc_name_of(r.study, settings)
         r.qc["name"] = name
         qc_dir = Path(settings.qc_dir)  # type: ignore[arg-type]
-        pic = render_study(snap, qc_dir / f"{name}.png", header=[_qc_header(r, name), _qc_result_line(r, None)],
+        pic = render_study(snap, qc_dir / f"{name}.png", header=[qc_header(r, name), qc_result_line(r, None)],
                            name=name, thumb=qc_dir / thumb_name(f"{name}.png"))
         if pic is not None:
             r.qc["png"] = pic.path.name
@@ -509,13 +471,13 @@ def finish_qc(r: StudyResult, *, ensemble: Any, settings: Settings) -> None:
     if settings.qc_dir is None:
         return
     qc_dir = Path(settings.qc_dir)
-    threshold = _report_threshold(ensemble)
+    threshold = report_threshold_of(ensemble)
     t_start = t0 = time.perf_counter()
     try:
         if r.qc.get("png"):
             from ..qc.figures import stamp_result
 
-            stamp_result(qc_dir / r.qc["png"], _qc_result_line(r, threshold))
+            stamp_result(qc_dir / r.qc["png"], qc_result_line(r, threshold))
     except Exception as exc:  # noqa: BLE001 - see _draw_study_picture
         log.warning("study %s: QC result line not drawn (%s)", study_key(r.study), type(exc).__name__)
         log.debug("QC stamp error:\n%s", traceback.format_exc())
@@ -549,11 +511,11 @@ def _draw_explanation(r: StudyResult, *, ensemble: Any, settings: Settings, thre
              f"model box {spec.size_vox[0] * spec.spacing_mm:g} mm centred on the lesion"]
     path = Path(settings.qc_dir) / f"{name}.explain.png"  # type: ignore[arg-type]
     render_explanation(t1ce, occ.delta, box_affine(pre.lesion_centroid_ras_mm, spec), path,  # type: ignore[union-attr]
-                       header=[_qc_header(r, name), _qc_result_line(r, threshold)], name=name, notes=notes)
+                       header=[qc_header(r, name), qc_result_line(r, threshold)], name=name, notes=notes)
     r.qc["explain"] = path.name
 
 
-def _report_threshold(ensemble: Any) -> float | None:
+def report_threshold_of(ensemble: Any) -> float | None:
     """The ensemble's threshold on the reported (calibrated) probability, or ``None``."""
     if ensemble is None:
         return None

@@ -39,7 +39,7 @@ from typing import Any, Iterable, Sequence
 from .. import DISCLAIMER
 from ..provenance import SCAN_DISTRIBUTIONS, library_versions
 from ..stages.applicability import OOD_FLAG
-from .pipeline import STAGES, StudyResult, _report_threshold
+from .pipeline import STAGES, StudyResult, report_threshold_of
 from ..study import SeriesRole
 
 ROLE_PREFIX = {SeriesRole.T1: "t1", SeriesRole.T2: "t2", SeriesRole.T1CE: "t1ce"}
@@ -190,7 +190,7 @@ def run_manifest(*, settings_dict: dict[str, Any], ensemble: Any, rows: Iterable
         "status_counts": statuses,
         "execution_provider": getattr(ensemble, "provider", None),
         "model_version": getattr(ensemble, "model_version", None),
-        "threshold": _report_threshold(ensemble),
+        "threshold": report_threshold_of(ensemble),
         "model_checksums": dict(getattr(ensemble, "checksums", {}) or {}),
         "pixel_decoders": dict(decoders or {}),
         "settings": settings_dict,

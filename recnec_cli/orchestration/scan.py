@@ -66,7 +66,7 @@ from .execution import (
 )
 from .fingerprint import _model_version, folder_newest_mtimes, study_files, study_fingerprint, tree_listing
 from .paths import check_scan_paths, output_paths
-from .pipeline import Resources, StudyResult, _report_threshold, finish_qc, infer_batch, qc_name_of, study_key
+from .pipeline import Resources, StudyResult, report_threshold_of, finish_qc, infer_batch, qc_name_of, study_key
 from .report import COLUMNS, ROW_DISCLAIMER, atomic_write_text, result_row, run_manifest, write_report
 from .selftest import self_test
 from .state import ScanState, StoredStudy, digest
@@ -506,13 +506,16 @@ def _process(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dic
         ens = resources.ensemble
         ctx.ensemble, ctx.decoders = ens, resources.decoders
         log.info("ensemble %s: %d models, provider %s, threshold %.3f (calibrated scale)", ens.model_version,
-                 ens.n_models, ens.provider, _report_threshold(ens))
+                 ens.n_models, ens.provider, report_threshold_of(ens))
         if run_self_test:
             ctx.self_test_s = self_test(resources)
             if own_pool is not None and hasattr(own_pool, "self_test"):  # a cluster: every worker checks itself
                 t0 = time.perf_counter()
-                own_pool.self_test(worker_settings,
-                                   model_version=ens.model_version if own_pool.remote_inference else None)
+                checks = own_pool.self_test(
+                    worker_settings, model_version=ens.model_version if own_pool.remote_inference else None)
+                # where HD-BET runs, over the workers (one value on a uniform cluster)
+                ctx.hdbet_provider = ",".join(sorted({str(c.get("hdbet_provider", "unknown"))
+                                                      for c in (checks or {}).values()}))
                 ctx.self_test_s = {**ctx.self_test_s, "hdbet_workers": time.perf_counter() - t0}
             elif own_pool is not None:  # HD-BET's check runs in a worker (and warms it)
                 t0 = time.perf_counter()
@@ -562,7 +565,7 @@ def _loop(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dict[s
 
     def finish(r: StudyResult) -> None:
         finish_qc(r, ensemble=ens, settings=s)  # result line on the picture, explanation map (--qc)
-        row = result_row(r, threshold=_report_threshold(ens), model_version=ens.model_version,
+        row = result_row(r, threshold=report_threshold_of(ens), model_version=ens.model_version,
                          dicom_locations=dicom_locations)
         ctx.state.put(r.study.study_id, fingerprint=fingerprints[r.study.study_id], status=r.status, row=row,
                       run_id=ctx.run_id, processed_utc=_iso(datetime.now(timezone.utc)))

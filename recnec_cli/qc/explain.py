@@ -111,7 +111,7 @@ def occlusion_sensitivity(ensemble: Any, x: np.ndarray, *, patch_vox: int | None
         xs = np.repeat(x[None], len(chunk), axis=0)
         for n, (i, j, k) in enumerate(chunk):
             xs[n, :, i:i + patch, j:j + patch, k:k + patch] = fill
-        p = np.asarray(_probability(ensemble.predict(xs)), dtype=np.float64)
+        p = np.asarray(_probability(ensemble.predict(xs, applicability=False)), dtype=np.float64)
         for n, (i, j, k) in enumerate(chunk):
             acc[i:i + patch, j:j + patch, k:k + patch] += p0 - p[n]
             cnt[i:i + patch, j:j + patch, k:k + patch] += 1.0

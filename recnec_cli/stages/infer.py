@@ -383,7 +383,8 @@ class Ensemble:
             _sessions=sessions,
         )
 
-    def predict(self, x: np.ndarray, *, batch_size: int | None = None) -> EnsemblePrediction:
+    def predict(self, x: np.ndarray, *, batch_size: int | None = None,
+                applicability: bool = True) -> EnsemblePrediction:
         """Probability of recurrence for ``N`` model-input tensors.
 
         Parameters
@@ -394,6 +395,10 @@ class Ensemble:
             A single tensor ``(C, X, Y, Z)`` is accepted as ``N = 1``.
         batch_size:
             Studies per ONNX Runtime call (memory bound); ``None`` runs all ``N`` at once.
+        applicability:
+            Compute the applicability distance (``False``: ``distance`` is NaN and nothing is
+            flagged; for callers that only need probabilities of perturbed copies, e.g. the
+            occlusion map's hundreds of passes).
 
         Returns
         -------
@@ -436,7 +441,7 @@ class Ensemble:
         if not np.isfinite(per_model).all():
             raise InferenceError("ensemble returned non-finite probabilities", code="INFERENCE_FAILED")
         mean = per_model.mean(axis=0) if n else np.zeros(0)
-        if self.applicability is not None and n:
+        if applicability and self.applicability is not None and n:
             distance = self.applicability.distance(x)
             ood = distance > self.applicability.threshold
         else:

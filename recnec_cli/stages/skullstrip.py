@@ -151,6 +151,8 @@ class HdBet:
                 self._folds.append(hdbet_onnx.OnnxFold(onnx_path, device=device, threads=threads))
             self._nets = []  # the torch networks were needed for the export only
             log.info("HD-BET %s via ONNX Runtime (%s)", mode, self._folds[0].provider)
+        else:
+            log.info("HD-BET %s via torch (%s)", mode, self.provider)
 
     @property
     def provider(self) -> str:
