@@ -12,7 +12,8 @@ it is used").
    OUT_OF_DISTRIBUTION counts and the largest per-subject differences.
 
 ``--jobs 2`` preprocesses the study folders in two processes (one thread each) to fill the cache
-first. Rerunning with the same ``--out`` and ``--cache`` reuses everything already computed.
+first. Rerunning from the same folder with the same ``--out`` and ``--cache`` reuses everything
+already computed (the cache keys on the input paths as typed: keep them relative or absolute).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_study_folder_gap.py --n 100 [--jobs 2] [--out gap/]
 """
@@ -36,7 +37,7 @@ RECNEC = Path(sys.executable).with_name("recnec")  # the virtualenv's entry poin
 def _run(args: list[str], *, wait: bool = True) -> subprocess.Popen | None:
     print("$ recnec", " ".join(args), flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.Popen([str(RECNEC), *args], cwd=REPO, env=env)
+    proc = subprocess.Popen([str(RECNEC), *args], env=env)  # in the caller's folder: paths as typed
     if wait:
         if proc.wait() != 0:
             raise SystemExit(f"recnec {args[0]} failed ({proc.returncode})")
@@ -80,11 +81,13 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None,
                     help="existing model-space cohort of the same subjects [default: OUT/model-seedS]")
     a = ap.parse_args()
-    out = a.out.resolve()
+    # paths stay as typed: the tensor cache keys on the input files' paths, so a cache filled
+    # with relative paths is only hit with the same relative paths
+    out = a.out
     out.mkdir(parents=True, exist_ok=True)
-    cache = (a.cache or out / "cache").resolve()
-    sf = (a.studies or out / f"studies-seed{a.seed}").resolve()
-    ms = (a.model or out / f"model-seed{a.seed}").resolve()
+    cache = a.cache or out / "cache"
+    sf = a.studies or out / f"studies-seed{a.seed}"
+    ms = a.model or out / f"model-seed{a.seed}"
     t0 = time.perf_counter()
     if not (sf / "labels.csv").is_file():
         _run(["synth", str(sf), "--n", str(a.n), "--seed", str(a.seed), "--ratio", a.ratio, "-q"])
