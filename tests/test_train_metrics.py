@@ -241,6 +241,22 @@ def _nifti_study(root: Path, sid: str, *, seed: int) -> Path:
     return root / sid
 
 
+def test_cache_key_does_not_depend_on_how_the_folder_is_spelled(tmp_path: Path, monkeypatch) -> None:
+    """``recnec train cohort/`` and ``recnec evaluate /abs/cohort`` hit the same cached tensors."""
+    from recnec_cli.config import Settings
+    from recnec_cli.train.dataset import cache_key
+
+    (tmp_path / "c").mkdir()
+    img = tmp_path / "c" / "a.nii"
+    _nifti(img, np.zeros((8, 8, 8), np.float32))
+    monkeypatch.chdir(tmp_path)
+    spec = InputSpec()
+    key = cache_key("s", spec, Settings(lesion_masks_dir=Path("masks")), inputs=[Path("c/a.nii")])
+    assert cache_key("s", spec, Settings(lesion_masks_dir=tmp_path / "masks"), inputs=[img]) == key
+    assert cache_key("s", spec, Settings(lesion_masks_dir=Path("./masks")), inputs=[Path("./c/a.nii")]) == key
+    assert cache_key("s", spec, Settings(lesion_masks_dir=Path("other")), inputs=[img]) != key
+
+
 def test_cache_key_follows_input_files(tmp_path: Path) -> None:
     """The cache key changes when an input image or the lesion mask is rewritten with other
     voxels (even with the same size and mtime), and only then."""

@@ -24,6 +24,7 @@ import csv
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -194,6 +195,7 @@ def study_inputs(study: Study, settings: Any) -> list[Path]:
 def _file_state(path: Path) -> list[Any]:
     """``[path, size, mtime_ns, sha256 | None]`` of one input file (``[path, None, None, None]`` if
     it is gone: the study will fail, and must not hit a stale cache entry)."""
+    path = Path(os.path.abspath(path))  # one key however the folder was spelled (relative, ./, absolute)
     try:
         st = path.stat()
     except OSError:
@@ -214,7 +216,7 @@ def cache_key(study_id: str, spec: InputSpec, settings: Any, *,
     :data:`CONTENT_HASH_MAX_BYTES`), see :func:`study_inputs`. A changed image, sidecar, lesion
     mask or rules file gives a new key, so a stale tensor is never reused."""
     relevant = {
-        k: str(getattr(settings, k, None))
+        k: str(os.path.abspath(v) if isinstance(v := getattr(settings, k, None), Path) else v)
         for k in ("grid_spacing_mm", "hdbet_mode", "hdbet_tta", "hdbet_backend", "lesion_masks_dir", "rules_file",
                   "allow_derived", "anisotropy_limit", "role_confidence_threshold",
                   "lesion_min_volume_ml")
