@@ -12,8 +12,7 @@ it is used").
    OUT_OF_DISTRIBUTION counts and the largest per-subject differences.
 
 ``--jobs 2`` preprocesses the study folders in two processes (one thread each) to fill the cache
-first. Rerunning from the same folder with the same ``--out`` and ``--cache`` reuses everything
-already computed (the cache keys on the input paths as typed: keep them relative or absolute).
+first. Rerunning with the same ``--out`` and ``--cache`` reuses everything already computed.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_study_folder_gap.py --n 100 [--jobs 2] [--out gap/]
 """
@@ -81,8 +80,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None,
                     help="existing model-space cohort of the same subjects [default: OUT/model-seedS]")
     a = ap.parse_args()
-    # paths stay as typed: the tensor cache keys on the input files' paths, so a cache filled
-    # with relative paths is only hit with the same relative paths
+    # paths stay as typed (relative to the folder the script was started in)
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
     cache = a.cache or out / "cache"
