@@ -25,7 +25,7 @@ shipped ~12 min; resnet18 w8, vgg16 w8, densenet121 w4 growth-scaled by MONAI's 
 check the script (minutes; the figures mean nothing).
 
     OMP_NUM_THREADS=2 python benchmarks/bench_paper_table.py [--out paper_table/] [--archs resnet10 vgg16]
-        [--quick] [--reuse-shipped]
+        [--quick] [--reuse-shipped] [--threads 2]
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reuse-shipped", action="store_true",
                     help="use weights/ as the resnet10 w16 ensemble (trained by the same recipe)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for the archs trained here")
     args = ap.parse_args()
     out = args.out.resolve()
     n = "40" if args.quick else "234"
@@ -88,7 +89,7 @@ def main() -> None:
             shutil.copytree(REPO / "weights", w)
             print(f"resnet10 w16: the shipped weights ({shipped['model_version']}), not trained again")
         if not (w / "manifest.json").exists():
-            threads = "1" if arch == "resnet10" else "2"
+            threads = "1" if arch == "resnet10" else str(args.threads)
             extra = ["--quick"] if args.quick else ["--width", str(WIDTHS[arch]), "--threads", threads]
             _run(["train", str(train_c), "--out", str(w), "--arch", arch, "--calibration-data", str(cal_c), *extra])
         ev = out / f"fresh-{arch}.json"
