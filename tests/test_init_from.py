@@ -206,3 +206,23 @@ def test_cli_refuses_to_overwrite_the_source(tmp_path: Path, small_cohort: Path)
                               "--init-from", str(src), "--quiet"])
     assert res.exit_code != 0 and "--init-from folder" in res.output, res.output
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
+def test_fine_tuning_from_an_ensemble_of_the_same_cohort_is_flagged(small_cohort: Path, tmp_path: Path,
+                                                                    caplog) -> None:
+    """A start trained on the very cohort has seen every held-out study: warned and recorded."""
+    import logging
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    res = runner.invoke(app, ["train", str(small_cohort), "--out", str(first), "--quick", "--quiet"])
+    assert res.exit_code == 0, res.output
+    caplog.set_level(logging.WARNING, logger="recnec_cli")
+    res = runner.invoke(app, ["train", str(small_cohort), "--out", str(second), "--quick",
+                              "--init-from", str(first), "--quiet"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((second / "manifest.json").read_text())
+    assert "optimistic" in m["init_from"]["warning"]
+    assert m["init_from"]["source_data_fingerprint_sha256"] == m["data"]["fingerprint_sha256"]
+    assert "trained on this very cohort" in res.output  # --quiet still prints warnings
+    shipped = json.loads((first / "manifest.json").read_text())
+    assert shipped["data"]["fingerprint_sha256"] == m["data"]["fingerprint_sha256"]

@@ -135,8 +135,9 @@ def train(
                                        "[default: 3e-4; with --init-from: 1e-4]", show_default=False),
     init_from: Optional[Path] = typer.Option(
         None, "--init-from", help="Fine-tune this ensemble (the shipped weights/ or any recnec train "
-        "--out) instead of starting from random weights: fold k starts from its model k mod M, same "
-        "cross-validation and manifest. resnet10/resnet18/vgg16.", show_default=False),
+        "--out; checksums verified first; not the --out folder) instead of random weights: fold k starts "
+        "from its model k mod M, same cross-validation and manifest. resnet10, resnet18 and vgg16 only "
+        "(densenet121: INIT_UNSUPPORTED).", show_default=False),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2, help="[default: 16]",
                                              show_default=False),
     seed: int = typer.Option(0, "--seed", help="Seed for splits, initialisation, augmentation, bootstrap."),

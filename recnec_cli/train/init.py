@@ -248,6 +248,7 @@ def load_init_source(weights_dir: Path, *, spec: InputSpec = InputSpec(), arch: 
                   "convolution (frozen batch-norm statistics), then trained with this manifest's "
                   "recipe; recnec_cli.train.init",
         "source_data": (manifest.get("data") or {}).get("description", "unknown"),
+        "source_data_fingerprint_sha256": (manifest.get("data") or {}).get("fingerprint_sha256"),
     }
     log.info("--init-from: %d %s w%d models rebuilt from %s (%s)", len(nets), s_arch, s_width,
              weights_dir, entry["model_version"])

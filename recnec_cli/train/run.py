@@ -177,6 +177,10 @@ def train_ensemble(
     t_data = time.perf_counter() - t0
     log.info("cohort: %d studies (%s) from %s, fingerprint %s", len(cohort.y), cohort.counts,
              cohort.source, cohort.fingerprint[:12])
+    if init is not None and init.entry.get("source_data_fingerprint_sha256") == cohort.fingerprint:
+        log.warning("--init-from %s was trained on this very cohort: every held-out study was seen by its "
+                    "starting point, so the cross-validated figures are optimistic", init_from)
+        init.entry["warning"] = "source trained on this cohort: cross-validated figures are optimistic"
     cal_cohort = None
     if calibration_data is not None:  # read and checked before training, not after
         cal_cohort = load_cohort(Path(calibration_data), labels=Path(calibration_labels or
