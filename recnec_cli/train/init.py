@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import RecnecError, TrainingError
-from ..stages.infer import INPUT_NAME, OUTPUT_NAME, read_manifest
+from ..stages.infer import read_manifest
 from ..stages.modelinput import InputSpec
 from .models import ARCHS, ProbabilityHead, build_model
 
@@ -176,15 +176,22 @@ def network_from_onnx(path: Path, *, arch: str, width: int, spec: InputSpec = In
     return net.eval()
 
 
-def source_architecture(weights_dir: Path) -> tuple[str, int]:
-    """``(arch, width)`` of a weights folder's models, read from its manifest (not verified here;
-    :func:`load_init_source` verifies). Raises :class:`TrainingError` ``INIT_UNREADABLE``."""
+def _source_manifest(weights_dir: Path, *, verify: bool) -> dict[str, Any]:
+    """:func:`~recnec_cli.stages.infer.read_manifest`, its errors re-raised as ``INIT_UNREADABLE``
+    (the underlying message and code kept in the text)."""
     try:
-        models = read_manifest(Path(weights_dir), verify=False)["models"]
-        return str(models[0]["arch"]), int(models[0]["width"])
+        return read_manifest(Path(weights_dir), verify=verify)
     except RecnecError as exc:
         raise TrainingError(f"--init-from {weights_dir}: {exc.message} ({exc.code})",
                             code="INIT_UNREADABLE") from None
+
+
+def source_architecture(weights_dir: Path) -> tuple[str, int]:
+    """``(arch, width)`` of a weights folder's models, read from its manifest (not verified here;
+    :func:`load_init_source` verifies). Raises :class:`TrainingError` ``INIT_UNREADABLE``."""
+    models = _source_manifest(weights_dir, verify=False)["models"]
+    try:
+        return str(models[0]["arch"]), int(models[0]["width"])
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise TrainingError(f"--init-from {weights_dir}: no architecture in its manifest ({exc})",
                             code="INIT_UNREADABLE") from None
@@ -211,11 +218,9 @@ def load_init_source(weights_dir: Path, *, spec: InputSpec = InputSpec(), arch: 
         corrupt folder: the underlying weights error's message and code are kept in the text).
     """
     weights_dir = Path(weights_dir)
+    manifest = _source_manifest(weights_dir, verify=True)
     try:
-        manifest = read_manifest(weights_dir, verify=True)
         src_spec = InputSpec.from_dict(manifest["input"])
-    except RecnecError as exc:
-        raise TrainingError(f"--init-from {weights_dir}: {exc.message} ({exc.code})", code="INIT_UNREADABLE") from None
     except (KeyError, TypeError, ValueError) as exc:
         raise TrainingError(f"--init-from {weights_dir}: unreadable input recipe ({exc})",
                             code="INIT_UNREADABLE") from None

@@ -75,7 +75,7 @@ def model_version(cfg: TrainConfig, data_fingerprint: str, onnx_sha256: dict[str
     from ..orchestration.state import digest
 
     return (f"{__version__}+{cfg.arch}w{cfg.width}.k{cfg.folds}.seed{cfg.seed}{'.ft' if fine_tuned else ''}."
-            f"{data_fingerprint[:8]}.{digest([dict(sorted(onnx_sha256.items()))])[:8]}")
+            f"{data_fingerprint[:8]}.{digest([onnx_sha256])[:8]}")
 
 
 def _ensemble_probability(cv: CVResult, x: np.ndarray, batch: int = 32) -> np.ndarray:
