@@ -76,18 +76,25 @@ class FakeHdBet:
     """Stands in for :class:`recnec_cli.stages.skullstrip.HdBet`: the brain ellipsoid of the phantom.
 
     ``calls`` counts :meth:`brain_mask` calls; ``sleep_s`` makes each call take that long (for
-    tests that must kill or signal a run while a study is in progress).
+    tests that must kill or signal a run while a study is in progress). When the environment names
+    a file in ``RECNEC_TEST_BUSY_MARK``, each call creates it first, so such a test can wait until a
+    study really is in progress instead of guessing with a sleep.
     """
 
     def __init__(self, sleep_s: float = 0.0) -> None:
+        import os
+
         self.calls = 0
         self.sleep_s = sleep_s
+        self.busy_mark = os.environ.get("RECNEC_TEST_BUSY_MARK")
 
     def check_networks(self) -> None:
         """The self-test hook of the real HdBet: nothing to check here."""
 
     def brain_mask(self, volume) -> np.ndarray:  # noqa: ANN001
         self.calls += 1
+        if self.busy_mark:
+            Path(self.busy_mark).touch()
         if self.sleep_s:
             time.sleep(self.sleep_s)
         return brain_ellipsoid(np.shape(volume.data), np.asarray(volume.affine, dtype=float))

@@ -62,8 +62,10 @@ def _settings(**kw):
     return resolve_settings({"threads": 1, "grid_spacing_mm": 2.0, **kw})
 
 
-def _child(studies: Path, out: Path, sleep_s: float, **extra) -> subprocess.Popen:
+def _child(studies: Path, out: Path, sleep_s: float, busy_mark: Path | None = None, **extra) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if busy_mark is not None:  # the fake HD-BET creates it when a study reaches skull stripping
+        env["RECNEC_TEST_BUSY_MARK"] = str(busy_mark)
     extra.setdefault("settings", {"threads": 1, "grid_spacing_mm": 2.0})
     return subprocess.Popen([sys.executable, "-c", phantoms.FAKE_HDBET_SCRIPT, str(studies), str(out), str(sleep_s),
                              json.dumps(extra), str(TESTS)], env=env, stdout=subprocess.PIPE,
@@ -396,9 +398,14 @@ def test_second_sigterm_stops_at_once_with_143(phantom_tree, tmp_path):
     studies = _copy(phantom_tree, tmp_path)
     out = tmp_path / "report.csv"
     state = tmp_path / "report.state.sqlite"
-    proc = _child(studies, out, sleep_s=3.0)
-    _wait_for(lambda: _has_run(state), 120, proc)
-    time.sleep(1.0)
+    busy = tmp_path / "busy"
+    proc = _child(studies, out, sleep_s=6.0, busy_mark=busy)
+    # both signals must reach the run while a study is in progress (inside the fake HD-BET's 6 s),
+    # not while the run is still starting or already exiting: a loaded CI machine once took so
+    # long to start the first study that the run ended on the first SIGTERM and the second one
+    # hit the interpreter's shutdown (-15)
+    _wait_for(busy.exists, 120, proc)
+    time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
