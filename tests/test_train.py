@@ -225,6 +225,35 @@ def test_out_folder_with_foreign_files_refused(cohort: Path, tmp_path: Path) -> 
     assert (out / "thesis.docx").read_text() == "precious"
 
 
+def test_diverged_training_exports_nothing_and_keeps_the_previous_ensemble(
+        quick_weights: Path, cohort: Path, tmp_path: Path) -> None:
+    """At --lr 1 the logits blow up and each fold's kept model gives every held-out study one
+    probability: the run must fail with TRAINING_DIVERGED, not export an AUC-0.5 ensemble over
+    the previous one."""
+    import shutil
+
+    out = tmp_path / "weights"
+    shutil.copytree(quick_weights, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    res = runner.invoke(app, ["train", str(cohort), "--out", str(out), "--quick", "--lr", "1", "--quiet"])
+    assert res.exit_code != 0 and "TRAINING_DIVERGED" in res.output and "lower --lr" in res.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_non_finite_loss_is_divergence() -> None:
+    from recnec_cli.train.loop import _check_not_collapsed, _check_not_diverged
+
+    _check_not_diverged(0, 3, 0.7, np.array([0.1, -0.2]), 3e-4)  # finite: no error
+    for loss, logits in [(float("nan"), np.array([0.1, 0.2])), (0.7, np.array([0.1, np.inf]))]:
+        with pytest.raises(TrainingError) as ei:
+            _check_not_diverged(0, 3, loss, logits, 3e-4)
+        assert ei.value.code == "TRAINING_DIVERGED" and "epoch 3" in ei.value.message
+    _check_not_collapsed(0, 3, np.array([0.30, 0.31]), 3e-4)
+    with pytest.raises(TrainingError) as ei:
+        _check_not_collapsed(0, 3, np.array([1.0, 1.0, 1.0]), 3e-4)
+    assert ei.value.code == "TRAINING_DIVERGED"
+
+
 def test_too_few_cases(tmp_path: Path) -> None:
     from recnec_cli.train.loop import check_cohort_size
 

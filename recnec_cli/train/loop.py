@@ -283,6 +283,7 @@ def train_fold(
             losses.append(float(loss.detach()))
         sched.step()
         logits = predict_logits(net, xv)
+        _check_not_diverged(fold, epoch, float(np.mean(losses)), logits, cfg.lr)
         val_loss = float(loss_fn(torch.from_numpy(logits.astype(np.float32)).reshape(-1, 1),
                                  yv_t.reshape(-1, 1)))
         val_auc = auc_score(y[val_idx], logits)
@@ -318,6 +319,41 @@ def train_fold(
     return net, best_epoch, best_auc, epoch
 
 
+#: Below this range of held-out probabilities the kept model gives every study the same score.
+COLLAPSED_PROB_RANGE = 1e-6
+
+
+def _lr_hint(lr: float) -> str:
+    return (f"at learning rate {lr:g}; train again with a lower --lr (default 3e-4 from scratch, "
+            "1e-4 with --init-from)")
+
+
+def _check_not_diverged(fold: int, epoch: int, train_loss: float, val_logits: np.ndarray, lr: float) -> None:
+    """Raise ``TRAINING_DIVERGED`` when an epoch's loss or validation logits are not finite."""
+    if not (np.isfinite(train_loss) and np.all(np.isfinite(val_logits))):
+        raise TrainingError(
+            f"fold {fold}: training diverged in epoch {epoch} (training loss {train_loss:g}, "
+            f"{int(np.sum(~np.isfinite(val_logits)))} non-finite validation scores) {_lr_hint(lr)}; "
+            "nothing was exported",
+            code="TRAINING_DIVERGED",
+        )
+
+
+def _check_not_collapsed(fold: int, epoch: int, prob: np.ndarray, lr: float) -> None:
+    """Raise ``TRAINING_DIVERGED`` when the kept model gives every held-out study of its fold the
+    same probability (range below :data:`COLLAPSED_PROB_RANGE`, e.g. all 0 or all 1 after the
+    logits blew up at a too-high learning rate): its AUC is 0.5 by construction and an exported
+    ensemble of it would give one probability to every patient."""
+    spread = float(np.ptp(prob)) if len(prob) else 0.0
+    if spread < COLLAPSED_PROB_RANGE:
+        raise TrainingError(
+            f"fold {fold}: the kept model (epoch {epoch}) gives the same probability "
+            f"({float(prob[0]) if len(prob) else float('nan'):.3g}) to all {len(prob)} held-out "
+            f"studies: training collapsed {_lr_hint(lr)}; nothing was exported",
+            code="TRAINING_DIVERGED",
+        )
+
+
 def cross_validate(
     x: np.ndarray, y: np.ndarray, cfg: TrainConfig, *,
     on_epoch: Callable[[dict[str, Any]], None] | None = None, init: Any = None,
@@ -339,7 +375,9 @@ def cross_validate(
     Raises
     ------
     TrainingError
-        ``TOO_FEW_CASES`` when a class is too small for the folds.
+        ``TOO_FEW_CASES`` when a class is too small for the folds; ``TRAINING_DIVERGED`` when a
+        fold's loss or scores become non-finite, or its kept model gives all its held-out studies
+        one probability (usually a too-high ``cfg.lr``).
     """
     from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 
@@ -364,6 +402,7 @@ def cross_validate(
             with torch.no_grad():
                 prob = torch.cat([head(torch.from_numpy(np.ascontiguousarray(x[test_idx[i:i + 32]])))
                                   for i in range(0, len(test_idx), 32)]).numpy().astype(np.float64)
+            _check_not_collapsed(fold, best_epoch, prob, cfg.lr)
             oof[test_idx] = prob
             secs = time.perf_counter() - t0
             folds.append(FoldResult(
