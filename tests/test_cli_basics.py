@@ -31,6 +31,21 @@ def test_scan_help_documents_exit_codes():
     assert "0 every study OK" in text and "2 usage or environment error" in text
 
 
+@pytest.mark.parametrize("command", ["scan", "train", "evaluate", "synth", "status", "inspect"])
+def test_help_examples_are_printed_one_per_line(command):
+    """Each example command of a --help is a line of its own there, as typed (click's \\b
+    paragraphs), not rewrapped into its neighbours."""
+    res = runner.invoke(app, [command, "--help"], terminal_width=80)
+    assert res.exit_code == 0
+    examples = [ln.strip() for ln in app.registered_commands[[c.name for c in app.registered_commands]
+                                                            .index(command)].help.splitlines()
+                if ln.startswith(f"  recnec {command} ")]
+    assert examples, f"recnec {command} --help has no examples"
+    printed = [ln.strip() for ln in res.output.splitlines()]
+    for ex in examples:
+        assert ex in printed, f"{ex!r} is not a line of `recnec {command} --help`"
+
+
 def test_help_and_version_do_not_import_heavy_libraries():
     code = ("import sys; from typer.testing import CliRunner; from recnec_cli.cli.main import app; "
             "CliRunner().invoke(app, ['--help']); CliRunner().invoke(app, ['scan', '--help']); "

@@ -132,6 +132,21 @@ def test_init_from_a_damaged_or_different_folder_is_refused(tmp_path: Path) -> N
     with pytest.raises(TrainingError) as e:
         load_init_source(WEIGHTS, spec=InputSpec(spacing_mm=2.0))
     assert e.value.code == "INIT_INCOMPATIBLE"
+    (tmp_path / "empty").mkdir()
+    for where, says in [(tmp_path / "nowhere", "is not a folder"), (tmp_path / "empty", "has no manifest.json")]:
+        with pytest.raises(TrainingError) as e:
+            load_init_source(where)
+        assert e.value.code == "INIT_UNREADABLE" and says in e.value.message
+        assert "reinstall" not in e.value.message  # not the shipped-weights hint of `recnec scan`
+    dense = tmp_path / "dense"  # a densenet121 ensemble is refused by name, before any rebuild
+    shutil.copytree(WEIGHTS, dense)
+    m = json.loads((dense / "manifest.json").read_text())
+    for model in m["models"]:
+        model["arch"] = "densenet121"
+    (dense / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(TrainingError) as e:
+        load_init_source(dense)
+    assert e.value.code == "INIT_UNSUPPORTED" and str(dense) in e.value.message
 
 
 @pytest.fixture(scope="module")

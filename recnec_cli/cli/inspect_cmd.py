@@ -26,10 +26,9 @@ confidence, whether it is chosen for the model, and the reasons. Below the confi
 
 Examples:
 
+\b
   recnec inspect /data/exports/patient42
-
   recnec inspect /data/exports --format json > roles.json
-
   recnec inspect study/ --rules site_rules.toml --no-image-evidence
 
 Exit codes: 0 shown, 2 usage error (bad rules file, nothing found, unreadable input).

@@ -70,16 +70,12 @@ care as the export folder. `recnec status --state FILE` shows what a state holds
 
 Examples:
 
+\b
   recnec scan /data/exports --out report.csv
-
   recnec scan /data/exports --out report.json --format json --keep-intermediate nifti/
-
+  # QC pictures, where the model looked, and qc/index.html for any browser:
   recnec scan /data/exports --out report.csv --qc qc/ --explain
-
-  (QC pictures, where the model looked, and qc/index.html for any browser)
-
   recnec scan /shared/exports --out report.csv --scheduler tcp://headnode:8786
-
   # crontab (every night at 01:30; the same report and state every night):
   30 1 * * *  recnec scan /data/exports --out /reports/recnec.csv --quiet
 

@@ -21,10 +21,9 @@ its error code and message. Reads the file only; safe while a scan runs. With --
 
 Examples:
 
+\b
   recnec status --state /reports/recnec.state.sqlite
-
   recnec status --state report.state.sqlite --format json | jq .failed
-
   recnec status --state report.state.sqlite --qc qc/      # rebuild qc/index.html
 
 Exit codes: 0 shown, 2 no such state file or not a recnec state.

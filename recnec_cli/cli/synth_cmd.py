@@ -38,6 +38,7 @@ necrosis -> rim / Swiss-cheese / soap-bubble enhancement, low lesion quotient, m
 
 Output (same seed, same bytes; subject i is the same for any --n):
 
+\b
   --space study --format nifti   OUT/synth-0001/synth-0001_{{T1w,T2w,ce-gadolinium_T1w}}.nii.gz
                                  (+ JSON sidecars); true lesion masks in OUT/masks/<id>_lesion_mask.nii.gz
                                  (--masks-in-study: OUT/<id>/lesion_mask.nii.gz instead)
@@ -51,8 +52,8 @@ Scan a study cohort with automatic lesion localisation, or pass --lesion-masks O
 
 Examples:
 
+\b
   recnec synth cohort/ --space model            # 234 tensors for `recnec train` (~2-5 min)
-
   recnec synth demo/ --n 3 --format dicom       # three DICOM studies (~30 s)
 
 {DISCLAIMER}

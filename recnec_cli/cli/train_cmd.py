@@ -59,12 +59,10 @@ norms frozen (folded into the convolutions, as exported), learning rate 1e-4 unl
 
 Examples:
 
+\b
   recnec train --reproduce-shipped --out weights/      # the shipped ensemble (~20 min on 2 cores)
-
   recnec train cohort/ --labels cohort/labels.csv --out my_weights/ --cache cache/
-
   recnec train cohort/ --labels labels.csv --out vgg/ --arch vgg16     # the paper's comparison
-
   recnec train cohort/ --labels labels.csv --out site/ --init-from weights/   # fine-tune the shipped
 
 {DISCLAIMER}
@@ -81,6 +79,7 @@ plot (reliability diagram, OUT's stem + .calibration.png; bins, Brier score and 
 
 Example:
 
+\b
   recnec evaluate fresh_cohort/ --labels fresh_cohort/labels.csv --out metrics.json
 
 {DISCLAIMER}

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import RecnecError, TrainingError
-from ..stages.infer import read_manifest
+from ..stages.infer import MANIFEST_NAME, read_manifest
 from ..stages.modelinput import InputSpec
 from .models import ARCHS, ProbabilityHead, build_model
 
@@ -179,6 +179,11 @@ def network_from_onnx(path: Path, *, arch: str, width: int, spec: InputSpec = In
 def _source_manifest(weights_dir: Path, *, verify: bool) -> dict[str, Any]:
     """:func:`~recnec_cli.stages.infer.read_manifest`, its errors re-raised as ``INIT_UNREADABLE``
     (the underlying message and code kept in the text)."""
+    weights_dir = Path(weights_dir)
+    if not (weights_dir / MANIFEST_NAME).is_file():
+        what = "is not a folder" if not weights_dir.is_dir() else f"has no {MANIFEST_NAME}"
+        raise TrainingError(f"--init-from {weights_dir} {what}: give a recnec weights folder (the "
+                            "shipped weights/ or a `recnec train --out` folder)", code="INIT_UNREADABLE")
     try:
         return read_manifest(Path(weights_dir), verify=verify)
     except RecnecError as exc:
@@ -239,6 +244,12 @@ def load_init_source(weights_dir: Path, *, spec: InputSpec = InputSpec(), arch: 
             f"--init-from {weights_dir} holds {s_arch} width {s_width}; --arch/--width asked for "
             f"{arch or s_arch} width {width or s_width} (leave them out to take the folder's)",
             code="INIT_INCOMPATIBLE")
+    if s_arch not in FOLDABLE_ARCHS:
+        raise TrainingError(
+            f"--init-from {weights_dir} holds a {s_arch} ensemble, which cannot be rebuilt from its "
+            "ONNX files (its batch norms precede their convolutions and do not fold); fine-tuning "
+            f"works for {', '.join(FOLDABLE_ARCHS)}; train {s_arch} from scratch (leave out --init-from)",
+            code="INIT_UNSUPPORTED")
     nets = [network_from_onnx(weights_dir / m["file"], arch=s_arch, width=s_width, spec=spec,
                               threads=threads) for m in models]
     from ..orchestration.state import digest
