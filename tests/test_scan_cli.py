@@ -160,7 +160,8 @@ def test_tampered_weights_are_refused(tmp_path):
     phantoms.write_phantom_study(studies, "sub-01")  # models are loaded only when a study is to be scanned
     res = CliRunner().invoke(app, ["scan", str(studies), "--out", str(tmp_path / "r.csv"), "--weights", str(w)])
     assert res.exit_code == 2
-    assert "WEIGHTS_CHECKSUM_MISMATCH" in res.output
+    assert res.output.count("WEIGHTS_CHECKSUM_MISMATCH") == 1  # printed once, not echoed by the log
+    assert "ERROR recnec: WEIGHTS_CHECKSUM_MISMATCH" in (tmp_path / "r.log").read_text()  # but in the run log
     assert not (tmp_path / "r.csv").exists()
 
 

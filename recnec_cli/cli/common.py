@@ -56,6 +56,10 @@ VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="De
 LOG_FILES_KEPT = 14
 
 
+#: LogRecord attribute: a record that goes to the log file only (the console already printed it).
+FILE_ONLY = "recnec_file_only"
+
+
 def setup_logging(*, verbose: int = 0, quiet: bool = False, log_file: Path | None = None) -> None:
     """Console log on stderr (Rich when it is a terminal, plain time-stamped lines otherwise: cron),
     optional log file (INFO; DEBUG with ``verbose``), one per run: an existing ``log_file`` is rotated to ``.1`` (``.1`` to
@@ -77,6 +81,7 @@ def setup_logging(*, verbose: int = 0, quiet: bool = False, log_file: Path | Non
         console_handler = logging.StreamHandler(sys.stderr)
         console_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     console_handler.setLevel(level)
+    console_handler.addFilter(lambda record: not getattr(record, FILE_ONLY, False))
     console_handler._recnec = True  # type: ignore[attr-defined]
     root.addHandler(console_handler)
     # the log file holds INFO and up by default (UIDs, pseudonyms, codes: no PHI); DEBUG (file
@@ -111,7 +116,8 @@ def error_boundary() -> Iterator[None]:
     except RecnecError as exc:  # EnvironmentBroken, InferenceError (tampered weights), StateLocked ...
         msg = exc.message[len(exc.code) + 1:].strip() if exc.message.startswith(f"{exc.code}:") else exc.message
         typer.echo(f"error [{exc.code}]: {msg}", err=True)
-        logging.getLogger("recnec").error("%s: %s", exc.code, msg)  # into the run's log file too
+        # into the run's log file too; not to the console, which has just printed it
+        logging.getLogger("recnec").error("%s: %s", exc.code, msg, extra={FILE_ONLY: True})
         raise typer.Exit(EXIT_LOCKED if exc.code == "STATE_LOCKED" else EXIT_USAGE) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
