@@ -221,6 +221,10 @@ def test_cli_refuses_to_overwrite_the_source(tmp_path: Path, small_cohort: Path)
                               "--init-from", str(src), "--quiet"])
     assert res.exit_code != 0 and "--init-from folder" in res.output, res.output
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    res = runner.invoke(app, ["train", str(small_cohort), "--out", str(src / "ft"), "--quick",
+                              "--init-from", str(src), "--quiet"])
+    assert res.exit_code != 0 and "inside the --init-from folder" in res.output, res.output
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # no ft/ created either
 
 
 def test_fine_tuning_from_an_ensemble_of_the_same_cohort_is_flagged(small_cohort: Path, tmp_path: Path,
@@ -238,6 +242,14 @@ def test_fine_tuning_from_an_ensemble_of_the_same_cohort_is_flagged(small_cohort
     m = json.loads((second / "manifest.json").read_text())
     assert "optimistic" in m["init_from"]["warning"]
     assert m["init_from"]["source_data_fingerprint_sha256"] == m["data"]["fingerprint_sha256"]
+    assert m["init_from"]["source_init_from"] is None  # first was trained from scratch
+    third = tmp_path / "c"  # a chain keeps every link: third <- second <- first
+    res = runner.invoke(app, ["train", str(small_cohort), "--out", str(third), "--quick",
+                              "--init-from", str(second), "--quiet"])
+    assert res.exit_code == 0, res.output
+    chain = json.loads((third / "manifest.json").read_text())["init_from"]
+    assert chain["model_version"] == m["model_version"]
+    assert chain["source_init_from"]["model_version"] == m["init_from"]["model_version"]
     assert "trained on this very cohort" in res.output  # --quiet still prints warnings
     shipped = json.loads((first / "manifest.json").read_text())
     assert shipped["data"]["fingerprint_sha256"] == m["data"]["fingerprint_sha256"]

@@ -265,6 +265,8 @@ def load_init_source(weights_dir: Path, *, spec: InputSpec = InputSpec(), arch: 
                   "recipe; recnec_cli.train.init",
         "source_data": (manifest.get("data") or {}).get("description", "unknown"),
         "source_data_fingerprint_sha256": (manifest.get("data") or {}).get("fingerprint_sha256"),
+        # the source's own start, if it was fine-tuned too: a chain keeps every link
+        "source_init_from": manifest.get("init_from"),
     }
     log.info("--init-from: %d %s w%d models rebuilt from %s (%s)", len(nets), s_arch, s_width,
              weights_dir, entry["model_version"])

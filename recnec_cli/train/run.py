@@ -156,7 +156,7 @@ def train_ensemble(
     ------
     TrainingError
         Bad labels or tensors, too few cases, a non-empty foreign ``out``, ONNX mismatch;
-        ``USAGE_ERROR`` if ``out`` is the ``init_from`` folder; the ``INIT_*`` codes of
+        ``USAGE_ERROR`` if ``out`` is, or lies inside, the ``init_from`` folder; the ``INIT_*`` codes of
         :func:`~recnec_cli.train.init.load_init_source`.
     """
     cfg = (config or make_config("default")).validate()
@@ -166,9 +166,14 @@ def train_ensemble(
     if init_from is not None:
         from .init import load_init_source
 
-        if out.resolve() == Path(init_from).resolve():
+        src = Path(init_from).resolve()
+        if out.resolve() == src:
             raise TrainingError("--out is the --init-from folder: write the fine-tuned ensemble to a new "
                                 "folder (the source is needed until the new one is verified)",
+                                code="USAGE_ERROR")
+        if out.resolve().is_relative_to(src):
+            raise TrainingError(f"--out {out} lies inside the --init-from folder {init_from}: write the "
+                                "fine-tuned ensemble beside it, not into the source ensemble",
                                 code="USAGE_ERROR")
         init = load_init_source(Path(init_from), spec=spec, arch=cfg.arch, width=cfg.width,
                                 threads=cfg.threads)
