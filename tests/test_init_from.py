@@ -133,7 +133,9 @@ def test_init_from_a_damaged_or_different_folder_is_refused(tmp_path: Path) -> N
         load_init_source(WEIGHTS, spec=InputSpec(spacing_mm=2.0))
     assert e.value.code == "INIT_INCOMPATIBLE"
     (tmp_path / "empty").mkdir()
-    for where, says in [(tmp_path / "nowhere", "is not a folder"), (tmp_path / "empty", "has no manifest.json")]:
+    (tmp_path / "file").write_text("not an ensemble")
+    for where, says in [(tmp_path / "nowhere", "does not exist"), (tmp_path / "file", "is not a folder"),
+                        (tmp_path / "empty", "has no manifest.json")]:
         with pytest.raises(TrainingError) as e:
             load_init_source(where)
         assert e.value.code == "INIT_UNREADABLE" and says in e.value.message

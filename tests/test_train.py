@@ -47,6 +47,7 @@ def quick_weights(cohort: Path, tmp_path_factory) -> Path:
     res = runner.invoke(app, ["train", str(cohort), "--labels", str(cohort / "labels.csv"),
                               "--out", str(out), "--quick", "--quiet"])
     assert res.exit_code == 0, res.output
+    (out.parent / "train_output.txt").write_text(res.output)  # what the console showed
     return out
 
 
@@ -252,6 +253,50 @@ def test_non_finite_loss_is_divergence() -> None:
     with pytest.raises(TrainingError) as ei:
         _check_not_collapsed(0, 3, np.array([1.0, 1.0, 1.0]), 3e-4)
     assert ei.value.code == "TRAINING_DIVERGED"
+
+
+def test_bad_out_and_too_few_cases_are_refused_before_any_preprocessing(cohort: Path, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    """A mistyped --out or hopeless labels must not cost the preprocessing of every study (an hour
+    for 60 study folders): both are refused before the cohort is loaded."""
+    import recnec_cli.train.run as run_mod
+
+    def no_load(*a, **k):
+        raise AssertionError("load_cohort was called before the cheap checks")
+
+    monkeypatch.setattr(run_mod, "load_cohort", no_load)
+    foreign = tmp_path / "notweights"
+    foreign.mkdir()
+    (foreign / "thesis.docx").write_text("precious")
+    res = runner.invoke(app, ["train", str(cohort), "--out", str(foreign), "--quick", "--quiet"])
+    assert res.exit_code == 2 and "OUT_NOT_EMPTY" in res.output, res.output
+    few = tmp_path / "few.csv"
+    few.write_text("study_id,label\n" + "".join(f"s{i},recurrence\n" for i in range(6)) + "n0,necrosis\n")
+    res = runner.invoke(app, ["train", str(cohort), "--labels", str(few), "--out", str(tmp_path / "w"),
+                              "--quick", "--quiet"])
+    assert res.exit_code == 2 and "TOO_FEW_CASES" in res.output, res.output
+
+
+def test_unreliable_cis_are_warned_about_even_with_quiet(quick_weights: Path) -> None:
+    """8 necroses (< 10): the manifest marks the CIs unreliable and the console says so, as
+    ``recnec evaluate`` does."""
+    warnings = json.loads((quick_weights / "manifest.json").read_text())["metrics"]["cross_validated"]["warnings"]
+    assert warnings and any("fewer" in w or "only" in w for w in warnings)
+    shown = (quick_weights.parent / "train_output.txt").read_text()
+    assert all(f"warning: {w}" in shown for w in warnings), shown
+
+
+def test_json_outputs_are_strict_json(quick_weights: Path) -> None:
+    """NaN (e.g. NPV with no predicted necrosis, the AUC of a one-class split) is written as null:
+    strict readers (JavaScript, jq --strict) refuse Python's NaN."""
+    from recnec_cli.train.metrics import to_json
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    assert json.loads(to_json({"npv": float("nan"), "x": [1.5, float("inf")], "k": {"a": -float("inf")}}),
+                      parse_constant=refuse) == {"npv": None, "x": [1.5, None], "k": {"a": None}}
+    json.loads((quick_weights / "manifest.json").read_text(), parse_constant=refuse)
 
 
 def test_too_few_cases(tmp_path: Path) -> None:

@@ -224,6 +224,8 @@ def train(
             )
         if not quiet:
             _print_train_summary(result.manifest, out)
+        for w in result.manifest["metrics"]["cross_validated"].get("warnings", []):
+            typer.echo(f"warning: {w}", err=True)  # e.g. a CI resting on fewer than 10 necroses, as evaluate says
     raise typer.Exit(EXIT_OK)
 
 

@@ -7,7 +7,6 @@ through the scan pipeline), with the ensemble's own input spec from its manifest
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import numpy as np
 from .. import DISCLAIMER
 from ..stages.infer import Ensemble
 from .dataset import LABEL_NAMES, load_cohort
-from .metrics import PAPER_RESNET10, calibration_bins, plot_calibration, plot_roc, summarise
+from .metrics import PAPER_RESNET10, calibration_bins, plot_calibration, plot_roc, summarise, to_json
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +108,7 @@ def evaluate_ensemble(
         ],
     })
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    Path(out).write_text(to_json(result) + "\n", encoding="utf-8")
     log.info("evaluated %d studies: AUC %.3f, sens %.3f, spec %.3f -> %s", result["n"], result["auc"],
              result["sensitivity"], result["specificity"], out)
     return result

@@ -162,6 +162,8 @@ def write_manifest(out: Path, manifest: dict[str, Any], files: list[str]) -> dic
     """Add ``files`` (SHA-256 of each named file in ``out``) and write ``out/manifest.json``."""
     manifest = dict(manifest)
     manifest["files"] = {name: sha256_file(Path(out) / name) for name in sorted(files)}
-    (Path(out) / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n",
+    from .metrics import to_json
+
+    (Path(out) / MANIFEST_NAME).write_text(to_json(manifest) + "\n",
                                            encoding="utf-8")
     return manifest

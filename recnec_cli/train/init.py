@@ -181,7 +181,8 @@ def _source_manifest(weights_dir: Path, *, verify: bool) -> dict[str, Any]:
     (the underlying message and code kept in the text)."""
     weights_dir = Path(weights_dir)
     if not (weights_dir / MANIFEST_NAME).is_file():
-        what = "is not a folder" if not weights_dir.is_dir() else f"has no {MANIFEST_NAME}"
+        what = ("does not exist" if not weights_dir.exists() else "is not a folder"
+                if not weights_dir.is_dir() else f"has no {MANIFEST_NAME}")
         raise TrainingError(f"--init-from {weights_dir} {what}: give a recnec weights folder (the "
                             "shipped weights/ or a `recnec train --out` folder)", code="INIT_UNREADABLE")
     try:

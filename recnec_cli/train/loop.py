@@ -283,7 +283,7 @@ def train_fold(
             losses.append(float(loss.detach()))
         sched.step()
         logits = predict_logits(net, xv)
-        _check_not_diverged(fold, epoch, float(np.mean(losses)), logits, cfg.lr)
+        _check_not_diverged(f"{fold + 1}/{cfg.folds}", epoch, float(np.mean(losses)), logits, cfg.lr)
         val_loss = float(loss_fn(torch.from_numpy(logits.astype(np.float32)).reshape(-1, 1),
                                  yv_t.reshape(-1, 1)))
         val_auc = auc_score(y[val_idx], logits)
@@ -308,12 +308,15 @@ def train_fold(
             on_epoch(row)
         log.debug("fold %d epoch %d: %s", fold, epoch, row)
         if epoch >= cfg.min_epochs and epoch - max(best_epoch, cfg.select_from_epoch - 1) >= cfg.patience:
-            log.info("fold %d: early stop at epoch %d (best %d, val AUC %.3f)", fold, epoch, best_epoch, best_auc)
+            if epoch < cfg.max_epochs:
+                log.info("fold %d/%d: early stop at epoch %d (best %d, val AUC %.3f)", fold + 1, cfg.folds,
+                         epoch, best_epoch, best_auc)
             break
     if best_state:
         net.load_state_dict(best_state)
     else:  # validation AUC undefined throughout (one class in the split): keep the last state
-        log.warning("fold %d: no usable validation AUC; keeping the last epoch", fold)
+        log.warning("fold %d/%d: no usable validation AUC (one class in its validation split); keeping "
+                    "the last epoch", fold + 1, cfg.folds)
         best_epoch = epoch
     net.eval()
     return net, best_epoch, best_auc, epoch
@@ -328,7 +331,7 @@ def _lr_hint(lr: float) -> str:
             "1e-4 with --init-from)")
 
 
-def _check_not_diverged(fold: int, epoch: int, train_loss: float, val_logits: np.ndarray, lr: float) -> None:
+def _check_not_diverged(fold: int | str, epoch: int, train_loss: float, val_logits: np.ndarray, lr: float) -> None:
     """Raise ``TRAINING_DIVERGED`` when an epoch's loss or validation logits are not finite."""
     if not (np.isfinite(train_loss) and np.all(np.isfinite(val_logits))):
         raise TrainingError(
@@ -339,7 +342,7 @@ def _check_not_diverged(fold: int, epoch: int, train_loss: float, val_logits: np
         )
 
 
-def _check_not_collapsed(fold: int, epoch: int, prob: np.ndarray, lr: float) -> None:
+def _check_not_collapsed(fold: int | str, epoch: int, prob: np.ndarray, lr: float) -> None:
     """Raise ``TRAINING_DIVERGED`` when the kept model gives every held-out study of its fold the
     same probability (range below :data:`COLLAPSED_PROB_RANGE`, e.g. all 0 or all 1 after the
     logits blew up at a too-high learning rate): its AUC is 0.5 by construction and an exported
@@ -402,7 +405,7 @@ def cross_validate(
             with torch.no_grad():
                 prob = torch.cat([head(torch.from_numpy(np.ascontiguousarray(x[test_idx[i:i + 32]])))
                                   for i in range(0, len(test_idx), 32)]).numpy().astype(np.float64)
-            _check_not_collapsed(fold, best_epoch, prob, cfg.lr)
+            _check_not_collapsed(f"{fold + 1}/{cfg.folds}", best_epoch, prob, cfg.lr)
             oof[test_idx] = prob
             secs = time.perf_counter() - t0
             folds.append(FoldResult(

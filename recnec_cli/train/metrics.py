@@ -34,6 +34,26 @@ PAPER_RESNET10 = {"sensitivity": 0.78, "specificity": 0.94, "accuracy": 0.91, "a
 METRIC_NAMES = ("auc", "sensitivity", "specificity", "accuracy")
 
 
+def to_json(obj: Any) -> str:
+    """``json.dumps(obj, indent=2)`` as strict JSON (RFC 8259): NaN and infinities, e.g. the NPV
+    when no study is predicted necrosis or the AUC of a one-class split, become ``null``, which
+    every JSON reader accepts (``NaN`` is a Python extension that JavaScript and jq-strict refuse).
+    """
+    import json
+    import math
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(obj), indent=2, allow_nan=False)
+
+
 def _check(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(y).astype(np.int64).reshape(-1)
     p = np.asarray(p, dtype=np.float64).reshape(-1)

@@ -21,10 +21,10 @@ from .. import DISCLAIMER, __version__
 from ..errors import TrainingError
 from ..stages.infer import Ensemble, sha256_file
 from ..stages.modelinput import InputSpec
-from .dataset import Cohort, load_cohort
+from .dataset import Cohort, load_cohort, read_labels
 from .export import (MAX_ABS_DIFF, OPSET, check_out_dir, compare_with_torch, export_onnx,
                      library_versions, machine, prepare_out_dir, write_manifest)
-from .loop import CVResult, TrainConfig, cross_validate, make_config
+from .loop import CVResult, TrainConfig, check_cohort_size, cross_validate, make_config
 from .metrics import auc_score, calibration_bins, choose_threshold, plot_calibration, plot_roc, summarise
 from .reliability import fit_applicability, fit_platt
 
@@ -177,6 +177,9 @@ def train_ensemble(
                                 code="USAGE_ERROR")
         init = load_init_source(Path(init_from), spec=spec, arch=cfg.arch, width=cfg.width,
                                 threads=cfg.threads)
+    # cheap refusals before the (possibly hour-long) preprocessing of every study
+    check_out_dir(out)
+    check_cohort_size(np.array(list(read_labels(Path(labels)).values()), dtype=int), cfg.folds)
     t0 = time.perf_counter()
     cohort = load_cohort(Path(data), labels=Path(labels), spec=spec, settings=settings, cache_dir=cache_dir)
     t_data = time.perf_counter() - t0
@@ -194,7 +197,7 @@ def train_ensemble(
         if cal_cohort.fingerprint == cohort.fingerprint:
             raise TrainingError("the calibration cohort is the training cohort: give one never used for "
                                 "training", code="USAGE_ERROR")
-    check_out_dir(out)  # fail before training, not after; the folder is cleared at export time
+    check_out_dir(out)  # again: the folder may have changed during preprocessing; cleared at export time
     cv = cross_validate(cohort.x, cohort.y, cfg, on_epoch=on_epoch, init=init)
     y, oof = cohort.y, cv.oof
     choice = choose_threshold(y, oof, target_sensitivity=cfg.target_sensitivity)
