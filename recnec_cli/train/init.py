@@ -126,11 +126,7 @@ def network_from_onnx(path: Path, *, arch: str, width: int, spec: InputSpec = In
 
     from .export import MAX_ABS_DIFF, compare_with_torch
 
-    if arch not in FOLDABLE_ARCHS:
-        raise TrainingError(
-            f"--init-from: {arch} cannot be rebuilt from its ONNX files (its batch norms precede "
-            f"their convolutions and do not fold); fine-tuning works for {', '.join(FOLDABLE_ARCHS)}; "
-            "train this one from scratch", code="INIT_UNSUPPORTED")
+    _check_foldable(arch, Path(path).name)
     graph = onnx.load(str(path)).graph
     ops = [n.op_type for n in graph.node]
     if "BatchNormalization" in ops:
@@ -174,6 +170,16 @@ def network_from_onnx(path: Path, *, arch: str, width: int, spec: InputSpec = In
         raise TrainingError(f"--init-from: the network rebuilt from {path.name} disagrees with it "
                             f"({exc}; limit {MAX_ABS_DIFF})", code="INIT_INCOMPATIBLE") from None
     return net.eval()
+
+
+def _check_foldable(arch: str, source: Any) -> None:
+    """Raise ``INIT_UNSUPPORTED`` for an architecture whose batch norms do not fold (densenet121)."""
+    if arch not in FOLDABLE_ARCHS:
+        raise TrainingError(
+            f"--init-from {source}: a {arch} model cannot be rebuilt from its ONNX file (its batch "
+            f"norms precede their convolutions and do not fold); fine-tuning works for "
+            f"{', '.join(FOLDABLE_ARCHS)}; train {arch} from scratch (leave out --init-from)",
+            code="INIT_UNSUPPORTED")
 
 
 def _source_manifest(weights_dir: Path, *, verify: bool) -> dict[str, Any]:
@@ -245,12 +251,7 @@ def load_init_source(weights_dir: Path, *, spec: InputSpec = InputSpec(), arch: 
             f"--init-from {weights_dir} holds {s_arch} width {s_width}; --arch/--width asked for "
             f"{arch or s_arch} width {width or s_width} (leave them out to take the folder's)",
             code="INIT_INCOMPATIBLE")
-    if s_arch not in FOLDABLE_ARCHS:
-        raise TrainingError(
-            f"--init-from {weights_dir} holds a {s_arch} ensemble, which cannot be rebuilt from its "
-            "ONNX files (its batch norms precede their convolutions and do not fold); fine-tuning "
-            f"works for {', '.join(FOLDABLE_ARCHS)}; train {s_arch} from scratch (leave out --init-from)",
-            code="INIT_UNSUPPORTED")
+    _check_foldable(s_arch, weights_dir)  # refused by folder name, before any model is read
     nets = [network_from_onnx(weights_dir / m["file"], arch=s_arch, width=s_width, spec=spec,
                               threads=threads) for m in models]
     from ..orchestration.state import digest

@@ -327,8 +327,13 @@ COLLAPSED_PROB_RANGE = 1e-6
 
 
 def _lr_hint(lr: float) -> str:
-    return (f"at learning rate {lr:g}; train again with a lower --lr (default 3e-4 from scratch, "
-            "1e-4 with --init-from)")
+    from .init import FINE_TUNE_LR
+
+    def short(x: float) -> str:  # 3e-4, as the --help writes it
+        return f"{x:.0e}".replace("e-0", "e-")
+
+    return (f"at learning rate {lr:g}; train again with a lower --lr (default {short(TrainConfig.lr)} "
+            f"from scratch, {short(FINE_TUNE_LR)} with --init-from)")
 
 
 def _check_not_diverged(fold: int | str, epoch: int, train_loss: float, val_logits: np.ndarray, lr: float) -> None:

@@ -16,7 +16,9 @@ numpy, scipy and scikit-learn only, plus matplotlib (Agg backend) for :func:`plo
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,9 +41,6 @@ def to_json(obj: Any) -> str:
     when no study is predicted necrosis or the AUC of a one-class split, become ``null``, which
     every JSON reader accepts (``NaN`` is a Python extension that JavaScript and jq-strict refuse).
     """
-    import json
-    import math
-
     def clean(v: Any) -> Any:
         if isinstance(v, float) and not math.isfinite(v):
             return None

@@ -166,15 +166,10 @@ def train_ensemble(
     if init_from is not None:
         from .init import load_init_source
 
-        src = Path(init_from).resolve()
-        if out.resolve() == src:
-            raise TrainingError("--out is the --init-from folder: write the fine-tuned ensemble to a new "
-                                "folder (the source is needed until the new one is verified)",
-                                code="USAGE_ERROR")
-        if out.resolve().is_relative_to(src):
-            raise TrainingError(f"--out {out} lies inside the --init-from folder {init_from}: write the "
-                                "fine-tuned ensemble beside it, not into the source ensemble",
-                                code="USAGE_ERROR")
+        if out.resolve().is_relative_to(Path(init_from).resolve()):
+            raise TrainingError(f"--out {out} must not be inside the --init-from folder {init_from} (nor be "
+                                "that folder): write the fine-tuned ensemble to a new folder beside it (the source is needed "
+                                "until the new one is verified)", code="USAGE_ERROR")
         init = load_init_source(Path(init_from), spec=spec, arch=cfg.arch, width=cfg.width,
                                 threads=cfg.threads)
     # cheap refusals before the (possibly hour-long) preprocessing of every study
