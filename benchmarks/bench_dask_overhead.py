@@ -55,7 +55,7 @@ class Timed(cf.Executor):
         self.inner = inner
         self.records: list[dict[str, Any]] = []
 
-    def __getattr__(self, name: str) -> Any:  # _max_workers, remote_inference ...
+    def __getattr__(self, name: str) -> Any:  # slots(), remote_inference, self_test() ... (the seam)
         return getattr(self.inner, name)
 
     def submit(self, fn, /, *args, **kwargs):  # type: ignore[override]

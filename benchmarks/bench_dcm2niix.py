@@ -47,7 +47,8 @@ def main() -> None:
     exe = str(dcm2niix.bin)
     shared = Path(os.environ.get("RECNEC_SHARED_DATA", REPO.parent / "shared" / "data")) / "real"
     settings = Settings()
-    print(f"{'series':<44} {'slices':>6} {'recnec s':>9} {'dcm2niix s':>10} {'ratio':>6} {'voxel diff':>10} {'affine mm':>9}")
+    print(f"{'series':<44} {'slices':>6} {'recnec s':>9} {'dcm2niix s':>10} {'ratio':>6} {'voxel diff':>10} "
+          f"{'affine mm':>9}")
     for case in CASES:
         root = shared / case
         if not root.is_dir():

@@ -83,7 +83,8 @@ def main() -> None:
         # the export (or the cache check) happens once, before any timing
         t0 = time.perf_counter()
         first = _run(cases[0][1], "onnx", tmp / "warm.npy", args.threads)
-        print(f"ONNX export or cache check + load: {first['load_s']:.1f} s (whole first child {time.perf_counter() - t0:.1f} s)")
+        print(f"ONNX export or cache check + load: {first['load_s']:.1f} s "
+              f"(whole first child {time.perf_counter() - t0:.1f} s)")
         print(f"{'head':<24} {'torch s':>18} {'onnx s':>18} {'ratio':>6} {'torch MB':>9} {'onnx MB':>8} {'Dice':>8}")
         for name, path in cases:
             res: dict[str, list[dict]] = {"torch": [], "onnx": []}
@@ -98,7 +99,8 @@ def main() -> None:
             tt = [x["wall_s"] for x in res["torch"]]
             to = [x["wall_s"] for x in res["onnx"]]
             print(f"{name:<24} {_fmt(tt):>18} {_fmt(to):>18} {statistics.median(tt) / statistics.median(to):>6.2f} "
-                  f"{max(x['peak_rss_mb'] for x in res['torch']):>9.0f} {max(x['peak_rss_mb'] for x in res['onnx']):>8.0f} "
+                  f"{max(x['peak_rss_mb'] for x in res['torch']):>9.0f} "
+                  f"{max(x['peak_rss_mb'] for x in res['onnx']):>8.0f} "
                   f"{dice:>8.5f}", flush=True)
 
 

@@ -43,7 +43,7 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cases import shared_real  # noqa: E402
+from _cases import shared_real
 
 
 def _centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:

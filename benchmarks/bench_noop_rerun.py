@@ -45,8 +45,9 @@ def write_tree(root: Path, n: int) -> int:
         folder = root / f"p{s // 100:03d}" / f"s{s:05d}"
         folder.mkdir(parents=True)
         study = f"1.2.826.0.1.3680043.10.999.{s + 1}"
-        for number, (descr, tr, te, agent) in enumerate((("T1 SE nativ", 500.0, 10.0, ""), ("T2 TSE", 4000.0, 100.0, ""),
-                                                          ("T1 SE +C", 500.0, 10.0, "Gadovist")), start=1):
+        sequences = (("T1 SE nativ", 500.0, 10.0, ""), ("T2 TSE", 4000.0, 100.0, ""),
+                     ("T1 SE +C", 500.0, 10.0, "Gadovist"))
+        for number, (descr, tr, te, agent) in enumerate(sequences, start=1):
             for k in range(2):
                 ds = Dataset()
                 ds.file_meta = FileMetaDataset()
@@ -97,7 +98,8 @@ def main(sizes: list[int]) -> None:
             assert first.counts["processed"] == n, first.line()
             loaded = []
             real_load = scan_mod.Resources.load
-            scan_mod.Resources.load = classmethod(lambda cls, *a, **k: loaded.append(1) or real_load(*a, **k))
+            scan_mod.Resources.load = classmethod(
+                lambda cls, *a, loaded=loaded, real_load=real_load, **k: loaded.append(1) or real_load(*a, **k))
             OPENED.clear()
             WATCH[:] = [str(root)]
             t0 = time.perf_counter()

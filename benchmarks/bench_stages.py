@@ -15,7 +15,7 @@ too: HD-BET's ONNX session and the ensemble live in the process). Prints, per st
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -50,17 +50,15 @@ def main() -> None:
 
     peaks: dict[str, list[float]] = {}
     current: list[str] = []
-    original = pipeline._timed
+    def timed(step):  # wraps one pipeline step: peak memory per stage
+        def run(ctx):
+            _reset_hwm()
+            step.run(ctx)
+            peaks.setdefault(step.stage, []).append(_hwm_mb())
+            current.append(step.stage)
+        return dataclasses.replace(step, run=run)
 
-    @contextlib.contextmanager
-    def timed(timings, stage):  # noqa: ANN001, ANN202
-        _reset_hwm()
-        with original(timings, stage):
-            yield
-        peaks.setdefault(stage, []).append(_hwm_mb())
-        current.append(stage)
-
-    pipeline._timed = timed
+    pipeline.STEPS = tuple(timed(st) for st in pipeline.STEPS)  # in-process scan (workers 0) runs these
     shared = Path(os.environ.get("RECNEC_SHARED_DATA", REPO.parent / "shared" / "data"))
     tcga = shared / "real" / "nifti_tcga_fg_6692_lgg_siemens"
     with tempfile.TemporaryDirectory() as tmp:

@@ -55,7 +55,7 @@ import numpy as np
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cases import shared_real  # noqa: E402
+from _cases import shared_real
 
 VARIANTS = ("original", "shift3mm", "rot5deg", "t2x1.5", "noise3pct", "mirrorLR")
 SEP = "~"  # study folder = <base>~<variant>
@@ -215,7 +215,8 @@ def main() -> None:
             if any((k.startswith("real") if group == "real" else not k.startswith("real")) for k in bases.values()):
                 goal = " (goal <= 0.05, 0 flips)" if group == "synthetic" else " (reported as it is)"
                 print(f"{group}: max |dp| {mx:.3f}, label flips {flips}, failed scans {failed[group]}, "
-                      f"OUT_OF_DISTRIBUTION {ood[group]} of {sum(1 for x in results if x['kind'].startswith('real') == (group == 'real'))}"
+                      f"OUT_OF_DISTRIBUTION {ood[group]} of "
+                      f"{sum(1 for x in results if x['kind'].startswith('real') == (group == 'real'))}"
                       f"{goal}")
         if args.json:
             args.json.write_text(json.dumps({"seed": args.seed, "n": args.n, "wall_s": wall, "rows": results,

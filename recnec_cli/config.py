@@ -1,6 +1,6 @@
 """One frozen :class:`Settings` object for a run, with units in the names.
 
-Resolution order (STYLE.md habit 5): CLI flag > ``RECNEC_*`` environment variable > default.
+Resolution order (docs/code-style.md habit 5): CLI flag > ``RECNEC_*`` environment variable > default.
 Every field records where its value came from (``Settings.sources``) so the run manifest can show
 it. No setting triggers network access: recnec is offline by design.
 """
@@ -17,12 +17,17 @@ from .errors import UsageError
 
 
 def default_weights_dir() -> Path:
-    """``weights/`` shipped next to the package (repository checkout or installed data)."""
+    """The shipped ensemble's folder (the one holding ``manifest.json``).
+
+    An installed wheel carries it inside the package as ``recnec_cli/weights/`` (pyproject.toml maps
+    the repository's top-level ``weights/`` there); a checkout (``pip install -e``) has no such
+    folder and reads ``weights/`` at the repository top, beside ``recnec_cli/``. When neither holds
+    a manifest the repository path is returned, so the error names the folder ``recnec train
+    --reproduce-shipped --out weights/`` writes.
+    """
     here = Path(__file__).resolve().parent
-    for cand in (here / "weights", here.parent / "weights"):
-        if (cand / "manifest.json").exists():
-            return cand
-    return here.parent / "weights"
+    installed, checkout = here / "weights", here.parent / "weights"
+    return installed if (installed / "manifest.json").is_file() else checkout
 
 
 #: smallest --max-memory a worker can start HD-BET with (torch alone maps ~1.1 GB; measured here)
@@ -50,7 +55,7 @@ class Settings:
     role_confidence_threshold: float = 0.7  # below: UNDETERMINED (see stages/classify/)
     allow_derived: bool = False  # accept DERIVED series as candidates
     max_series_voxels: int = 512 * 512 * 1024  # SERIES_TOO_LARGE above this
-    registration_max_translation_mm: float = 40.0  # post-registration check (FAILURES.md 19)
+    registration_max_translation_mm: float = 40.0  # post-registration check (docs/failure-kinds.md kind 19)
     registration_max_rotation_deg: float = 20.0
     lesion_min_volume_ml: float = 0.1
     threads: int = 0  # 0 = library default

@@ -68,7 +68,7 @@ def prepare_torch(threads: int = 0) -> None:
 
     * ``torch.set_flush_denormal(True)``: subnormal floats are flushed to zero. HD-BET's network
       produces subnormal activations on inputs with large zero regions, and x86 processors handle
-      them in microcode: measured here (``../shared/STACK-NOTES.md``), one forward pass of fold 0
+      them in microcode: measured here (``docs/stack-notes.md``), one forward pass of fold 0
       on a 64^3 crop took 65.8 s of CPU unflushed and 1.9 s flushed, whole-scan skull stripping
       1,956 s vs 44 s, with the same masks. The floating-point mode is per thread and inherited by
       threads created later, so call this before torch starts its thread pool (before the first
@@ -83,3 +83,22 @@ def prepare_torch(threads: int = 0) -> None:
         log.debug("this CPU does not support flushing subnormal floats (no SSE3)")
     if threads and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+#: the environment variables through which the CPU libraries recnec uses read their thread count
+#: when they start (OpenMP: torch, ONNX Runtime's default pool; MKL / OpenBLAS: numpy, scipy;
+#: ITK: SimpleITK registration and resampling)
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
+
+
+def set_thread_environment(threads: int) -> None:
+    """Set :data:`THREAD_ENV_VARS` to ``threads`` in this process's environment (``threads`` >= 1).
+
+    Call it in a new process before torch, ONNX Runtime, SimpleITK or BLAS are imported: they read
+    it once. Measured on a 2-core machine, three HD-BET processes with default thread counts took
+    17 min for a head that takes 20 s alone (``docs/stack-notes.md``).
+    """
+    import os
+
+    for var in THREAD_ENV_VARS:
+        os.environ[var] = str(int(threads))

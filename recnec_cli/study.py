@@ -24,7 +24,7 @@ class SeriesRole(str, enum.Enum):
     """What a series is. Only ``T1``, ``T2`` and ``T1CE`` are used by the model.
 
     The other members are the non-roles the classifier must recognise so that it never offers
-    them as candidates (``../shared/FAILURES.md`` kinds 6, 7, 13, 15, 16, 17).
+    them as candidates (``docs/failure-kinds.md`` kinds 6, 7, 13, 15, 16, 17).
     """
 
     T1 = "T1"
@@ -191,7 +191,7 @@ class StudyImages:
     brain_masks: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
 
-    def volume(self, series: Series, convert) -> Volume:  # noqa: ANN001 - convert: Series -> Volume
+    def volume(self, series: Series, convert) -> Volume:
         """The series converted by ``convert`` (called only the first time)."""
         import time
 
@@ -203,7 +203,7 @@ class StudyImages:
                 self.seconds["convert"] = self.seconds.get("convert", 0.0) + time.perf_counter() - t0
         return self.volumes[series.series_id]
 
-    def brain_mask(self, series_id: str, volume: Volume, hdbet) -> "object":  # noqa: ANN001
+    def brain_mask(self, series_id: str, volume: Volume, hdbet) -> "object":
         """``hdbet.brain_mask(volume)`` for this series (run only the first time)."""
         import time
 

@@ -1,4 +1,4 @@
-"""Type aliases that spell out geometry once (STYLE.md habit 4).
+"""Type aliases that spell out geometry once (docs/code-style.md habit 4).
 
 * ``VolumeRAS``: float32 array, shape ``(X, Y, Z)``, indexed ``[i, j, k]`` with ``i`` towards the
   patient's Right, ``j`` Anterior, ``k`` Superior (nibabel canonical, RAS+).

@@ -71,7 +71,7 @@ def cuda_unavailable_reason() -> str | None:
     try:
         sess = ort.InferenceSession(model.SerializeToString(), sess_options=so,
                                     providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         return f"CUDAExecutionProvider failed to start: {type(exc).__name__}: {exc}"
     if sess.get_providers()[0] != "CUDAExecutionProvider":
         return ("CUDAExecutionProvider is installed but fell back to the CPU "

@@ -1,8 +1,8 @@
 """Test helpers: a tiny synthetic DICOM writer and a generated header corpus.
 
-``write_series`` builds small classic MR series with pydicom (FAILURES.md recipes are expressed
+``write_series`` builds small classic MR series with pydicom (docs/failure-kinds.md recipes are expressed
 as keyword arguments); ``make_corpus`` generates labelled :class:`SeriesHeader` objects in several
-vendors' conventions and languages, including the look-alike kinds of FAILURES.md 6, 7, 13, 15,
+vendors' conventions and languages, including the look-alike kinds 6, 7, 13, 15,
 16 and 17, for the classifier's precision/coverage figures.
 """
 
@@ -49,12 +49,12 @@ def write_series(folder: Path, *, n: int = 20, rows: int = 32, cols: int = 32,
 
     ``step`` (mm) is the distance between ImagePositionPatient of consecutive slices along the
     normal (defaults to ``spacing``); ``tilt_deg`` shifts each slice along the column direction by
-    ``tan(tilt) * step`` (gantry tilt recipe, FAILURES.md 1); ``drop`` omits slice indices
-    (missing slices recipe, FAILURES.md 2); ``per_slice(k, ds)`` may edit each dataset.
+    ``tan(tilt) * step`` (gantry tilt recipe, docs/failure-kinds.md kind 1); ``drop`` omits slice indices
+    (missing slices recipe, docs/failure-kinds.md kind 2); ``per_slice(k, ds)`` may edit each dataset.
     """
     import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
+
+    from recnec_cli.synth.dicom import mr_dataset
 
     folder.mkdir(parents=True, exist_ok=True)
     step = spacing if step is None else step
@@ -69,52 +69,18 @@ def write_series(folder: Path, *, n: int = 20, rows: int = 32, cols: int = 32,
     for k in range(n):
         if k in set(drop):
             continue
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MR_STORAGE
-        sop = _uid()
-        meta.MediaStorageSOPInstanceUID = sop
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = MR_STORAGE
-        ds.SOPInstanceUID = sop
-        ds.Modality = "MR"
-        ds.PatientID = patient_id
-        ds.PatientName = "Test^Person"
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.SeriesNumber = series_number
-        ds.InstanceNumber = k + 1
-        ds.AcquisitionNumber = 1
-        ds.SeriesDescription = description
-        ds.ProtocolName = description
-        ds.Manufacturer = "SIEMENS"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
-        ds.ScanningSequence = ["GR", "IR"]
-        ds.SequenceVariant = ["SP", "MP"]
-        ds.MRAcquisitionType = "3D"
-        ds.RepetitionTime = 1900
-        ds.EchoTime = 2.9
-        ds.InversionTime = 900
-        ds.FlipAngle = 9
-        ds.EchoNumbers = 1
-        ds.ImageOrientationPatient = [float(v) for v in iop]
         pos = k * step * nrm + k * shift * c
-        ds.ImagePositionPatient = [float(v) for v in pos]
-        ds.PixelSpacing = [pixel, pixel]
-        ds.SliceThickness = spacing
-        ds.Rows, ds.Columns = data.shape[1], data.shape[2]
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 0
-        ds.RescaleSlope = 1
-        ds.RescaleIntercept = 0
+        ds = mr_dataset(
+            data[k], sop_uid=_uid(), PatientID=patient_id, PatientName="Test^Person",
+            StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid, SeriesNumber=series_number,
+            InstanceNumber=k + 1, AcquisitionNumber=1, SeriesDescription=description, ProtocolName=description,
+            Manufacturer="SIEMENS", ImageType=["ORIGINAL", "PRIMARY", "M", "ND"], ScanningSequence=["GR", "IR"],
+            SequenceVariant=["SP", "MP"], MRAcquisitionType="3D", RepetitionTime=1900, EchoTime=2.9,
+            InversionTime=900, FlipAngle=9, EchoNumbers=1, ImageOrientationPatient=[float(v) for v in iop],
+            ImagePositionPatient=[float(v) for v in pos], PixelSpacing=[pixel, pixel], SliceThickness=spacing,
+            RescaleSlope=1, RescaleIntercept=0)
         for key, v in (tags or {}).items():
             setattr(ds, key, v)
-        ds.PixelData = np.ascontiguousarray(data[k]).tobytes()
         if per_slice:
             per_slice(k, ds)
         p = folder / f"{prefix}{k:04d}.dcm"
@@ -135,7 +101,7 @@ def write_enhanced(path: Path, *, n: int = 20, rows: int = 24, cols: int = 24, s
                    ti: float = 900.0, description: str = "anat-T1w") -> Path:
     """One Enhanced MR Image Storage file of ``n`` axial frames (positions shuffled), with TR/TE/TI
     only in functional groups (as Siemens XA30); ``second_stack`` adds that many sagittal frames
-    (FAILURES.md kind 4)."""
+    (docs/failure-kinds.md kind 4)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence
     from pydicom.uid import ExplicitVRLittleEndian
@@ -383,7 +349,7 @@ def make_corpus_studies(n_studies: int = 32, seed: int = 7
     (AcquisitionTime 5 min apart; perfusion only in every other study), the T1ce repeating the
     T1's sequence in two studies out of three. Vendors rotate (Siemens, GE, Philips, UIH), so do
     the description languages (English, German, French, Spanish, Dutch, Italian) and the
-    look-alikes of FAILURES.md 6, 7, 13, 15, 16, 17; one series in six has its physics stripped.
+    look-alikes of docs/failure-kinds.md kinds 6, 7, 13, 15, 16, 17; one series in six has its physics stripped.
     Eight extra one-series studies hold non-MR objects."""
     rng = random.Random(seed)
     out: list[tuple[Study, dict[str, SeriesRole]]] = []

@@ -91,7 +91,7 @@ class FakeHdBet:
     def check_networks(self) -> None:
         """The self-test hook of the real HdBet: nothing to check here."""
 
-    def brain_mask(self, volume) -> np.ndarray:  # noqa: ANN001
+    def brain_mask(self, volume) -> np.ndarray:
         self.calls += 1
         if self.busy_mark:
             Path(self.busy_mark).touch()
@@ -144,11 +144,12 @@ def write_phantom_dicom_study(folder: Path, *, study_uid: str, patient_name: str
     Header values are whatever the caller gives, hostile ones included (a StudyInstanceUID of
     ``..``, a patient's name in the file names): the point of the tests that use it.
     """
-    import nibabel as nib
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
-
     import tempfile
+
+    import nibabel as nib
+    from pydicom.uid import generate_uid
+
+    from recnec_cli.synth.dicom import mr_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         src = write_phantom_study(Path(tmp), "src", seed=seed)
@@ -168,31 +169,18 @@ def write_phantom_dicom_study(folder: Path, *, study_uid: str, patient_name: str
         series_uid = generate_uid()
         for k in range(nz):
             n += 1
-            ds = Dataset()
-            ds.file_meta = FileMetaDataset()
-            ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-            ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
-            ds.Modality, ds.PatientName, ds.PatientID = "MR", patient_name, patient_id
-            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
-            ds.SeriesNumber, ds.InstanceNumber = number, k + 1
-            ds.SeriesDescription = descr + series_description_suffix
-            ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
-            ds.ScanningSequence, ds.SequenceVariant, ds.MRAcquisitionType = seq, "NONE", "2D"
-            ds.RepetitionTime, ds.EchoTime = tr, te
-            if agent:
-                ds.ContrastBolusAgent = agent
-            ds.AcquisitionTime = f"{10 + number:02d}0000"
             x0, y0, z0 = aff[:3, 3]
-            ds.ImagePositionPatient = [-(x0 + VOXEL_MM * (nx - 1)), -(y0 + VOXEL_MM * (ny - 1)), z0 + VOXEL_MM * k]
-            ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-            ds.PixelSpacing, ds.SliceThickness = [VOXEL_MM, VOXEL_MM], VOXEL_MM
-            ds.Rows, ds.Columns = ny, nx
-            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
             arr = np.round(vol[::-1, ::-1, k].T * 10).astype(np.uint16)  # rows -> posterior, cols -> left
-            ds.PixelData = arr.tobytes()
+            ds = mr_dataset(
+                arr, sop_uid=generate_uid(), PatientName=patient_name, PatientID=patient_id,
+                StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid, FrameOfReferenceUID=frame_uid,
+                SeriesNumber=number, InstanceNumber=k + 1, SeriesDescription=descr + series_description_suffix,
+                ImageType=["ORIGINAL", "PRIMARY", "M", "ND"], ScanningSequence=seq, SequenceVariant="NONE",
+                MRAcquisitionType="2D", RepetitionTime=tr, EchoTime=te, ContrastBolusAgent=agent or None,
+                AcquisitionTime=f"{10 + number:02d}0000",
+                ImagePositionPatient=[-(x0 + VOXEL_MM * (nx - 1)), -(y0 + VOXEL_MM * (ny - 1)), z0 + VOXEL_MM * k],
+                ImageOrientationPatient=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0], PixelSpacing=[VOXEL_MM, VOXEL_MM],
+                SliceThickness=VOXEL_MM)
             path = folder / f"{file_prefix}_{n:04d}.dcm"
             ds.save_as(path, enforce_file_format=True)
             files.append(path)
@@ -244,7 +232,7 @@ def hook_hang_on_sub01() -> None:
 
     real = convert.convert_series
 
-    def hanging(series, *, settings):  # noqa: ANN001
+    def hanging(series, *, settings):
         if "sub-01" in series.series_id:
             time.sleep(600)
         return real(series, settings=settings)
@@ -286,7 +274,7 @@ def hook_test_flags() -> None:
         return
     real = convert.convert_series
 
-    def flagged(series, *, settings):  # noqa: ANN001
+    def flagged(series, *, settings):
         folder = Path(series.files[0]).parent
         if (folder / DIE_FLAG).exists():
             os._exit(3)

@@ -8,14 +8,24 @@ from pathlib import Path
 
 import pytest
 
-from header_corpus import (DESCR, _h, corpus_stats, make_corpus, make_corpus_studies, write_series)
-from recnec_cli.stages.classify import image_evidence as image_mod, study as study_mod
-from recnec_cli.stages.classify import (IMAGE_T1_MAX_PERCENT, IMAGE_T1CE_MIN_PERCENT, assign_roles,
-                                 classify_series, enhancement_evidence, inspect_study, load_rules,
-                                 normalise)
 from recnec_cli.config import Settings
 from recnec_cli.errors import UsageError
-from recnec_cli.study import Series, SeriesRole as R, Study
+from recnec_cli.stages.classify import (
+    IMAGE_T1_MAX_PERCENT,
+    IMAGE_T1CE_MIN_PERCENT,
+    assign_roles,
+    classify_series,
+    enhancement_evidence,
+    inspect_study,
+    load_rules,
+    normalise,
+)
+from recnec_cli.stages.classify import image_evidence as image_mod
+from recnec_cli.stages.classify import study as study_mod
+from recnec_cli.study import Series, Study
+from recnec_cli.study import SeriesRole as R
+
+from header_corpus import DESCR, _h, corpus_stats, make_corpus, make_corpus_studies, write_series
 
 S = Settings()
 RULES = load_rules()
@@ -77,7 +87,7 @@ def test_site_rules_add_tokens_and_pin(tmp_path):
     assert d.role is R.T1CE and "site pin" in d.reasons[0]
 
 
-# ------------------------------------------------------------------------------- FAILURES.md 16
+# ------------------------------------------------------------------------------- docs/failure-kinds.md kind 16
 @pytest.mark.parametrize("descr,expected", [
     ("T1 MPRAGE", R.UNDETERMINED),         # silent: header cannot know
     ("t1_mprage_tra KM", R.T1CE),          # German Kontrastmittel
@@ -139,7 +149,7 @@ def test_silent_t1_lists_competitors():
     assert any("silent" in r for r in d.reasons)
 
 
-# ------------------------------------------------------------------------------- FAILURES.md 17
+# ------------------------------------------------------------------------------- docs/failure-kinds.md kind 17
 @pytest.mark.parametrize("kw,expected", [
     (dict(scanning_sequence=("EP",), repetition_time_ms=6000.0, echo_time_ms=89.0,
           diffusion_b_value=1000.0), R.DWI),
@@ -227,7 +237,7 @@ SE_T1 = dict(scanning_sequence=("SE",), mr_acquisition_type="2D", repetition_tim
 
 
 def test_equal_candidates_choice_is_explained():
-    """FAILURES.md 15: a duplicated post-contrast series is chosen by a named criterion, and
+    """docs/failure-kinds.md kind 15: a duplicated post-contrast series is chosen by a named criterion, and
     the one left out says why; the study stays OK."""
     t = 8 * 3600.0
     st = study_of(
@@ -549,7 +559,7 @@ def test_image_evidence_skipped_without_t2(monkeypatch):
         calls.append(series.series_id)
         v.reasons.append("image evidence: faked")
 
-    monkeypatch.setattr(study_mod, "_image_verdict", fake)
+    monkeypatch.setattr(study_mod, "image_verdict", fake)
     no_t2 = study_of(ser("x", series_description="t1_mpr_tra", **MPRAGE),
                      ser("fl", series_description="t2_flair", scanning_sequence=("SE", "IR"),
                          repetition_time_ms=9000.0, echo_time_ms=90.0, inversion_time_ms=2500.0,

@@ -1,4 +1,5 @@
-"""Conversion: geometry checks, decoders, scaling, 4D/singletons (FAILURES.md 1-5, 10, 11, 13, 14, 20)."""
+"""Conversion: geometry checks, decoders, scaling, 4D/singletons (docs/failure-kinds.md kinds 1-5, 10, 11,
+13, 14, 20)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from header_corpus import phantom, write_enhanced, write_series
 from recnec_cli.config import Settings
+from recnec_cli.errors import ConversionError
 from recnec_cli.stages.convert import MIN_SLICES, convert_series, read_image_file
 from recnec_cli.stages.discover import discover
-from recnec_cli.errors import ConversionError
+
+from header_corpus import phantom, write_enhanced, write_series
 
 S = Settings()
 
@@ -96,7 +98,7 @@ def test_enhanced_frames_sorted_by_position(tmp_path):  # kind 4
 def test_enhanced_two_stacks_convert_separately(tmp_path):
     """One Enhanced file holding a 20-frame axial and a 12-frame sagittal stack (shuffled): discovery
     splits it into two series and each converts to its own canonical RAS+ volume with its own
-    pixels and geometry (FAILURES.md kind 4)."""
+    pixels and geometry (docs/failure-kinds.md kind 4)."""
     write_enhanced(tmp_path / "enh.dcm", n=20, second_stack=12, shuffle=True)
     (st,) = discover(tmp_path)
     by_n = {s.header.n_slices: s for s in st.series}
@@ -383,7 +385,7 @@ def _series_of(real: Path, case: str):
 
 
 def test_real_transfer_syntaxes_decode_identically(real):
-    """The nine encodings of one EPI mosaic (dcm_qa_ts) give the same pixels (FAILURES.md 5)."""
+    """The nine encodings of one EPI mosaic (dcm_qa_ts) give the same pixels (docs/failure-kinds.md kind 5)."""
     import pydicom
 
     from recnec_cli.stages.convert import _decode

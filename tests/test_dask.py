@@ -1,8 +1,8 @@
 """A scan on a Dask cluster (``--scheduler``): a ``LocalCluster`` of 2 worker processes (1 thread
 each) gives the rows of a local scan; a worker killed mid-study, a study that kills every worker
-it runs on, a hung study and GPU-tagged workers; and no Dask at all without a scheduler. About
-80 s in the fast tier on 2 busy cores; the two tests that restart workers are marked slow (~30 s
-more).
+it runs on, a hung study and GPU-tagged workers; and no Dask at all without a scheduler. Every test
+that uses the cluster or a child interpreter is marked slow (about 110 s on 2 busy cores); the
+settings and error-message tests that need neither stay in the fast tier.
 
 HD-BET is the phantom stand-in, installed in every Dask worker through ``worker_hooks`` (a worker
 plugin); the worker processes import ``phantoms`` from this folder (``sys.path`` travels with
@@ -26,9 +26,10 @@ from pathlib import Path
 
 import pytest
 
-import phantoms
 from recnec_cli.config import resolve_settings
 from recnec_cli.orchestration.scan import scan
+
+import phantoms
 
 distributed = pytest.importorskip("distributed")
 import dask  # noqa: E402  (after the skip: an install without the extra skips this module)
@@ -64,7 +65,8 @@ def cluster():
     nanny whose worker has been gone longer than that (15 s by default, read when the worker
     leaves), and a worker restarted after a study's time limit can take longer than 15 s to
     come back on 2 busy cores (CI, stop 14). ``dask worker`` nannies have no such timer."""
-    with dask.config.set({"distributed.scheduler.allowed-failures": 1, "distributed.deploy.lost-worker-timeout": "600s"}):
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1,
+                          "distributed.deploy.lost-worker-timeout": "600s"}):
         cl = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                                       silence_logs=logging.ERROR)
         client = distributed.Client(cl, set_as_default=False)
@@ -92,6 +94,7 @@ def _copy(tree: Path, dest: Path, flags: dict[str, tuple[str, str]]) -> Path:
     return dest
 
 
+@pytest.mark.slow  # a LocalCluster of worker processes
 def test_cluster_scan_gives_the_rows_of_a_local_scan(tree, tmp_path, cluster, monkeypatch, caplog):
     cl, _ = cluster
     fake = phantoms.install_fake_hdbet(monkeypatch)
@@ -115,7 +118,7 @@ def test_cluster_scan_gives_the_rows_of_a_local_scan(tree, tmp_path, cluster, mo
         assert {k: ra[k] for k in same} == {k: rb[k] for k in same}, ra["study_id"]
     manifest = json.loads((tmp_path / "dask.manifest.json").read_text())
     assert manifest["execution"]["executor"] == "dask" and len(manifest["execution"]["workers"]) == 2
-    assert "hdbet_workers" in manifest["self_test_seconds"]
+    assert "hdbet" in manifest["self_test_seconds"]  # the workers' HD-BET check, timed here
     # where the workers' HD-BET runs, from their self-test (the fake reports no provider)
     assert manifest["hdbet_provider"] == "unknown"
     assert any(r.getMessage() == "HD-BET runs on unknown" for r in caplog.records)
@@ -127,6 +130,7 @@ def test_cluster_scan_gives_the_rows_of_a_local_scan(tree, tmp_path, cluster, mo
     assert "sub-03_T1w.nii.gz=T1" in missing and "sub-03_ce-gadolinium_T1w.nii.gz=T1ce" in missing
 
 
+@pytest.mark.slow  # a LocalCluster of worker processes
 def test_a_worker_killed_mid_study_is_retried_and_every_study_is_reported_once(tree, tmp_path, cluster, caplog):
     cl, client = cluster
     caplog.set_level(logging.INFO, logger="recnec_cli")
@@ -194,6 +198,7 @@ def test_a_hung_study_becomes_timeout_and_its_worker_is_restarted(tree, tmp_path
     assert not set(client.run(os.getpid).values()) >= pids_before
 
 
+@pytest.mark.slow  # a LocalCluster of worker processes
 def test_gpu_tagged_worker_gets_the_studies_and_the_inference(tree, tmp_path, cluster):
     cl, client = cluster
     client.wait_for_workers(2, timeout=180)
@@ -218,6 +223,7 @@ def test_gpu_tagged_worker_gets_the_studies_and_the_inference(tree, tmp_path, cl
         client.run(tag, amount=0, workers=[gpu])
 
 
+@pytest.mark.slow  # a LocalCluster of worker processes
 def test_no_worker_with_the_resources_is_a_clear_error(tree, tmp_path, cluster, monkeypatch):
     from recnec_cli.errors import EnvironmentBroken
     from recnec_cli.orchestration import cluster as cluster_mod
@@ -250,6 +256,7 @@ print(summary.exit_code, sorted(m for m in sys.modules if m.split(".")[0] in ("d
 """
 
 
+@pytest.mark.slow  # a child interpreter
 def test_without_a_scheduler_dask_is_never_imported(tree, tmp_path):
     studies = tmp_path / "one"
     shutil.copytree(tree / "sub-00", studies / "sub-00")

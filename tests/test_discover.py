@@ -1,4 +1,4 @@
-"""Discovery: headers only, grouping by UIDs whatever the folders (FAILURES.md 3, 4, 6-10)."""
+"""Discovery: headers only, grouping by UIDs whatever the folders (docs/failure-kinds.md kinds 3, 4, 6-10)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from header_corpus import write_enhanced, write_series
 from recnec_cli.config import Settings
-from recnec_cli.stages.discover import discover, pseudonym
 from recnec_cli.errors import DiscoveryError
+from recnec_cli.stages.discover import discover, pseudonym
+
+from header_corpus import write_enhanced, write_series
 
 S = Settings()
 

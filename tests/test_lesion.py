@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from recnec_cli.stages import lesion
 from recnec_cli.errors import LesionError
+from recnec_cli.stages import lesion
 
 
 def _head(seed=0):

@@ -31,7 +31,7 @@ def test_shape_dtype_and_zero_outside_brain():
 
 
 def test_invariant_to_global_intensity_scale():
-    """FAILURES.md kind 11: Philips-style rescale must not change the model input."""
+    """docs/failure-kinds.md kind 11: Philips-style rescale must not change the model input."""
     vols, brain, aff = _phantom()
     c = np.array([5.0, -3.0, 2.0])
     a = make_model_input(vols, brain, aff, c)

@@ -21,11 +21,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import phantoms
 from recnec_cli.cli.main import app
 from recnec_cli.config import resolve_settings
+from recnec_cli.exitcodes import EXIT_LOCKED
 from recnec_cli.orchestration import scan as scan_mod
-from recnec_cli.orchestration.scan import EXIT_LOCKED, scan
+from recnec_cli.orchestration.scan import scan
+
+import phantoms
 
 TESTS = Path(__file__).resolve().parent
 HOUR_AGO = time.time() - 3600
@@ -92,6 +94,7 @@ def _wait_for(cond, timeout_s: float, proc: subprocess.Popen | None = None) -> N
         time.sleep(0.1)
 
 
+@pytest.mark.slow  # the scan runs in a child process
 def test_sigkill_then_rerun_loses_nothing_and_redoes_nothing(phantom_tree, tmp_path):
     studies = _copy(phantom_tree, tmp_path)
     out = tmp_path / "out" / "report.csv"
@@ -122,6 +125,7 @@ def test_sigkill_then_rerun_loses_nothing_and_redoes_nothing(phantom_tree, tmp_p
     assert runs[0][1] is None and runs[-1][1] is not None  # the killed run stays marked unfinished
 
 
+@pytest.mark.slow  # the scan runs in a child process
 def test_second_run_on_the_same_state_exits_at_once(phantom_tree, tmp_path):
     studies = _copy(phantom_tree, tmp_path)
     out = tmp_path / "report.csv"
@@ -151,25 +155,26 @@ def _has_run(state: Path) -> bool:
 
 
 def test_touched_study_is_deferred_then_scanned_after_the_settle_time(phantom_tree, tmp_path, monkeypatch):
+    """A study with a file modified less than --settle-minutes ago is DEFERRED (not a failure) and
+    scanned by the first run after the settle time; the clock is scan()'s ``now``, not a sleep."""
     phantoms.install_fake_hdbet(monkeypatch)
     studies = _copy(phantom_tree, tmp_path)
     out = tmp_path / "report.csv"
+    t_touch = HOUR_AGO + 1800
     touched = next((studies / "sub-01").glob("*T2w*"))
-    os.utime(touched)  # modified now: an export still being copied
-    monkeypatch.setenv("RECNEC_THREADS", "1")
-    args = ["scan", str(studies), "--out", str(out), "--settle-minutes", "0.05", "--grid-spacing", "2"]
-    res = CliRunner().invoke(app, args)
-    assert res.exit_code == 0, res.output  # deferred is not a failure
+    os.utime(touched, (t_touch, t_touch))  # an export still being copied when the first run starts
+    settings = _settings(settle_minutes=0.05)  # 3 s
+    first = scan(studies, out=out, settings=settings, handle_signals=False, now=lambda: t_touch + 1.0)
+    assert first.exit_code == 0, first.line()  # deferred is not a failure
     by = {r["study_id"]: r for r in _rows(out)}
     assert by["sub-01"]["status"] == "DEFERRED" and "settle time" in by["sub-01"]["error_message"]
     assert all(by[s]["status"] == "OK" for s in ("sub-00", "sub-02", "sub-03"))
-    time.sleep(3.2)  # 0.05 min
-    res = CliRunner().invoke(app, args)
-    assert res.exit_code == 0, res.output
+    second = scan(studies, out=out, settings=settings, handle_signals=False, now=lambda: t_touch + 3.2)
+    assert second.exit_code == 0, second.line()
     by2 = {r["study_id"]: r for r in _rows(out)}
     assert by2["sub-01"]["status"] == "OK"
     assert all(by2[s]["run_id"] == by[s]["run_id"] for s in ("sub-00", "sub-02", "sub-03"))  # not redone
-    assert "deferred 0" in res.output and "processed 1" in res.output
+    assert "deferred 0" in second.line() and "processed 1" in second.line()
 
 
 def test_default_settle_time_defers_fresh_exports(phantom_tree, tmp_path, monkeypatch):
@@ -252,6 +257,7 @@ def test_failed_rows_retried_only_on_request_and_vanished_studies_kept(phantom_t
     assert len(info["runs"]) == 4 and info["runs"][0]["summary"]["not_present"] == 1
 
 
+@pytest.mark.slow  # the scan runs in a child process
 def test_sigterm_stops_taking_studies_and_keeps_what_is_done(phantom_tree, tmp_path):
     studies = _copy(phantom_tree, tmp_path)
     out = tmp_path / "report.csv"
@@ -394,6 +400,7 @@ def test_header_silent_t1_study_runs_hdbet_once_per_volume(tmp_path, monkeypatch
     assert summary.exit_code == 0
 
 
+@pytest.mark.slow  # the scan runs in a child process
 def test_second_sigterm_stops_at_once_with_143(phantom_tree, tmp_path):
     studies = _copy(phantom_tree, tmp_path)
     out = tmp_path / "report.csv"
@@ -422,6 +429,7 @@ def _children(pid: int) -> list[int]:
     return [int(x) for x in out]
 
 
+@pytest.mark.slow  # the scan runs in a child process
 def test_workers_die_with_a_killed_scan(phantom_tree, tmp_path):
     """SIGKILL of the scan leaves no worker behind (PR_SET_PDEATHSIG), even one stuck in a study."""
     studies = _copy(phantom_tree, tmp_path)

@@ -21,15 +21,26 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import phantoms
 from recnec_cli import DISCLAIMER
 from recnec_cli.cli.main import app
 from recnec_cli.config import resolve_settings
 from recnec_cli.qc import explain as explain_mod
 from recnec_cli.qc.explain import occlusion_sensitivity
-from recnec_cli.qc.figures import (BOTH_EDGES_RGB, BOX_RGB, BRAIN_RGB, LABEL_RGB, LESION_RGB, T2_EDGE_RGB,
-                                   StudySnapshot, read_layout, read_rgb, render_study)
+from recnec_cli.qc.figures import (
+    BOTH_EDGES_RGB,
+    BOX_RGB,
+    BRAIN_RGB,
+    LABEL_RGB,
+    LESION_RGB,
+    T2_EDGE_RGB,
+    StudySnapshot,
+    read_layout,
+    read_rgb,
+    render_study,
+)
 from recnec_cli.qc.index import write_index
+
+import phantoms
 
 REPO = Path(__file__).resolve().parents[1]
 HOUR_AGO = time.time() - 3600
@@ -418,6 +429,7 @@ def _browser():
     return webdriver.Chrome(service=Service(driver_bin), options=opts), profile
 
 
+@pytest.mark.slow  # drives a headless Chromium
 def test_index_renders_sorts_and_filters_in_headless_chromium(tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select

@@ -1,12 +1,12 @@
-"""Rigid registration: recovery of a known motion on a real head, and FAILURES.md kind 19."""
+"""Rigid registration: recovery of a known motion on a real head, and docs/failure-kinds.md kind 19."""
 
 import glob
 
 import numpy as np
 import pytest
 
-from recnec_cli.stages import register
 from recnec_cli.errors import RegistrationError
+from recnec_cli.stages import register
 from recnec_cli.study import Volume
 
 

@@ -124,6 +124,7 @@ shipped = pytest.mark.skipif(
     reason="no shipped weights with calibration and applicability in this checkout")
 
 
+@pytest.mark.slow  # renders a synthetic cohort (~25 s)
 @shipped
 def test_shipped_weights_calibrate_and_know_their_inputs() -> None:
     """Shipped ensemble on fresh synthetic tensors (seed 7, never trained on): the reported

@@ -130,8 +130,8 @@ def test_batched_equals_one_by_one(batch_scan):
     """Probabilities from the batched run equal single-study inference on the same model inputs."""
     import nibabel as nib
 
-    from recnec_cli.stages.infer import Ensemble
     from recnec_cli.naming import safe_component as safe_name
+    from recnec_cli.stages.infer import Ensemble
 
     ens = Ensemble.load(WEIGHTS, device="cpu")
     rows = {r["study_id"]: r for r in _read_rows(batch_scan["out"]) if r["status"] == "OK"}
@@ -217,7 +217,7 @@ def test_no_patient_identifiers_in_outputs(batch_scan):
 
 @pytest.mark.slow
 def test_lesion_found_where_it_was_drawn_left_stays_left(batch_scan):
-    """FAILURES.md kind 12 end to end: DICOM (LPS) and NIfTI studies through conversion, registration,
+    """docs/failure-kinds.md kind 12 end to end: DICOM (LPS) and NIfTI studies through conversion, registration,
     skull stripping and auto localisation land on the true lesion centroid, same side."""
     rows = [r for r in _read_rows(batch_scan["out"]) if r["status"] == "OK"]
     assert {r["source"] for r in rows} == {"nifti", "dicom"}

@@ -218,8 +218,8 @@ def test_scan_pipeline_input_close_to_model_space(tmp_path):
     (discover, classify, convert, rigid registration, HD-BET, user lesion mask, crop) gives a
     model input close to the tensor ``--space model`` writes for the same subject (~2 min)."""
     from recnec_cli.config import resolve_settings
-    from recnec_cli.stages.discover import discover
     from recnec_cli.orchestration.pipeline import Resources, preprocess_study
+    from recnec_cli.stages.discover import discover
 
     index = 3  # seed 0 subject 4: 3D T1 and T1ce, 2D T2
     truth = generate_subject(seed=0, index=index)

@@ -17,11 +17,11 @@ pytest.importorskip("torch")
 pytest.importorskip("monai")
 pytest.importorskip("onnxruntime")
 
-from typer.testing import CliRunner  # noqa: E402
+from typer.testing import CliRunner
 
-from recnec_cli.cli.main import app  # noqa: E402
-from recnec_cli.errors import InferenceError, TrainingError  # noqa: E402
-from recnec_cli.stages.infer import Ensemble, sha256_file  # noqa: E402
+from recnec_cli.cli.main import app
+from recnec_cli.errors import InferenceError, TrainingError
+from recnec_cli.stages.infer import Ensemble, sha256_file
 
 runner = CliRunner()
 
@@ -51,6 +51,7 @@ def quick_weights(cohort: Path, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # trains an ensemble (the quick profile)
 def test_quick_training_writes_verified_ensemble(quick_weights: Path, cohort: Path) -> None:
     m = json.loads((quick_weights / "manifest.json").read_text())
     assert {p.name for p in quick_weights.iterdir()} == {
@@ -87,6 +88,7 @@ def test_quick_training_writes_verified_ensemble(quick_weights: Path, cohort: Pa
     assert log_lines[0].startswith("fold,epoch,train_loss,val_loss,val_auc") and len(log_lines) == 1 + 2 * 2
 
 
+@pytest.mark.slow  # trains an ensemble (the quick profile)
 def test_onnx_matches_pytorch_on_cohort(quick_weights: Path, cohort: Path) -> None:
     """The trained ensemble through the production loader: batched == one by one (ORT vs
     PyTorch is checked at export, recorded per model and asserted in the test above)."""
@@ -114,12 +116,13 @@ def _assert_metrics_match(m: dict, ref: dict) -> None:
     assert m["confusion"]["matrix"] == ref["matrix"]
 
 
+@pytest.mark.slow  # trains an ensemble (the quick profile)
 def test_training_is_deterministic_and_cv_metrics_match_sklearn(
         quick_weights: Path, cohort: Path, tmp_path: Path) -> None:
     """A second quick training (in process, same profile as ``--quick``) gives the same files and
     metrics, and the manifest's cross-validated figures are scikit-learn's on its out-of-fold
     probabilities at its threshold."""
-    from recnec_cli.train.loop import make_config
+    from recnec_cli.train.config import make_config
     from recnec_cli.train.run import train_ensemble
 
     res = train_ensemble(cohort, labels=cohort / "labels.csv", out=tmp_path / "again",
@@ -136,6 +139,7 @@ def test_training_is_deterministic_and_cv_metrics_match_sklearn(
     assert (sel["oof_sensitivity"], sel["oof_specificity"]) == (cv["sensitivity"], cv["specificity"])
 
 
+@pytest.mark.slow  # trains an ensemble (the quick profile)
 def test_calibration_cohort_fits_the_map_on_the_ensemble(cohort: Path, tmp_path: Path) -> None:
     """--calibration-data: the Platt map is fitted on the ensemble's scores on another cohort (the
     manifest says which); the training cohort itself is refused as calibration cohort; the
@@ -167,6 +171,7 @@ def test_calibration_cohort_fits_the_map_on_the_ensemble(cohort: Path, tmp_path:
     assert res.exit_code == 2 and "--calibration-labels needs --calibration-data" in res.output
 
 
+@pytest.mark.slow  # trains an ensemble (the quick profile)
 def test_evaluate_writes_metrics(quick_weights: Path, cohort: Path, tmp_path: Path) -> None:
     out = tmp_path / "metrics.json"
     res = runner.invoke(app, ["evaluate", str(cohort), "--labels", str(cohort / "labels.csv"),
@@ -200,6 +205,7 @@ def test_evaluate_writes_metrics(quick_weights: Path, cohort: Path, tmp_path: Pa
     assert cal["brier"] == pytest.approx(float(np.mean((p - y) ** 2)), abs=1e-5)
 
 
+@pytest.mark.slow  # trains an ensemble (the quick profile)
 def test_tampered_weights_refused(quick_weights: Path, cohort: Path, tmp_path: Path) -> None:
     import shutil
 
@@ -277,6 +283,7 @@ def test_bad_out_and_too_few_cases_are_refused_before_any_preprocessing(cohort: 
     assert res.exit_code == 2 and "TOO_FEW_CASES" in res.output, res.output
 
 
+@pytest.mark.slow  # trains an ensemble (the quick profile)
 def test_unreliable_cis_are_warned_about_even_with_quiet(quick_weights: Path) -> None:
     """8 necroses (< 10): the manifest marks the CIs unreliable and the console says so, as
     ``recnec evaluate`` does."""
@@ -286,6 +293,7 @@ def test_unreliable_cis_are_warned_about_even_with_quiet(quick_weights: Path) ->
     assert all(f"warning: {w}" in shown for w in warnings), shown
 
 
+@pytest.mark.slow  # trains an ensemble (the quick profile)
 def test_json_outputs_are_strict_json(quick_weights: Path) -> None:
     """NaN (e.g. NPV with no predicted necrosis, the AUC of a one-class split) is written as null:
     strict readers (JavaScript, jq --strict) refuse Python's NaN."""
@@ -324,7 +332,24 @@ def test_architectures_shape_and_export(arch: str, tmp_path: Path) -> None:
     assert compare_with_torch(head, tmp_path / "m.onnx", x) <= 1e-4
 
 
-def test_train_help_is_fast_and_lists_options() -> None:
+def test_manifest_augmentation_text_is_the_recipe_applied() -> None:
+    """The manifest's augmentation text is written from the values the augmenter applies: for the
+    default profile it is the shipped manifest's text, and it follows a changed recipe."""
+    import dataclasses
+
+    from recnec_cli.train import loop
+    from recnec_cli.train.config import make_config
+
+    cfg = make_config("default")
+    shipped = json.loads((Path(__file__).resolve().parents[1] / "weights" / "manifest.json").read_text())
+    assert loop.describe_augmentation(cfg) == shipped["training"]["augmentation"]
+    assert loop.describe_augmentation(dataclasses.replace(cfg, augment=False)) == "none"
+    assert "simulated acquisition" not in loop.describe_augmentation(dataclasses.replace(cfg, acquisition=False))
+    assert f"p={loop.AFFINE_P:g}," in loop.describe_augmentation(cfg)
+
+
+def test_train_help_lists_options() -> None:
+    """(That --help imports no torch is checked in test_cli_basics.)"""
     res = runner.invoke(app, ["train", "--help"])
     assert res.exit_code == 0
     for opt in ("--labels", "--out", "--arch", "--quick", "--target-sensitivity", "--reproduce-shipped",

@@ -11,8 +11,16 @@ import pytest
 from recnec_cli.errors import TrainingError
 from recnec_cli.stages.modelinput import InputSpec
 from recnec_cli.train.dataset import load_cohort, read_labels
-from recnec_cli.train.metrics import (Confusion, auc_score, bootstrap_ci, calibration_bins, choose_threshold,
-                                      plot_calibration, plot_roc, summarise)
+from recnec_cli.train.metrics import (
+    Confusion,
+    auc_score,
+    bootstrap_ci,
+    calibration_bins,
+    choose_threshold,
+    plot_calibration,
+    plot_roc,
+    summarise,
+)
 
 
 def test_auc_matches_sklearn_with_ties() -> None:
@@ -206,7 +214,7 @@ def _model_space(root: Path, ids: list[str], labels: list[str]) -> None:
     rng = np.random.default_rng(0)
     for sid in ids:
         np.save(root / "tensors" / f"{sid}.npy", rng.normal(size=(3, 40, 40, 40)).astype(np.float32))
-    (root / "labels.csv").write_text("study_id,label\n" + "".join(f"{s},{l}\n" for s, l in zip(ids, labels)))
+    (root / "labels.csv").write_text("study_id,label\n" + "".join(f"{s},{lab}\n" for s, lab in zip(ids, labels)))
 
 
 def test_load_model_space(tmp_path: Path) -> None:
@@ -358,6 +366,7 @@ def test_study_folder_path_uses_pipeline_and_cache(tmp_path: Path, monkeypatch) 
     assert ei.value.code == "MISSING_STUDIES"
 
 
+@pytest.mark.slow  # a child interpreter
 def test_evaluate_imports_no_torch() -> None:
     import subprocess
     import sys

@@ -45,6 +45,7 @@ FRESH_N = 24
 AUC_FLOOR = 0.80
 
 
+@pytest.mark.slow  # renders a synthetic cohort (~27 s)
 def test_shipped_ensemble_separates_a_fresh_synthetic_cohort() -> None:
     """The shipped ensemble tells recurrence from necrosis on model-space tensors of a synthetic
     cohort it never saw (same generator as ``recnec synth --space model``, in memory)."""

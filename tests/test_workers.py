@@ -13,12 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import phantoms
-from recnec_cli.qc.figures import LESION_RGB, read_layout, read_rgb
 from recnec_cli.config import resolve_settings
 from recnec_cli.orchestration.scan import scan
+from recnec_cli.qc.figures import LESION_RGB, read_layout, read_rgb
+
+import phantoms
 
 HOUR_AGO = time.time() - 3600
+
+pytestmark = pytest.mark.slow  # every test here starts worker processes
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +93,47 @@ def test_study_past_the_memory_limit_is_out_of_memory(tree, tmp_path):
     assert rows["sub-big"]["status"] == "OUT_OF_MEMORY", rows["sub-big"]
     assert rows["sub-00"]["status"] == "OK"  # the worker was fine for the next study
     assert summary.exit_code == 1
+
+
+@pytest.mark.slow  # starts a Python process that starts a worker process
+def test_script_without_main_guard_is_told_what_happened(tree, tmp_path):
+    """A script calling scan() at top level (no ``if __name__ == "__main__":``) makes every spawned
+    worker run the script again instead of starting: the run stops with a message naming the
+    guard, not a guess about --max-memory."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "nightly.py"
+    script.write_text(
+        "from pathlib import Path\n"
+        "from recnec_cli.config import resolve_settings\n"
+        "from recnec_cli.orchestration.scan import scan\n"
+        f"scan(Path({str(tree)!r}), out=Path('r.csv'), handle_signals=False,\n"
+        "     settings=resolve_settings({'settle_minutes': 0, 'workers': 1, 'threads': 1,\n"
+        "                                'pseudonym_key_file': Path('key')}))\n", encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert res.returncode != 0
+    last = res.stderr.strip().splitlines()[-1]
+    assert "ENVIRONMENT_BROKEN" in last and 'if __name__ == "__main__":' in last and "nightly.py" in last, last
+    assert "max-memory" not in last
+
+
+def test_a_guarded_script_gets_the_memory_hint(tmp_path, monkeypatch):
+    """The guard hint is only given when the main script really lacks the guard."""
+    import sys
+    import types
+
+    from recnec_cli.orchestration.workers import worker_start_failure
+
+    scripts = (("import x\nx.scan()\n", False), ("import x\nif __name__ == '__main__':\n    x.scan()\n", True))
+    for text, guarded in scripts:
+        script = tmp_path / "job.py"
+        script.write_text(text, encoding="utf-8")
+        main = types.ModuleType("__main__")
+        main.__file__ = str(script)
+        monkeypatch.setitem(sys.modules, "__main__", main)
+        msg = worker_start_failure(RuntimeError("x"), 2048)
+        assert ("max-memory (2048 MB per worker)" in msg) is guarded, msg
+        assert ('if __name__ == "__main__":' in msg) is not guarded, msg

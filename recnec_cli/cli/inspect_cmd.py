@@ -9,7 +9,8 @@ from typing import Optional
 
 import typer
 
-from .common import EXIT_OK, error_boundary, results_console, setup_logging
+from ..exitcodes import EXIT_OK
+from .common import error_boundary, results_console, setup_logging
 
 
 class InspectFormat(str, Enum):
@@ -53,9 +54,9 @@ def inspect(
 ) -> None:
     """Print the role table of STUDY."""
     with error_boundary():
-        from ..stages.classify import inspect_study, load_rules
         from ..config import resolve_settings
         from ..errors import UsageError
+        from ..stages.classify import inspect_study, load_rules
 
         setup_logging(verbose=verbose, quiet=verbose == 0)
         if not study.exists():

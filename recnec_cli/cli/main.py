@@ -19,6 +19,7 @@ import importlib
 import typer
 
 from .. import DISCLAIMER, __version__
+from ..exitcodes import EXIT_LOCKED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, EXIT_STUDY_FAILED, EXIT_USAGE
 
 HELP = f"""recnec: tumour recurrence vs radiation necrosis from T1, T2 and T1ce MRI.
 
@@ -28,8 +29,9 @@ runs an ONNX CNN ensemble. Method after Frontiers in Oncology 2025 (PubMed 40548
 
 {DISCLAIMER}
 
-Exit codes: 0 all studies OK, 1 some studies failed (see the report), 2 usage/environment error,
-75 another scan holds the state, 130 / 143 stopped by SIGINT / SIGTERM.
+Exit codes: {EXIT_OK} all studies OK, {EXIT_STUDY_FAILED} some studies failed (see the report), {EXIT_USAGE}
+usage/environment error, {EXIT_LOCKED} another scan holds the state, {EXIT_SIGINT} / {EXIT_SIGTERM} stopped by
+SIGINT / SIGTERM.
 """
 
 app = typer.Typer(

@@ -12,7 +12,9 @@ from typing import Optional
 import typer
 
 from .. import DISCLAIMER
+from ..exitcodes import EXIT_LOCKED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, EXIT_STUDY_FAILED, EXIT_USAGE
 from .common import (
+    LOG_FILES_KEPT,
     DeviceOpt,
     HdBetBackendOpt,
     HdBetModeOpt,
@@ -21,6 +23,7 @@ from .common import (
     VerboseOpt,
     error_boundary,
     results_console,
+    setting_help,
     setup_logging,
 )
 
@@ -61,7 +64,8 @@ the inference batches only to workers started with --resources GPU=1.
 
 Writes REPORT (CSV or JSON: every study the state knows, once), REPORT's stem + .manifest.json
 (versions, execution provider, model checksums, settings, timings, last runs) and + .log (this
-run's log, INFO; DEBUG with -v; the 14 previous runs' logs are kept as .log.1 ... .log.14). The
+run's log, INFO; DEBUG with -v; the {LOG_FILES_KEPT} previous runs' logs are kept as .log.1 ...
+.log.{LOG_FILES_KEPT}). The
 input tree is never modified. With --qc DIR, DIR receives one picture per study (named by
 StudyInstanceUID or a keyed pseudonym, never by folder names), with --explain a second one
 showing where the model looked, and DIR/index.html (sortable, filterable, offline), rebuilt from
@@ -79,9 +83,10 @@ Examples:
   # crontab (every night at 01:30; the same report and state every night):
   30 1 * * *  recnec scan /data/exports --out /reports/recnec.csv --quiet
 
-Exit codes: 0 every study OK (or deferred), 1 some studies failed (see status / error_code),
-2 usage or environment error (nothing scanned), 75 another scan holds the state (nothing done),
-130 / 143 stopped by SIGINT / SIGTERM (finished studies are in the report).
+Exit codes: {EXIT_OK} every study OK (or deferred), {EXIT_STUDY_FAILED} some studies failed (see status /
+error_code), {EXIT_USAGE} usage or environment error (nothing scanned), {EXIT_LOCKED} another scan holds the
+state (nothing done), {EXIT_SIGINT} / {EXIT_SIGTERM} stopped by SIGINT / SIGTERM (finished studies are in the
+report).
 
 {DISCLAIMER}
 """
@@ -97,70 +102,83 @@ def scan(
     out: Path = typer.Option(Path("report.csv"), "--out", "-o", help="Report file to write."),
     fmt: ReportFormat = typer.Option(ReportFormat.csv, "--format", "-f", help="Report format."),
     state: Optional[Path] = typer.Option(None, "--state", help="SQLite state file, on a local disk "
-                                         "[env RECNEC_STATE_FILE; default: REPORT's stem + .state.sqlite]",
+                                         + setting_help("state_file", default="REPORT's stem + .state.sqlite"),
                                          show_default=False),
     force: bool = typer.Option(False, "--force", help="Reprocess every study, changed or not."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Reprocess studies whose last row is a "
                                       "failure, even if unchanged."),
     settle_minutes: Optional[float] = typer.Option(None, "--settle-minutes", min=0.0, help="Defer studies with a "
                                                    "file modified less than this many minutes ago "
-                                                   "[env RECNEC_SETTLE_MINUTES; default: 10; 0 = never defer]",
+                                                   + setting_help("settle_minutes", "; 0 = never defer"),
                                                    show_default=False),
     pseudonym_key_file: Optional[Path] = typer.Option(None, "--pseudonym-key-file", help="Site secret for the "
                                                       "patient pseudonyms (HMAC-SHA256; created on first use, mode "
-                                                      "0600; keep it outside the reports) [env "
-                                                      "RECNEC_PSEUDONYM_KEY_FILE; default: "
-                                                      "~/.config/recnec/pseudonym.key]", show_default=False),
+                                                      "0600; keep it outside the reports) "
+                                                      + setting_help("pseudonym_key_file",
+                                                                     default="~/.config/recnec/pseudonym.key"),
+                                                      show_default=False),
     workers: Optional[int] = typer.Option(None, "--workers", min=-1, help="Worker processes for the per-study "
-                                          "work, each with its own models [env RECNEC_WORKERS; default: -1 = one per "
-                                          "core, at most one per 4 GB of RAM; 0 = in this process, no limits]",
+                                          "work, each with its own models "
+                                          + setting_help("workers", "; -1 = one per core, at most one per 4 GB of "
+                                                         "RAM; 0 = in this process, no limits"),
                                           show_default=False),
     study_timeout: Optional[float] = typer.Option(None, "--study-timeout", min=0.0, help="Wall-clock limit per "
                                                   "study in seconds: a study past it is stopped and becomes a TIMEOUT "
-                                                  "row [env RECNEC_STUDY_TIMEOUT_S; default: 3600; 0 = none]",
+                                                  "row " + setting_help("study_timeout_s", "; 0 = none"),
                                                   show_default=False),
     max_memory: Optional[int] = typer.Option(None, "--max-memory", min=0, help="Memory limit per worker in MB "
-                                             "(address space): a study past it becomes an OUT_OF_MEMORY row [env "
-                                             "RECNEC_MAX_MEMORY_MB; default: 0 = 90 % of RAM / workers]",
+                                             "(address space): a study past it becomes an OUT_OF_MEMORY row "
+                                             + setting_help("max_memory_mb", "; 0 = 90 % of RAM / workers"),
                                              show_default=False),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Dask scheduler address: studies are "
                                             "preprocessed by that cluster's workers, which must see STUDIES at the "
-                                            "same path [env RECNEC_SCHEDULER; default: local worker processes]",
+                                            "same path "
+                                            + setting_help("scheduler", default="none (local worker processes)"),
                                             show_default=False),
     scheduler_file: Optional[Path] = typer.Option(None, "--scheduler-file", help="JSON file written by `dask "
-                                                  "scheduler --scheduler-file`, instead of --scheduler [env "
-                                                  "RECNEC_SCHEDULER_FILE]", show_default=False),
+                                                  "scheduler --scheduler-file`, instead of --scheduler "
+                                                  + setting_help("scheduler_file", default="none"),
+                                                  show_default=False),
     dask_resources: Optional[str] = typer.Option(None, "--dask-resources", help="Dask resources each task needs, "
                                                  "e.g. GPU=1: studies and inference batches go only to workers "
-                                                 "started with --resources GPU=1 [env RECNEC_DASK_RESOURCES; "
-                                                 "default: any worker, inference here]", show_default=False),
+                                                 "started with --resources GPU=1 "
+                                                 + setting_help("dask_resources",
+                                                                default="none (any worker; inference here)"),
+                                                 show_default=False),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Weights folder with manifest.json "
-                                           "[default: the shipped weights/]", show_default=False),
+                                           + setting_help("weights_dir", default="the shipped weights/"),
+                                           show_default=False),
     device: DeviceOpt = None,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
-                                             help="Studies per inference batch [default: 8]", show_default=False),
+                                             help="Studies per inference batch " + setting_help("batch_size"),
+                                             show_default=False),
     hdbet_mode: HdBetModeOpt = None,
     hdbet_backend: HdBetBackendOpt = None,
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="HD-BET test-time mirroring "
-                                       "(~8x slower on CPU) [default: off]", show_default=False),
+                                       "(~8x slower on CPU) " + setting_help("hdbet_tta"), show_default=False),
     lesion_masks: LesionMasksOpt = None,
     keep_intermediate: Optional[Path] = typer.Option(None, "--keep-intermediate", help="Write per-study "
                                                      "co-registered volumes, brain and lesion masks and the model "
-                                                     "box as NIfTI here.", show_default=False),
+                                                     "box as NIfTI here "
+                                                     + setting_help("keep_intermediate_dir", default="none"),
+                                                     show_default=False),
     qc: Optional[Path] = typer.Option(None, "--qc", help="Write per-study QC pictures (T1, T2, T1ce through the "
                                       "lesion with brain / lesion outlines and a registration check) and an "
-                                      "index.html overview of every study here [env RECNEC_QC_DIR].",
+                                      "index.html overview of every study here "
+                                      + setting_help("qc_dir", default="none"),
                                       show_default=False),
     explain: Optional[bool] = typer.Option(None, "--explain/--no-explain", help="With --qc: also draw where the "
                                            "model looked (occlusion sensitivity through the ONNX ensemble, ~10-15 s "
-                                           "seconds per study) [env RECNEC_EXPLAIN; default: off]",
+                                           "seconds per study) " + setting_help("explain"),
                                            show_default=False),
     rules: Optional[Path] = typer.Option(None, "--rules", help="Site rules file (TOML) for series "
-                                         "classification.", show_default=False),
+                                         "classification " + setting_help("rules_file", default="none"),
+                                         show_default=False),
     grid_spacing: Optional[float] = typer.Option(None, "--grid-spacing", help="Common grid spacing in mm "
-                                                 "[default: 1.0]", show_default=False),
+                                                 + setting_help("grid_spacing_mm"), show_default=False),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch/ONNX Runtime "
-                                          "(0 = library default).", show_default=False),
+                                          + setting_help("threads", "; 0 = the library's own"),
+                                          show_default=False),
     dicom_locations: bool = typer.Option(False, "--dicom-locations", help="Also report the folders of DICOM "
                                          "studies (off by default: export folder names may contain patient "
                                          "names)."),
@@ -203,7 +221,7 @@ def scan(
                 def on_progress(study_id: str, done: int, total: int) -> None:
                     progress.update(task, total=total, completed=done, description=f"scanning {study_id[-24:]}")
 
-                def on_done(result, row) -> None:  # noqa: ANN001
+                def on_done(result, row) -> None:
                     progress.advance(task)
 
                 summary = run_scan(studies, on_progress=on_progress, on_study_done=on_done, **kwargs)
@@ -216,7 +234,7 @@ def scan(
     raise typer.Exit(summary.exit_code)
 
 
-def _print_table(rows) -> None:  # noqa: ANN001
+def _print_table(rows) -> None:
     from rich.table import Table
 
     table = Table(title="recnec scan (research use only; synthetic-cohort weights, not clinically validated)")

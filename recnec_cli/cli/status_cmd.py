@@ -9,7 +9,8 @@ from typing import Optional
 
 import typer
 
-from .common import EXIT_OK, error_boundary, results_console
+from ..exitcodes import EXIT_OK
+from .common import error_boundary, results_console
 
 STATUS_HELP = """Show what a scan state (the SQLite file beside a report) holds.
 

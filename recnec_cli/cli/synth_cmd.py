@@ -11,7 +11,8 @@ import typer
 
 from .. import DISCLAIMER
 from ..errors import UsageError
-from .common import EXIT_OK, error_boundary, setup_logging
+from ..exitcodes import EXIT_OK
+from .common import error_boundary, setup_logging
 
 log = logging.getLogger("recnec.synth")
 

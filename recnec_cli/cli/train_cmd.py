@@ -11,8 +11,9 @@ from typing import Any, Optional
 import typer
 
 from .. import DISCLAIMER
+from ..exitcodes import EXIT_OK
+from ..train.config import DEFAULT_WIDTH, FINE_TUNE_LR, TrainConfig, lr_text
 from .common import (
-    EXIT_OK,
     DeviceOpt,
     HdBetMode,
     HdBetModeOpt,
@@ -55,7 +56,7 @@ and epochs.csv. OUT must be new, empty, or a previous recnec ensemble (replaced)
 
 --init-from WEIGHTS fine-tunes an existing ensemble instead (the shipped weights/ or any recnec
 train --out): the same cross-validation, each fold starting from one of its models with its batch
-norms frozen (folded into the convolutions, as exported), learning rate 1e-4 unless --lr.
+norms frozen (folded into the convolutions, as exported), learning rate {lr_text(FINE_TUNE_LR)} unless --lr.
 
 Examples:
 
@@ -118,26 +119,31 @@ def train(
                                           "(recurrence/necrosis) [default: DATA/labels.csv]", show_default=False),
     out: Path = typer.Option(..., "--out", "-o", help="Weights folder to write.", show_default=False),
     arch: Optional[Arch] = typer.Option(None, "--arch", help="Network family (paper: ResNet10 best) "
-                                        "[default: resnet10; with --init-from: the folder's]",
+                                        f"[default: {TrainConfig.arch}; with --init-from: the folder's]",
                                         show_default=False),
     quick: bool = typer.Option(False, "--quick", help="Tiny profile for tests: 2 folds, 2 epochs, width 4."),
-    folds: Optional[int] = typer.Option(None, "--folds", min=2, help="Cross-validation folds [default: 5]",
+    folds: Optional[int] = typer.Option(None, "--folds", min=2,
+                                        help=f"Cross-validation folds [default: {TrainConfig.folds}]",
                                         show_default=False),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Maximum epochs per fold "
-                                         "[default: 80, early stopping]", show_default=False),
+                                         f"[default: {TrainConfig.max_epochs}, early stopping]", show_default=False),
     patience: Optional[int] = typer.Option(None, "--patience", min=1, help="Early-stopping patience in "
-                                           "epochs [default: 20]", show_default=False),
+                                           f"epochs [default: {TrainConfig.patience}]", show_default=False),
     width: Optional[int] = typer.Option(None, "--width", min=2, help="Base channel width "
-                                        "[default: 16; vgg16: 8; with --init-from: the folder's]",
+                                        f"[default: {TrainConfig.width}; vgg16: {DEFAULT_WIDTH['vgg16']}; "
+                                        "with --init-from: "
+                                        "the folder's]",
                                         show_default=False),
     lr: Optional[float] = typer.Option(None, "--lr", min=1e-7, max=1.0, help="AdamW learning rate "
-                                       "[default: 3e-4; with --init-from: 1e-4]", show_default=False),
+                                       f"[default: {lr_text(TrainConfig.lr)}; "
+                                       f"with --init-from: {lr_text(FINE_TUNE_LR)}]",
+                                       show_default=False),
     init_from: Optional[Path] = typer.Option(
         None, "--init-from", help="Fine-tune this ensemble (the shipped weights/ or any recnec train "
         "--out; checksums verified first; not the --out folder) instead of random weights: fold k starts "
         "from its model k mod M, same cross-validation and manifest. resnet10, resnet18 and vgg16 only "
         "(densenet121: INIT_UNSUPPORTED).", show_default=False),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2, help="[default: 16]",
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2, help=f"[default: {TrainConfig.batch_size}]",
                                              show_default=False),
     seed: int = typer.Option(0, "--seed", help="Seed for splits, initialisation, augmentation, bootstrap."),
     target_sensitivity: Optional[float] = typer.Option(None, "--target-sensitivity", min=0.0, max=1.0,
@@ -169,11 +175,12 @@ def train(
         from ..errors import UsageError
 
         setup_logging(verbose=verbose, quiet=quiet)
-        from ..train.loop import make_config
+        from ..train.config import make_config
 
         arch_name = arch.value if arch is not None else None
         if init_from is not None:
-            from ..train.init import FINE_TUNE_LR, source_architecture
+            from ..train.config import FINE_TUNE_LR
+            from ..train.init import source_architecture
 
             if reproduce_shipped:
                 raise UsageError("--reproduce-shipped trains from scratch: drop --init-from")
@@ -244,7 +251,7 @@ def _command_line(data: Path, labels: Path, out: Path, cfg: Any, *, quick: bool,
     return " ".join(parts)
 
 
-def _epoch_reporter(cfg: Any, *, quiet: bool):  # noqa: ANN202
+def _epoch_reporter(cfg: Any, *, quiet: bool):
     """Per-epoch callback: one log line per epoch (DEBUG when a terminal shows fold summaries)."""
     level = logging.DEBUG if (quiet or sys.stderr.isatty()) else logging.INFO
 
@@ -306,7 +313,7 @@ def evaluate(
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration plot PNG "
                                                "[default: OUT stem + .calibration.png]", show_default=False),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
-    n_boot: int = typer.Option(2000, "--n-boot", min=100, help="Bootstrap resamples for the 95 % CIs."),
+    n_boot: int = typer.Option(TrainConfig.n_boot, "--n-boot", min=100, help="Bootstrap resamples for the 95 % CIs."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Per-study tensor cache (study folders).",
                                          show_default=False),
     device: DeviceOpt = None,

@@ -54,9 +54,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..config import Settings, parse_resources
+from ..devices import set_thread_environment
 from ..errors import EnvironmentBroken
 from ..study import Series, Study
-from .execution import WorkerLost, require_distributed
+from .execution import require_distributed
+from .seam import WorkerLost
 
 require_distributed()  # a clear error naming the extra, before the import below fails
 
@@ -146,9 +148,7 @@ class RecnecWorkerPlugin(WorkerPlugin):
 
     def setup(self, worker: Any) -> None:
         if self.threads > 0:
-            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
-                os.environ[var] = str(self.threads)
+            set_thread_environment(self.threads)
         for hook in self.hooks:
             hook()
         self._handler = _ForwardToClient(worker, self.level)
@@ -242,9 +242,9 @@ class DaskExecutor(cf.Executor):
     close_client:
         Close ``client`` in :meth:`shutdown` (when :meth:`connect` opened it).
 
-    The concurrent.futures API: :meth:`submit` returns a :class:`concurrent.futures.Future`;
-    ``_max_workers`` is the number of task slots the cluster offers now (worker threads, limited
-    by ``resources``), looked up at most every :data:`SLOTS_REFRESH_S` seconds.
+    Implements :class:`~recnec_cli.orchestration.seam.StudyExecutor`: :meth:`submit` returns a
+    :class:`concurrent.futures.Future`; :meth:`slots` is the number of task slots the cluster
+    offers now (worker threads, limited by ``resources``).
     """
 
     def __init__(self, client: Any, *, resources: Mapping[str, float] | None = None,
@@ -327,8 +327,9 @@ class DaskExecutor(cf.Executor):
             total += max(n, 0)
         return total
 
-    @property
-    def _max_workers(self) -> int:  # read by scan's loop: how many studies may be in flight
+    def slots(self) -> int:
+        """How many studies may be in flight: the task slots of the suitable workers now connected
+        (looked up at most every :data:`SLOTS_REFRESH_S` seconds), at least 1."""
         t, n = self._slots
         if time.monotonic() - t > SLOTS_REFRESH_S:
             try:
@@ -352,7 +353,13 @@ class DaskExecutor(cf.Executor):
                 "workers": self.workers()}
 
     # -- the start-up check on every suitable worker
-    def self_test(self, settings: Settings, model_version: str | None = None) -> dict[str, Any]:
+    def self_test(self, settings: Settings, *, model_version: str | None = None) -> str:
+        """:meth:`check_workers`; returns where HD-BET runs over the workers (their providers,
+        sorted, comma-separated: one value on a uniform cluster)."""
+        checks = self.check_workers(settings, model_version=model_version)
+        return ",".join(sorted({str(c.get("hdbet_provider", "unknown")) for c in checks.values()}))
+
+    def check_workers(self, settings: Settings, *, model_version: str | None = None) -> dict[str, Any]:
         """Run :func:`worker_check` once on every suitable worker now connected (loads and keeps
         their models). Returns ``{worker address: worker_check's answer}``.
 
@@ -384,7 +391,7 @@ class DaskExecutor(cf.Executor):
         return out
 
     # -- concurrent.futures.Executor
-    def submit(self, fn, /, *args: Any, **kwargs: Any) -> cf.Future:  # type: ignore[override]
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future:
         """Ship ``fn(*args, **kwargs)`` to a worker (arguments through :func:`for_workers`).
 
         Raises

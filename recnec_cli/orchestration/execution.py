@@ -1,30 +1,27 @@
-"""The execution seam's in-process side: the default executor and the tasks every executor runs
-(a worker process, a Dask worker or this process alike), with models loaded once per process.
+"""The tasks every executor of the execution seam runs (a worker process, a Dask worker or this
+process alike), with models loaded once per process and kept between tasks.
 
-Executors: :class:`InProcessExecutor` (here), :class:`~recnec_cli.orchestration.workers.WorkerPool`
-(local worker processes) and :class:`~recnec_cli.orchestration.cluster.DaskExecutor` (a Dask
-cluster; imported only when a scan is given a scheduler).
+The executors themselves: :mod:`recnec_cli.orchestration.executors` (in-process, and the factory),
+:class:`~recnec_cli.orchestration.workers.WorkerPool` (local worker processes) and
+:class:`~recnec_cli.orchestration.cluster.DaskExecutor` (a Dask cluster); their contract:
+:class:`~recnec_cli.orchestration.seam.StudyExecutor`.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import signal
 import threading
 from typing import Any, Callable, Sequence
 
 from ..config import Settings
 from ..errors import EnvironmentBroken
+from ..results import StudyResult
 from ..study import Study
-from .pipeline import Resources, StudyResult, infer_batch, process_study
+from .pipeline import Resources, infer_batch, process_study
+from .seam import failure_of
 
 #: what to install for ``--scheduler`` / ``--scheduler-file`` (named in the error when it is missing)
 EXTRA_HINT = "pip install 'recnec[distributed]'"
-
-
-class WorkerLost(RuntimeError):
-    """An executor lost the worker running a task, also on the retries it allows (Dask's
-    ``KilledWorker``): the study's ``WORKER_DIED`` row (:func:`~recnec_cli.orchestration.workers.failure_of`)."""
 
 
 def require_distributed() -> None:
@@ -44,26 +41,23 @@ def require_distributed() -> None:
                                 f"installed: {EXTRA_HINT}", code="DISTRIBUTED_MISSING")
 
 
-class InProcessExecutor(cf.Executor):
-    """The default execution seam: runs each submitted call at once in this process and returns a
-    finished :class:`concurrent.futures.Future` (``max_workers`` 1). A process pool or a
-    ``distributed.Client`` can stand in its place: they offer the same ``submit`` shape."""
-
-    _max_workers = 1
-
-    def submit(self, fn, /, *args, **kwargs):  # type: ignore[override]
-        fut: cf.Future = cf.Future()
-        try:
-            fut.set_result(fn(*args, **kwargs))
-        except BaseException as exc:  # noqa: BLE001 - delivered through the future, as a pool would
-            fut.set_exception(exc)
-        return fut
-
-
 _WORKER_RESOURCES: dict[Settings, Resources] = {}
 _WORKER_ENSEMBLES: dict[tuple, Any] = {}
 #: a Dask worker runs tasks in several threads: the models are loaded once all the same
 _LOAD_LOCK = threading.Lock()
+
+
+def share_resources(settings: Settings, resources: Resources) -> None:
+    """Make ``resources`` (models already loaded in this process) the ones this process's tasks use
+    for ``settings``, instead of loading their own (:func:`forget_resources` undoes it)."""
+    with _LOAD_LOCK:
+        _WORKER_RESOURCES[settings] = resources
+
+
+def forget_resources(settings: Settings) -> None:
+    """Drop this process's resources for ``settings`` (the next task loads them again)."""
+    with _LOAD_LOCK:
+        _WORKER_RESOURCES.pop(settings, None)
 
 
 def _resources(settings: Settings) -> Resources:
@@ -138,7 +132,9 @@ def preprocess_task(study: Study, settings: Settings, qc_name: str | None = None
     """
     res = _resources(settings)
     if res.hdbet is not None:  # torch is loaded: flush subnormals in *this* thread too (per-thread
-        from ..devices import prepare_torch  # state; a Dask worker may run tasks in several threads)
+        from ..devices import (
+            prepare_torch,  # state; a Dask worker may run tasks in several threads)
+        )
 
         prepare_torch(settings.threads)
     return process_study(study, settings=settings, resources=res, qc_name=qc_name)
@@ -162,19 +158,17 @@ def infer_task(ready: Sequence[StudyResult], settings: Settings, model_version: 
     return ready
 
 
-def infer_remotely(executor: cf.Executor, ready: Sequence[StudyResult], *, settings: Settings, model_version: str,
+def infer_remotely(executor: Any, ready: Sequence[StudyResult], *, settings: Settings, model_version: str,
                    timeout_s: float | None) -> list[StudyResult]:
     """Run one inference batch through ``executor`` (:func:`infer_task`); a batch whose task is
     lost or runs past ``timeout_s`` fails every study of it with that code
-    (:func:`~recnec_cli.orchestration.workers.failure_of`), stage ``infer``.
+    (:func:`~recnec_cli.orchestration.seam.failure_of`), stage ``infer``.
 
     Raises
     ------
     EnvironmentBroken
         As :func:`infer_task`, or the executor lost its cluster.
     """
-    from .workers import failure_of
-
     try:
         return executor.submit(infer_task, list(ready), settings, model_version).result()
     except EnvironmentBroken:
@@ -182,6 +176,6 @@ def infer_remotely(executor: cf.Executor, ready: Sequence[StudyResult], *, setti
     except Exception as exc:  # noqa: BLE001 - this batch fails, the run goes on
         code, msg = failure_of(exc, timeout_s)
         for r in ready:
-            r.status, r.error_code, r.error_message, r.failed_stage = code, code, msg, "infer"
+            r.fail("infer", code, msg)
             r.timings["total"] = sum(v for k, v in r.timings.items() if k != "total")
         return list(ready)

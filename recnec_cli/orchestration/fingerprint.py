@@ -117,7 +117,7 @@ def study_fingerprint(study: Study, files: Sequence[tuple[str, int, int]], *, se
                    {k: str(getattr(settings, k)) for k in RESULT_SETTINGS}, rules_sha, key_id, __version__])
 
 
-def _model_version(weights_dir: Path) -> str:
+def model_version_of(weights_dir: Path) -> str:
     """The manifest's model version and a digest of its checksum list (read without verifying the
     files: that happens when the ensemble is loaded, only when a study is to be processed)."""
     try:

@@ -1,28 +1,36 @@
-"""The only place where recnec's stages are chained.
+"""The per-study pipeline: the only place where recnec's stages are chained.
 
-``preprocess_study`` turns one :class:`~recnec_cli.study.Study` into a model-input tensor (classify
--> convert -> register -> skull-strip -> lesion -> crop); ``run_batch`` runs many studies, feeds
-the tensors to the ensemble in batches and returns one :class:`StudyResult` per study, failed or
-not. Every stage lives in its own module under :mod:`recnec_cli.stages` and works on what it is
-given: models (HD-BET, the ONNX ensemble) are loaded once per process in :class:`Resources` and
-passed in (classification's image evidence uses the same HD-BET, ``resources.hdbet``), and one
+:data:`STEPS` is the pipeline, one :class:`Step` per entry, run in order over one
+:class:`StudyContext` per study by :func:`run_steps`; a new step (a lesion segmenter, FLAIR, a DICOM
+output) is one more entry. ``preprocess_study`` / ``process_study`` turn one
+:class:`~recnec_cli.study.Study` into a model-input tensor or a failed
+:class:`~recnec_cli.results.StudyResult`; ``infer_batch`` runs the ensemble on a batch of them.
+Every stage lives in its own module under :mod:`recnec_cli.stages` and works on what it is given:
+models (HD-BET, the ONNX ensemble) are loaded once per process in :class:`Resources` and passed in
+(classification's image evidence uses the same HD-BET, ``resources.hdbet``), and one
 :class:`~recnec_cli.study.StudyImages` memo per study makes sure each series is converted once and
-each volume skull-stripped once, whichever stage needs it first (its seconds are booked to the
+each volume skull-stripped once, whichever step needs it first (its seconds are booked to the
 convert and skullstrip stages, not to classify).
 
-Stage order and what each study row records (``../shared/FAILURES.md`` kinds are handled inside
-the stages; a failure becomes the row's ``status``/``error_code``, the batch goes on):
+The steps, with the report stage (:data:`~recnec_cli.results.STAGES`) each one's seconds and
+failures are booked to (the failure kinds each stage handles: ``docs/failure-kinds.md``; a
+failure becomes the row's ``status`` / ``error_code`` / ``failed_stage``, the batch goes on):
 
-1. classify (``classify.assign_roles``): T1, T2, T1ce chosen with confidence and reasons;
-2. convert (``convert.convert_series``): canonical RAS+ float32 volumes;
-3. register (``register``): T1 and T2 rigidly onto the T1ce, all resampled to a
-   ``grid_spacing_mm`` isotropic grid covering the T1ce field of view, post-checked;
-4. skullstrip (``skullstrip``): HD-BET on the native T1ce, plausibility check, mask resampled;
-5. lesion (``lesion``): user mask (``--lesion-masks`` or ``lesion_mask.nii.gz`` in the study), which
-   must be on the grid of one of the study's T1 / T2 / T1ce series and lie mostly inside the brain,
-   or automatic enhancing-lesion detection;
-6. model input (``modelinput.make_model_input``) with the weights manifest's recipe;
-7. inference (``infer.Ensemble.predict``), batched over studies.
+1. ``classify`` (``classify.assign_roles``): T1, T2, T1ce chosen with confidence and reasons;
+2. ``convert`` (``convert.convert_series``): canonical RAS+ float32 volumes;
+3. ``user_mask`` (stage ``lesion``): a user mask (``--lesion-masks`` or ``lesion_mask.nii.gz`` in
+   the study) must be on the grid of one of the study's T1 / T2 / T1ce series; checked before
+   the expensive steps;
+4. ``register``: T1 and T2 rigidly onto the T1ce, all resampled to a ``grid_spacing_mm`` isotropic
+   grid covering the T1ce field of view;
+5. ``skullstrip``: HD-BET on the native T1ce, plausibility check, mask resampled;
+6. ``coverage`` (stage ``register``): T1 and T2 must cover the brain after registration;
+7. ``lesion``: the user mask (mostly inside the brain) or automatic enhancing-lesion detection;
+8. ``model_input`` (``modelinput.make_model_input``) with the weights manifest's recipe;
+9. ``keep_intermediate`` (stage ``model_input``): ``--keep-intermediate`` NIfTI files;
+
+then inference (``infer.Ensemble.predict``, stage ``infer``), batched over studies by
+:func:`recnec_cli.orchestration.batching.run_studies`.
 """
 
 from __future__ import annotations
@@ -30,10 +38,9 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -42,12 +49,16 @@ from ..devices import prepare_torch, resolve_hdbet_device
 from ..errors import EnvironmentBroken, LesionError, RecnecError, RegistrationError
 from ..naming import safe_component
 from ..qc.captions import qc_header, qc_result_line
+from ..results import STAGES, Preprocessed, StudyFailure, StudyResult
 from ..stages.modelinput import InputSpec, box_affine, make_model_input
 from ..study import RoleAssignment, SeriesRole, Study, StudyImages, Volume
 
+__all__ = ["STAGES", "STEPS", "Preprocessed", "Resources", "Step", "StudyContext", "StudyFailure", "StudyResult",
+           "finish_qc", "infer_batch", "preprocess_study", "process_study", "qc_name_of", "report_threshold_of",
+           "run_steps", "snapshot_of", "study_key"]
+
 log = logging.getLogger(__name__)
 
-STAGES = ("classify", "convert", "register", "skullstrip", "lesion", "model_input", "infer")
 #: minimum fraction of the brain (on the T1ce grid) that T1 and T2 must cover after registration
 MIN_BRAIN_COVERAGE = 0.80
 
@@ -75,7 +86,7 @@ class Resources:
         ------
         EnvironmentBroken
             Missing/corrupt weights or libraries: the whole run fails once (exit code 2) instead
-            of every study failing the same way (``../shared/FAILURES.md`` kind 20).
+            of every study failing the same way (``docs/failure-kinds.md`` kind 20).
         InferenceError
             ``WEIGHTS_CHECKSUM_MISMATCH`` when a weights file does not match its manifest.
         UsageError
@@ -110,210 +121,279 @@ class Resources:
                    spec=spec or InputSpec(), decoders=decoders)
 
 
-@dataclass(frozen=True, eq=False)
-class Preprocessed:
-    """One study made ready for the model.
+@dataclass
+class StudyContext:
+    """What the steps of one study have made so far: one per study, filled in step by step, never
+    leaving the process that runs the study (the QC picture is drawn from it, also when a step
+    fails).
 
-    ``model_input`` is float32 ``spec.shape`` = ``(C, X, Y, Z)`` (RAS+); lesion figures in world mm
-    (RAS+) and mL; ``timings`` in seconds per stage; ``registration`` the per-role rigid offsets.
+    Geometry: ``volumes`` are canonical RAS+ :class:`~recnec_cli.study.Volume` on their own grids;
+    ``grid_shape`` / ``grid_affine`` the common grid (``(X, Y, Z)`` voxels, ``(4, 4)`` voxel -> RAS
+    mm) over the T1ce field of view; ``on_grid`` float32 ``(X, Y, Z)`` per role on that grid (T1 and
+    T2 registered); ``native_brain_mask`` bool on the T1ce's own grid, ``brain`` bool on the common
+    grid; ``lesion`` a :class:`recnec_cli.stages.lesion.Lesion` on the common grid; ``model_input``
+    float32 ``(C, X, Y, Z)`` of ``resources.spec``. ``timings``: seconds per stage (:data:`STAGES`).
     """
 
     study: Study
-    assignment: RoleAssignment
-    model_input: np.ndarray
-    lesion_source: str
-    lesion_centroid_ras_mm: tuple[float, float, float]
-    lesion_volume_ml: float
-    brain_volume_ml: float
-    registration: dict[str, dict[str, float | str]]
-    flags: tuple[str, ...]
-    timings: dict[str, float]
-
-
-@dataclass
-class StudyResult:
-    """One report row's worth of facts about one study (see :mod:`recnec_cli.orchestration.report`)."""
-
-    study: Study
-    status: str = "OK"
-    error_code: str = ""
-    error_message: str = ""
-    failed_stage: str = ""
+    settings: Settings
+    resources: Resources
     assignment: RoleAssignment | None = None
-    preprocessed: Preprocessed | None = None
-    #: calibrated probability of recurrence (the reported one); ``probability_raw`` before calibration
-    probability: float | None = None
-    probability_raw: float | None = None
-    spread: float | None = None
-    label: str = ""
-    #: applicability distance to the training inputs (NaN: weights without an applicability model)
-    #: and whether it is beyond the manifest threshold (:mod:`recnec_cli.stages.applicability`)
-    applicability_distance: float | None = None
-    out_of_distribution: bool = False
+    images: StudyImages = field(default_factory=StudyImages)
+    volumes: dict[SeriesRole, Volume] = field(default_factory=dict)
+    user_mask_path: Path | None = None
+    user_mask: Volume | None = None
+    grid_shape: tuple[int, int, int] | None = None
+    grid_affine: np.ndarray | None = None
+    on_grid: dict[SeriesRole, np.ndarray] = field(default_factory=dict)
+    transforms: dict[SeriesRole, Any] = field(default_factory=dict)
+    registration: dict[str, dict[str, float | str]] = field(default_factory=dict)
+    native_brain_mask: np.ndarray | None = None
+    brain_volume_ml: float = float("nan")
+    brain: np.ndarray | None = None
+    lesion: Any = None
+    model_input: np.ndarray | None = None
+    flags: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-    #: QC pictures (``--qc``): ``name`` (file stem), ``png``, ``thumb``, ``explain`` (file names in the QC folder)
-    qc: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def ok(self) -> bool:
-        return self.status == "OK"
-
-
-@contextmanager
-def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
+    def preprocessed(self) -> Preprocessed:
+        """The finished study (after the last step)."""
+        les = self.lesion
+        return Preprocessed(
+            study=self.study, assignment=self.assignment, model_input=self.model_input,
+            lesion_source=les.source,
+            lesion_centroid_ras_mm=(float(les.centroid_ras_mm[0]), float(les.centroid_ras_mm[1]),
+                                    float(les.centroid_ras_mm[2])),
+            lesion_volume_ml=les.volume_ml, brain_volume_ml=self.brain_volume_ml,
+            registration=self.registration, flags=tuple(self.flags), timings=self.timings)
 
 
-def preprocess_study(study: Study, *, settings: Settings, resources: Resources,
-                     assignment: RoleAssignment | None = None, qc: Any = None) -> Preprocessed:
-    """Run one study from its series to the model-input tensor (see the module docstring).
+@dataclass(frozen=True)
+class Step:
+    """One entry of the per-study pipeline: ``run(ctx)`` reads what earlier steps put into the
+    :class:`StudyContext` and adds its own. ``name`` is unique (logs, tests); ``stage`` (one of
+    :data:`STAGES`) is where its seconds are booked and what a failure's row says."""
 
-    ``qc``: a :class:`recnec_cli.qc.figures.StudySnapshot` to fill with what each stage makes
-    (volumes, grid, masks, lesion), so the QC picture can show it, also when a later stage fails.
+    name: str
+    stage: str
+    run: Callable[[StudyContext], None]
+
+
+def _classify(ctx: StudyContext) -> None:
+    from ..errors import ClassificationError
+    from ..stages import classify
+
+    if ctx.assignment is None:
+        ctx.assignment = classify.assign_roles(ctx.study, settings=ctx.settings, rules=ctx.resources.rules,
+                                               images=ctx.images, hdbet=ctx.resources.hdbet)
+    a = ctx.assignment
+    if a.status:
+        msg = a.message or a.status
+        if a.decisions:  # what was found instead, so the row explains itself
+            msg += "; found: " + _decisions_summary(a)
+        if ctx.study.issues:  # e.g. an unreadable file explains a missing role
+            msg += " (discovery: " + "; ".join(ctx.study.issues) + ")"
+        raise ClassificationError(msg, code=a.status)
+
+
+def _convert(ctx: StudyContext) -> None:
+    from ..stages import convert
+
+    for role in SeriesRole.model_roles():
+        series = ctx.assignment.chosen[role]
+        try:
+            vol = ctx.images.volume(series, lambda s: convert.convert_series(s, settings=ctx.settings))
+        except RecnecError as exc:  # name the series the error is about
+            exc.message = f"{exc.message} [{role.value} series {_short_id(series.series_id)}]"
+            raise
+        ctx.volumes[role] = vol
+        ctx.flags.extend(f"{role.value}:{f}" for f in vol.flags)
+
+
+def _check_user_mask(ctx: StudyContext) -> None:
+    """A user lesion mask is read and checked now, before the expensive steps."""
+    from ..stages import convert, lesion
+
+    path = lesion.find_user_mask(ctx.study.lesion_mask, ctx.settings.lesion_masks_dir, ctx.study.study_id)
+    if path is None:
+        return
+    mvol = convert.read_image_file(path)
+    if not any(_same_grid(mvol, ctx.volumes[r]) for r in SeriesRole.model_roles()):
+        raise LesionError(
+            f"user lesion mask {path.name} (shape {tuple(np.shape(mvol.data))}, voxel "
+            f"{tuple(round(v, 2) for v in mvol.spacing_mm)} mm) is on none of the study's T1 / T2 / "
+            "T1ce grids; save it on the grid of the series it was drawn on",
+            code="LESION_MASK_GRID_MISMATCH")
+    ctx.user_mask_path, ctx.user_mask = path, mvol
+
+
+def _register(ctx: StudyContext) -> None:
+    from ..stages import register
+
+    s = ctx.settings
+    fixed = ctx.volumes[SeriesRole.T1CE]
+    ctx.grid_shape, ctx.grid_affine = register.common_grid(fixed, s.grid_spacing_mm)
+    ctx.on_grid[SeriesRole.T1CE] = register.resample_to_grid(fixed, ctx.grid_shape, ctx.grid_affine)
+    for role in (SeriesRole.T1, SeriesRole.T2):
+        try:
+            res = register.register_rigid(fixed, ctx.volumes[role],
+                                          max_translation_mm=s.registration_max_translation_mm,
+                                          max_rotation_deg=s.registration_max_rotation_deg)
+        except RecnecError as exc:
+            exc.message = f"{role.value} onto T1ce: {exc.message}"
+            raise
+        ctx.transforms[role] = res.transform
+        ctx.registration[role.value] = {"translation_mm": round(res.translation_mm, 3),
+                                        "rotation_deg": round(res.rotation_deg, 3),
+                                        "metric": round(res.metric, 5), "initialisation": res.initialisation}
+        ctx.on_grid[role] = register.resample_to_grid(ctx.volumes[role], ctx.grid_shape, ctx.grid_affine,
+                                                      res.transform)
+
+
+def _skullstrip(ctx: StudyContext) -> None:
+    from ..stages import register, skullstrip
+
+    fixed = ctx.volumes[SeriesRole.T1CE]
+    native = ctx.images.brain_mask(ctx.assignment.chosen[SeriesRole.T1CE].series_id,
+                                   fixed, ctx.resources.hdbet)
+    check = skullstrip.check_brain_mask(native, fixed.affine)
+    ctx.native_brain_mask, ctx.brain_volume_ml = native, check.volume_ml
+    ctx.brain = register.resample_to_grid(Volume(native.astype(np.float32), fixed.affine),
+                                          ctx.grid_shape, ctx.grid_affine) > 0.5
+
+
+def _check_coverage(ctx: StudyContext) -> None:
+    """T1 and T2 must cover :data:`MIN_BRAIN_COVERAGE` of the brain after registration."""
+    from ..stages import register
+
+    for role in (SeriesRole.T1, SeriesRole.T2):
+        cov = register.coverage_fraction(ctx.volumes[role], ctx.grid_shape, ctx.grid_affine,
+                                         ctx.transforms[role], ctx.brain)
+        ctx.registration[role.value]["brain_coverage"] = round(cov, 4)
+        if cov < MIN_BRAIN_COVERAGE:
+            raise RegistrationError(f"{role.value} covers only {cov:.0%} of the brain after registration "
+                                    f"(need {MIN_BRAIN_COVERAGE:.0%})", code="INCOMPLETE_COVERAGE")
+
+
+def _find_lesion(ctx: StudyContext) -> None:
+    from ..stages import lesion, register
+
+    brain = ctx.brain
+    if ctx.user_mask is not None:
+        m = register.resample_to_grid(ctx.user_mask, ctx.grid_shape, ctx.grid_affine, order=0) > 0.5
+        ctx.lesion = lesion.lesion_from_mask(m, ctx.grid_affine)
+        inside = float(np.count_nonzero(m & brain)) / max(1, int(np.count_nonzero(m)))
+        if inside < lesion.MIN_MASK_IN_BRAIN:
+            raise LesionError(
+                f"user lesion mask {ctx.user_mask_path.name}: only {inside:.0%} of it lies inside "
+                f"the brain (need {lesion.MIN_MASK_IN_BRAIN:.0%}); is it on this study's grid?",
+                code="LESION_MASK_OUTSIDE_BRAIN")
+        return
+    ctx.lesion = lesion.detect_enhancing_lesion(
+        ctx.on_grid[SeriesRole.T1CE], brain, ctx.grid_affine, t1=ctx.on_grid[SeriesRole.T1],
+        t2=ctx.on_grid[SeriesRole.T2], min_volume_ml=ctx.settings.lesion_min_volume_ml)
+    if ctx.lesion.ambiguous:
+        ctx.flags.append(lesion.AMBIGUOUS_FLAG)
+
+
+def _model_input(ctx: StudyContext) -> None:
+    spec = ctx.resources.spec
+    by_name = {"T1": ctx.on_grid[SeriesRole.T1], "T2": ctx.on_grid[SeriesRole.T2],
+               "T1ce": ctx.on_grid[SeriesRole.T1CE]}
+    ctx.model_input = make_model_input([by_name[c] for c in spec.channels], ctx.brain, ctx.grid_affine,
+                                       ctx.lesion.centroid_ras_mm, spec)
+
+
+def _keep_intermediate(ctx: StudyContext) -> None:
+    """``--keep-intermediate``: the co-registered volumes, masks and model box as NIfTI."""
+    if ctx.settings.keep_intermediate_dir is not None:
+        _write_intermediate(ctx.settings.keep_intermediate_dir, ctx)
+
+
+#: the per-study pipeline, in order (:func:`preprocess_study` runs them; a new step is one entry)
+STEPS: tuple[Step, ...] = (
+    Step("classify", "classify", _classify),
+    Step("convert", "convert", _convert),
+    Step("user_mask", "lesion", _check_user_mask),
+    Step("register", "register", _register),
+    Step("skullstrip", "skullstrip", _skullstrip),
+    Step("coverage", "register", _check_coverage),
+    Step("lesion", "lesion", _find_lesion),
+    Step("model_input", "model_input", _model_input),
+    Step("keep_intermediate", "model_input", _keep_intermediate),
+)
+
+
+def run_steps(ctx: StudyContext, steps: Sequence[Step] | None = None) -> None:
+    """Run ``steps`` over ``ctx`` in order, booking each step's seconds to its stage (seconds that
+    :class:`~recnec_cli.study.StudyImages` spent converting or skull-stripping on another step's
+    behalf, e.g. classification's image evidence, go to ``convert`` / ``skullstrip``).
 
     Raises
     ------
-    RecnecError
-        Any stage's error (its ``code`` goes to the report), with three attributes added:
-        ``stage`` (name of the failed stage), ``timings`` (seconds of the stages run) and
-        ``assignment`` (the role assignment, when classification got that far).
+    EnvironmentBroken
+        Unchanged: the installation cannot run any study.
+    StudyFailure
+        Any other exception of a step, wrapped (the original as ``__cause__``) with the step's
+        stage, the timings so far and the role assignment.
     """
-    from ..stages import classify, convert, lesion, register, skullstrip
+    for step in STEPS if steps is None else steps:  # looked up at call time: benchmarks wrap the steps
+        t0 = time.perf_counter()
+        try:
+            step.run(ctx)
+        except EnvironmentBroken:
+            raise
+        except Exception as exc:
+            _book(ctx, step, time.perf_counter() - t0)
+            raise _wrap(exc, ctx, step) from exc
+        _book(ctx, step, time.perf_counter() - t0)
 
-    timings: dict[str, float] = {}
-    stage = "classify"
-    flags: list[str] = []
-    images = StudyImages()  # each series converted once, each volume skull-stripped once
-    try:
-        with _timed(timings, stage):
-            if assignment is None:
-                assignment = classify.assign_roles(study, settings=settings, rules=resources.rules,
-                                                   images=images, hdbet=resources.hdbet)
-        # image evidence converted and skull-stripped some series: book that time to its stages
-        for st, sec in images.seconds.items():
-            timings[stage] -= sec
-            timings[st] = timings.get(st, 0.0) + sec
-        images.seconds.clear()
-        if assignment.status:
-            from ..errors import ClassificationError
 
-            msg = assignment.message or assignment.status
-            if assignment.decisions:  # what was found instead, so the row explains itself
-                msg += "; found: " + _decisions_summary(assignment)
-            if study.issues:  # e.g. an unreadable file explains a missing role
-                msg += " (discovery: " + "; ".join(study.issues) + ")"
-            raise ClassificationError(msg, code=assignment.status)
-        stage = "convert"
-        vols: dict[SeriesRole, Volume] = {}
-        with _timed(timings, stage):
-            for role in SeriesRole.model_roles():
-                series = assignment.chosen[role]
-                try:
-                    vols[role] = images.volume(series, lambda s: convert.convert_series(s, settings=settings))
-                except RecnecError as exc:  # name the series the error is about
-                    exc.message = f"{exc.message} [{role.value} series {_short_id(series.series_id)}]"
-                    raise
-                flags.extend(f"{role.value}:{f}" for f in vols[role].flags)
-                if qc is not None:
-                    qc.volumes[role.value] = vols[role]
-        stage = "lesion"  # a user mask is checked now, before the expensive stages
-        with _timed(timings, stage):
-            mask_path = lesion.find_user_mask(study.lesion_mask, settings.lesion_masks_dir, study.study_id)
-            mvol = None
-            if mask_path is not None:
-                mvol = convert.read_image_file(mask_path)
-                if not any(_same_grid(mvol, vols[r]) for r in SeriesRole.model_roles()):
-                    raise LesionError(
-                        f"user lesion mask {mask_path.name} (shape {tuple(np.shape(mvol.data))}, voxel "
-                        f"{tuple(round(v, 2) for v in mvol.spacing_mm)} mm) is on none of the study's T1 / T2 / "
-                        "T1ce grids; save it on the grid of the series it was drawn on",
-                        code="LESION_MASK_GRID_MISMATCH")
-        stage = "register"
-        with _timed(timings, stage):
-            fixed = vols[SeriesRole.T1CE]
-            shape, grid_aff = register.common_grid(fixed, settings.grid_spacing_mm)
-            on_grid: dict[SeriesRole, np.ndarray] = {
-                SeriesRole.T1CE: register.resample_to_grid(fixed, shape, grid_aff)}
-            if qc is not None:
-                qc.grid_affine, qc.on_grid, qc.registration = grid_aff, {}, {}
-                qc.on_grid[SeriesRole.T1CE.value] = on_grid[SeriesRole.T1CE]
-            transforms: dict[SeriesRole, Any] = {}
-            reg_info: dict[str, dict[str, float | str]] = {}
-            for role in (SeriesRole.T1, SeriesRole.T2):
-                try:
-                    res = register.register_rigid(
-                        fixed, vols[role], max_translation_mm=settings.registration_max_translation_mm,
-                        max_rotation_deg=settings.registration_max_rotation_deg)
-                except RecnecError as exc:
-                    exc.message = f"{role.value} onto T1ce: {exc.message}"
-                    raise
-                transforms[role] = res.transform
-                reg_info[role.value] = {"translation_mm": round(res.translation_mm, 3),
-                                        "rotation_deg": round(res.rotation_deg, 3),
-                                        "metric": round(res.metric, 5), "initialisation": res.initialisation}
-                on_grid[role] = register.resample_to_grid(vols[role], shape, grid_aff, res.transform)
-                if qc is not None:
-                    qc.on_grid[role.value] = on_grid[role]
-                    qc.registration[role.value] = reg_info[role.value]
-        stage = "skullstrip"
-        with _timed(timings, stage):
-            native_mask = images.brain_mask(assignment.chosen[SeriesRole.T1CE].series_id, fixed, resources.hdbet)
-            check = skullstrip.check_brain_mask(native_mask, fixed.affine)
-            brain = register.resample_to_grid(
-                Volume(native_mask.astype(np.float32), fixed.affine), shape, grid_aff) > 0.5
-            if qc is not None:
-                qc.brain = brain
-        stage = "register"
-        with _timed(timings, stage):
-            for role in (SeriesRole.T1, SeriesRole.T2):
-                cov = register.coverage_fraction(vols[role], shape, grid_aff, transforms[role], brain)
-                reg_info[role.value]["brain_coverage"] = round(cov, 4)
-                if cov < MIN_BRAIN_COVERAGE:
-                    raise RegistrationError(
-                        f"{role.value} covers only {cov:.0%} of the brain after registration "
-                        f"(need {MIN_BRAIN_COVERAGE:.0%})", code="INCOMPLETE_COVERAGE")
-        stage = "lesion"
-        with _timed(timings, stage):
-            if mvol is not None:
-                m = register.resample_to_grid(mvol, shape, grid_aff, order=0) > 0.5
-                les = lesion.lesion_from_mask(m, grid_aff)
-                inside = float(np.count_nonzero(m & brain)) / max(1, int(np.count_nonzero(m)))
-                if inside < lesion.MIN_MASK_IN_BRAIN:
-                    raise LesionError(
-                        f"user lesion mask {mask_path.name}: only {inside:.0%} of it lies inside the brain "
-                        f"(need {lesion.MIN_MASK_IN_BRAIN:.0%}); is it on this study's grid?",
-                        code="LESION_MASK_OUTSIDE_BRAIN")
-            else:
-                les = lesion.detect_enhancing_lesion(
-                    on_grid[SeriesRole.T1CE], brain, grid_aff, t1=on_grid[SeriesRole.T1],
-                    t2=on_grid[SeriesRole.T2],
-                    min_volume_ml=settings.lesion_min_volume_ml)
-                if les.ambiguous:
-                    flags.append(lesion.AMBIGUOUS_FLAG)
-            if qc is not None:
-                qc.lesion, qc.lesion_centroid_ras_mm = les.mask, tuple(float(v) for v in les.centroid_ras_mm)
-                qc.box_mm = float(resources.spec.size_vox[0] * resources.spec.spacing_mm)
-        stage = "model_input"
-        with _timed(timings, stage):
-            spec = resources.spec
-            by_name = {"T1": on_grid[SeriesRole.T1], "T2": on_grid[SeriesRole.T2], "T1ce": on_grid[SeriesRole.T1CE]}
-            x = make_model_input([by_name[c] for c in spec.channels], brain, grid_aff, les.centroid_ras_mm, spec)
-        if settings.keep_intermediate_dir is not None:
-            _write_intermediate(settings.keep_intermediate_dir, study, grid_aff, on_grid, brain, les.mask, x, spec,
-                                les.centroid_ras_mm, native_mask, fixed.affine)
-    except Exception as exc:
-        # remember where it failed, for the report row (unexpected errors too); the error is unchanged
-        exc.stage, exc.timings, exc.assignment = stage, timings, assignment  # type: ignore[attr-defined]
-        raise
-    return Preprocessed(
-        study=study, assignment=assignment, model_input=x, lesion_source=les.source,
-        lesion_centroid_ras_mm=tuple(float(v) for v in les.centroid_ras_mm),  # type: ignore[arg-type]
-        lesion_volume_ml=les.volume_ml, brain_volume_ml=check.volume_ml, registration=reg_info,
-        flags=tuple(flags), timings=timings)
+def _book(ctx: StudyContext, step: Step, seconds: float) -> None:
+    t = ctx.timings
+    t[step.stage] = t.get(step.stage, 0.0) + seconds
+    for stage, sec in ctx.images.seconds.items():
+        t[step.stage] -= sec
+        t[stage] = t.get(stage, 0.0) + sec
+    ctx.images.seconds.clear()
+
+
+def _wrap(exc: Exception, ctx: StudyContext, step: Step) -> StudyFailure:
+    """One :class:`StudyFailure` for whatever a step raised: a stage error keeps its code and
+    message; an allocation failure is ``OUT_OF_MEMORY``; anything else ``INTERNAL_ERROR`` with the
+    type name only (exception text can hold paths or header values; the traceback goes to DEBUG)."""
+    if isinstance(exc, RecnecError):
+        code, message = exc.code, exc.message
+    elif isinstance(exc, MemoryError) or ("allocate" in str(exc).lower() and "memory" in str(exc).lower()):
+        code = "OUT_OF_MEMORY"  # MemoryError, or torch / ITK allocators' own exception types
+        message = ("study needed more memory than available (or than --max-memory)" if isinstance(exc, MemoryError)
+                   else f"study needed more memory than available ({type(exc).__name__})")
+    else:
+        log.debug("unexpected error in study %s at step %s:\n%s", study_key(ctx.study), step.name,
+                  traceback.format_exc())
+        code, message = "INTERNAL_ERROR", (f"unexpected {type(exc).__name__}; rerun with -v for the traceback "
+                                           "in the log")
+    return StudyFailure(message, code=code, stage=step.stage, step=step.name, timings=ctx.timings,
+                        assignment=ctx.assignment, context=ctx)
+
+
+def preprocess_study(study: Study, *, settings: Settings, resources: Resources,
+                     assignment: RoleAssignment | None = None) -> Preprocessed:
+    """Run one study through :data:`STEPS`, from its series to the model-input tensor.
+
+    ``assignment``: a role assignment made earlier (classification then only checks it).
+
+    Raises
+    ------
+    StudyFailure
+        Any step's failure, with its report code, stage, the timings so far and the assignment
+        (the original exception as ``__cause__``).
+    EnvironmentBroken
+        The installation cannot run any study.
+    """
+    ctx = StudyContext(study=study, settings=settings, resources=resources, assignment=assignment)
+    run_steps(ctx)
+    return ctx.preprocessed()
 
 
 def _same_grid(a: Volume, b: Volume, tol_mm: float = 0.1) -> bool:
@@ -347,8 +427,7 @@ def study_key(study: Study) -> str:
     return safe_component(study.study_id)
 
 
-def _write_intermediate(root: Path, study: Study, affine, on_grid, brain, lesion_mask, x, spec, centre,
-                        native_mask, native_affine) -> None:
+def _write_intermediate(root: Path, ctx: StudyContext) -> None:
     """Write co-registered volumes, brain and lesion masks and the model box as NIfTI for review.
 
     Files in ``root/<study key>/``: ``t1_coreg``, ``t2_coreg``, ``t1ce_coreg`` (common grid),
@@ -357,32 +436,50 @@ def _write_intermediate(root: Path, study: Study, affine, on_grid, brain, lesion
     """
     import nibabel as nib
 
-    out = Path(root) / study_key(study)
+    out = Path(root) / study_key(ctx.study)
     out.mkdir(parents=True, exist_ok=True)
+    affine = ctx.grid_affine
     names = {SeriesRole.T1: "t1", SeriesRole.T2: "t2", SeriesRole.T1CE: "t1ce"}
-    for role, arr in on_grid.items():
+    for role, arr in ctx.on_grid.items():
         nib.save(nib.Nifti1Image(arr.astype(np.float32), affine), str(out / f"{names[role]}_coreg.nii.gz"))
-    nib.save(nib.Nifti1Image(brain.astype(np.uint8), affine), str(out / "brain_mask.nii.gz"))
-    nib.save(nib.Nifti1Image(lesion_mask.astype(np.uint8), affine), str(out / "lesion_mask.nii.gz"))
-    nib.save(nib.Nifti1Image(np.asarray(native_mask, dtype=np.uint8), native_affine),
+    nib.save(nib.Nifti1Image(ctx.brain.astype(np.uint8), affine), str(out / "brain_mask.nii.gz"))
+    nib.save(nib.Nifti1Image(ctx.lesion.mask.astype(np.uint8), affine), str(out / "lesion_mask.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(ctx.native_brain_mask, dtype=np.uint8), ctx.volumes[SeriesRole.T1CE].affine),
              str(out / "brain_mask_t1ce_native.nii.gz"))
-    box = nib.Nifti1Image(np.moveaxis(x, 0, -1).astype(np.float32), box_affine(centre, spec))
+    spec = ctx.resources.spec
+    box = nib.Nifti1Image(np.moveaxis(ctx.model_input, 0, -1).astype(np.float32),
+                          box_affine(ctx.lesion.centroid_ras_mm, spec))
     nib.save(box, str(out / "model_input_box.nii.gz"))
+
+
+def snapshot_of(ctx: StudyContext) -> Any:
+    """The QC picture's view of a study (:class:`recnec_cli.qc.figures.StudySnapshot`): what its
+    steps had made when it finished or failed."""
+    from ..qc.figures import StudySnapshot
+
+    snap = StudySnapshot(volumes={r.value: v for r, v in ctx.volumes.items()}, grid_affine=ctx.grid_affine,
+                         on_grid={r.value: a for r, a in ctx.on_grid.items()}, brain=ctx.brain,
+                         registration={k: dict(v) for k, v in ctx.registration.items()})
+    if ctx.lesion is not None:
+        snap.lesion = ctx.lesion.mask
+        snap.lesion_centroid_ras_mm = tuple(float(v) for v in ctx.lesion.centroid_ras_mm)
+        snap.box_mm = float(ctx.resources.spec.size_vox[0] * ctx.resources.spec.spacing_mm)
+    return snap
 
 
 def process_study(study: Study, *, settings: Settings, resources: Resources,
                   qc_name: str | None = None) -> StudyResult:
     """Preprocess one study into a :class:`StudyResult`: ready for inference (``preprocessed`` set,
-    ``status`` ``OK``) or failed (``status`` / ``error_code`` / ``failed_stage`` set).
+    ``status`` ``OK``) or failed (``status`` / ``error_code`` / ``failed_stage`` set from the
+    :class:`StudyFailure`).
 
     With ``settings.qc_dir`` the study picture is drawn here, where the volumes are (also for a
-    failed study, from what the stages before the failure made), and written to
+    failed study, from what the steps before the failure made), and written to
     ``qc_dir/<qc_name>.png`` (``qc_name`` from :func:`recnec_cli.qc.files.qc_stem`; derived with
     the site pseudonym key when not given); only the file names travel back in ``result.qc``.
 
-    A study error never escapes: stage errors become their code, ``MemoryError`` becomes
-    ``OUT_OF_MEMORY`` and unexpected exceptions ``INTERNAL_ERROR`` (type name only in the message:
-    exception text can hold paths or header values; the traceback goes to DEBUG).
+    A study error never escapes (stage errors become their code, allocation failures
+    ``OUT_OF_MEMORY``, anything else ``INTERNAL_ERROR``: see :func:`run_steps`).
 
     Raises
     ------
@@ -390,36 +487,20 @@ def process_study(study: Study, *, settings: Settings, resources: Resources,
         The installation cannot run any study (the run fails once, not every study).
     """
     r = StudyResult(study=study)
-    snap = None
-    if settings.qc_dir is not None:
-        from ..qc.figures import StudySnapshot
-
-        snap = StudySnapshot()
+    ctx = StudyContext(study=study, settings=settings, resources=resources)
     try:
-        pre = preprocess_study(study, settings=settings, resources=resources, qc=snap)
-    except EnvironmentBroken:
-        raise
-    except RecnecError as exc:
-        r.assignment = getattr(exc, "assignment", None)
-        r.timings.update(getattr(exc, "timings", {}))
-        _fail(r, getattr(exc, "stage", "preprocess"), exc.code, exc.message)
-    except MemoryError:
-        _fail(r, "preprocess", "OUT_OF_MEMORY", "study needed more memory than available (or than --max-memory)")
-    except Exception as exc:  # noqa: BLE001 - the batch must go on (STYLE.md habit 3)
-        if "allocate" in str(exc).lower() and "memory" in str(exc).lower():  # torch / ITK allocators
-            _fail(r, "preprocess", "OUT_OF_MEMORY", f"study needed more memory than available ({type(exc).__name__})")
-        else:
-            log.debug("unexpected error in study %s:\n%s", study_key(study), traceback.format_exc())
-            r.assignment = getattr(exc, "assignment", None)
-            r.timings.update(getattr(exc, "timings", {}))
-            _fail(r, getattr(exc, "stage", "preprocess"), "INTERNAL_ERROR",
-                  f"unexpected {type(exc).__name__}; rerun with -v for the traceback in the log")
+        run_steps(ctx)
+    except StudyFailure as exc:
+        r.assignment = exc.assignment
+        r.timings.update(exc.timings)
+        r.fail(exc.stage, exc.code, exc.message)
+        log.info("study %s failed at %s (step %s): %s", study_key(study), exc.stage, exc.step, exc.code)
     else:
-        r.preprocessed = pre
-        r.assignment = pre.assignment
-        r.timings.update(pre.timings)
-    if snap is not None:
-        _draw_study_picture(r, snap, settings=settings, qc_name=qc_name)
+        r.preprocessed = ctx.preprocessed()
+        r.assignment = ctx.assignment
+        r.timings.update(ctx.timings)
+    if settings.qc_dir is not None:
+        _draw_study_picture(r, snapshot_of(ctx), settings=settings, qc_name=qc_name)
     if not r.ok:
         r.timings["total"] = sum(v for k, v in r.timings.items() if k != "total")
     return r
@@ -448,7 +529,7 @@ def _draw_study_picture(r: StudyResult, snap: Any, *, settings: Settings, qc_nam
     try:
         name = qc_name or qc_name_of(r.study, settings)
         r.qc["name"] = name
-        qc_dir = Path(settings.qc_dir)  # type: ignore[arg-type]
+        qc_dir = Path(settings.qc_dir)
         pic = render_study(snap, qc_dir / f"{name}.png", header=[qc_header(r, name), qc_result_line(r, None)],
                            name=name, thumb=qc_dir / thumb_name(f"{name}.png"))
         if pic is not None:
@@ -501,16 +582,16 @@ def _draw_explanation(r: StudyResult, *, ensemble: Any, settings: Settings, thre
     spec = ensemble.spec
     name = r.qc.get("name") or qc_name_of(r.study, settings)
     r.qc["name"] = name
-    occ = occlusion_sensitivity(ensemble, pre.model_input)  # type: ignore[union-attr]
-    t1ce = pre.model_input[list(spec.channels).index("T1ce")]  # type: ignore[union-attr]
+    occ = occlusion_sensitivity(ensemble, pre.model_input)
+    t1ce = pre.model_input[list(spec.channels).index("T1ce")]
     notes = [f"occlusion sensitivity through the {getattr(ensemble, 'n_models', '?')}-model ONNX ensemble:",
              f"a {occ.patch_vox * spec.spacing_mm:g} mm cube (all channels) set to 0 = brain median, "
              f"moved in {occ.stride_vox * spec.spacing_mm:g} mm steps;",
              f"{occ.passes} ensemble passes, {occ.seconds:.1f} s", "",
              f"p(recurrence) {occ.p:.3f}", f"largest change {float(np.abs(occ.delta).max()):.3g}", "",
              f"model box {spec.size_vox[0] * spec.spacing_mm:g} mm centred on the lesion"]
-    path = Path(settings.qc_dir) / f"{name}.explain.png"  # type: ignore[arg-type]
-    render_explanation(t1ce, occ.delta, box_affine(pre.lesion_centroid_ras_mm, spec), path,  # type: ignore[union-attr]
+    path = Path(settings.qc_dir) / f"{name}.explain.png"
+    render_explanation(t1ce, occ.delta, box_affine(pre.lesion_centroid_ras_mm, spec), path,
                        header=[qc_header(r, name), qc_result_line(r, threshold)], name=name, notes=notes)
     r.qc["explain"] = path.name
 
@@ -535,17 +616,17 @@ def infer_batch(ready: Sequence[StudyResult], *, ensemble: Any) -> None:
     """
     if not ready:
         return
-    batch = np.stack([r.preprocessed.model_input for r in ready]).astype(np.float32)  # type: ignore[union-attr]
+    batch = np.stack([r.preprocessed.model_input for r in ready]).astype(np.float32)
     t0 = time.perf_counter()
     try:
         pred = ensemble.predict(batch)
     except RecnecError as exc:
         for r in ready:
-            _fail(r, "infer", exc.code, exc.message)
+            _fail_infer(r, exc.code, exc.message)
     except Exception as exc:  # noqa: BLE001 - onnxruntime's own types: this batch fails, the run goes on
         log.debug("unexpected inference error:\n%s", traceback.format_exc())
         for r in ready:
-            _fail(r, "infer", "INTERNAL_ERROR", f"unexpected {type(exc).__name__} in inference; rerun with -v "
+            _fail_infer(r, "INTERNAL_ERROR", f"unexpected {type(exc).__name__} in inference; rerun with -v "
                   "for the traceback in the log")
     else:
         per = (time.perf_counter() - t0) / len(ready)
@@ -567,52 +648,7 @@ def infer_batch(ready: Sequence[StudyResult], *, ensemble: Any) -> None:
         r.timings["total"] = sum(v for k, v in r.timings.items() if k != "total")
 
 
-def run_batch(studies: Sequence[Study], *, settings: Settings, resources: Resources,
-              on_study_done: Callable[[StudyResult], None] | None = None,
-              on_study_start: Callable[[Study], None] | None = None) -> list[StudyResult]:
-    """Preprocess every study in this process, run the ensemble in batches of ``settings.batch_size``.
-
-    The simple serial form of what :func:`recnec_cli.orchestration.scan.scan` does with state,
-    workers and incremental reports. One bad study never stops the batch (see
-    :func:`process_study`). Results are returned in input order.
-
-    Raises
-    ------
-    EnvironmentBroken
-        From :func:`process_study`: the installation cannot run any study.
-    """
-    results: list[StudyResult] = []
-    pending: list[StudyResult] = []
-
-    def flush() -> None:
-        infer_batch(pending, ensemble=resources.ensemble)
-        for r in pending:
-            finish_qc(r, ensemble=resources.ensemble, settings=settings)
-            if on_study_done:
-                on_study_done(r)
-        pending.clear()
-
-    for study in studies:
-        if on_study_start:
-            on_study_start(study)
-        r = process_study(study, settings=settings, resources=resources)
-        results.append(r)
-        if r.ok:
-            pending.append(r)
-            if len(pending) >= settings.batch_size:
-                flush()
-        else:
-            finish_qc(r, ensemble=resources.ensemble, settings=settings)
-            if on_study_done:
-                on_study_done(r)
-    flush()
-    return results
-
-
-def _fail(r: StudyResult, stage: str, code: str, message: str) -> None:
-    r.status = code.split(":")[0].strip() or "FAILED"
-    r.error_code = r.status
-    r.error_message = message
-    r.failed_stage = stage
+def _fail_infer(r: StudyResult, code: str, message: str) -> None:
+    r.fail("infer", code, message)
     # INFO: the row carries it, and `--quiet` (cron) must stay one summary line however many fail
-    log.info("study %s failed at %s: %s", study_key(r.study), stage, code)
+    log.info("study %s failed at infer: %s", study_key(r.study), code)

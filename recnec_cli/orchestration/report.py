@@ -6,20 +6,23 @@ never leaves a half-written report over a good one.
 Columns (one row per study; empty where a stage did not run):
 
 ``study_id`` (StudyInstanceUID, or folder relative to the scan root), ``patient_pseudonym``
-(HMAC-SHA256 of the PatientID with the site key, see :mod:`recnec_cli.pseudonym`), ``source``, ``location`` (NIfTI/NRRD folders; DICOM folders only
-with ``--dicom-locations``, since export folder names may hold patient names), ``status`` (``OK`` or the error code), ``error_code``,
+(HMAC-SHA256 of the PatientID with the site key, see :mod:`recnec_cli.pseudonym`), ``source``,
+``location`` (NIfTI/NRRD folders; DICOM folders only with ``--dicom-locations``, since export
+folder names may hold patient names), ``status`` (``OK`` or the error code), ``error_code``,
 ``error_message``, ``failed_stage``, ``t1_series`` / ``t2_series`` / ``t1ce_series``
 (SeriesInstanceUID or file), ``*_confidence`` and ``*_reasons`` (classifier evidence, ``; ``
 separated), ``flags``, ``lesion_source`` (``mask`` or ``auto``), ``lesion_r_mm`` /
 ``lesion_a_mm`` / ``lesion_s_mm`` (centroid, world RAS+), ``lesion_volume_ml``,
-``brain_volume_ml``, ``t1_reg_translation_mm`` ... (rigid offsets onto the T1ce),
+``brain_volume_ml``,
+``t1_reg_translation_mm`` ... (rigid offsets onto the T1ce),
 ``p_recurrence`` (calibrated probability of recurrence: the ensemble mean through the
 manifest's Platt map, :mod:`recnec_cli.stages.calibration`), ``p_recurrence_raw`` (the ensemble
 mean before calibration), ``ensemble_spread`` (standard deviation across the fold models, raw
 scale), ``label`` (``recurrence`` if ``p_recurrence >= threshold`` else ``necrosis``),
 ``threshold`` (on the calibrated scale), ``applicability`` (``in_distribution``,
 ``OUT_OF_DISTRIBUTION`` (also in ``flags``) or ``unknown`` for weights without an applicability
-model) and ``applicability_distance`` (:mod:`recnec_cli.stages.applicability`), ``model_version``, ``seconds_<stage>`` (and ``seconds_qc`` /
+model) and ``applicability_distance`` (:mod:`recnec_cli.stages.applicability`), ``model_version``,
+``seconds_<stage>`` (and ``seconds_qc`` /
 ``seconds_explain`` for the QC pictures), ``seconds_total``, ``qc_png`` / ``explain_png`` (file
 names in the ``--qc`` folder) and ``disclaimer`` (research use only, synthetic-cohort weights, not
 clinically validated).
@@ -30,17 +33,17 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .. import DISCLAIMER
+from ..atomic import atomic_write_text
 from ..provenance import SCAN_DISTRIBUTIONS, library_versions
+from ..results import STAGES, StudyResult
 from ..stages.applicability import OOD_FLAG
-from .pipeline import STAGES, StudyResult, report_threshold_of
 from ..study import SeriesRole
+from .pipeline import report_threshold_of
 
 ROLE_PREFIX = {SeriesRole.T1: "t1", SeriesRole.T2: "t2", SeriesRole.T1CE: "t1ce"}
 #: seconds spent on the QC pictures (``--qc``) and the explanation map (``--explain``), per study
@@ -126,26 +129,6 @@ def result_row(r: StudyResult, *, threshold: float | None, model_version: str,
     return row
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report gets the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def rows_to_csv(rows: Sequence[dict[str, Any]]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(COLUMNS), extrasaction="ignore", lineterminator="\n")
@@ -166,7 +149,7 @@ def write_report(path: Path, rows: Sequence[dict[str, Any]], *, fmt: str = "csv"
 def run_manifest(*, settings_dict: dict[str, Any], ensemble: Any, rows: Iterable[dict[str, Any]],
                  started: datetime, finished: datetime, input_root: str, report_path: str,
                  n_discovered: int, decoders: dict[str, bool] | None = None) -> dict[str, Any]:
-    """Provenance of a report (STYLE.md habit 3): versions, provider, checksums, settings, status
+    """Provenance of a report (docs/code-style.md habit 3): versions, provider, checksums, settings, status
     counts and stage seconds summed over the report ``rows`` (the flat rows of :func:`result_row`)."""
     rows = list(rows)
     stage_totals: dict[str, float] = {}

@@ -28,62 +28,51 @@ A run, in order:
 6. SIGINT / SIGTERM stop the taking of new studies; what is done is kept and the run ends with
    exit code 130 / 143.
 
-The two seams for later work: ``executor`` (any :class:`concurrent.futures.Executor`: where
-studies are preprocessed; by default local worker processes, :class:`~.workers.WorkerPool`, or,
-with ``settings.scheduler`` / ``settings.scheduler_file``, a Dask cluster,
-:class:`~.cluster.DaskExecutor`, the only path that imports Dask) and ``on_study_done`` (what
-happens when a study finishes).
+The two seams for later work: ``executor`` (where studies are preprocessed: any
+:class:`~recnec_cli.orchestration.seam.StudyExecutor`; by default the one
+:func:`~recnec_cli.orchestration.executors.make_executor` builds from the settings: local worker
+processes, this process, or a Dask cluster, the only path that imports Dask) and
+``on_study_done`` (what happens when a study finishes). The loop over studies and inference
+batches is :func:`~recnec_cli.orchestration.batching.run_studies`.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import functools
+import glob
 import json
 import logging
-import os
 import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .. import __version__
+from ..atomic import atomic_write_text, remove_stale_temporaries
 from ..config import Settings
-from ..errors import EnvironmentBroken, RecnecError, UsageError
+from ..errors import RecnecError, UsageError
+from ..exitcodes import EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, EXIT_STUDY_FAILED, EXIT_USAGE
+from ..results import StudyResult
 from ..study import Study
-from .execution import (
-    _WORKER_RESOURCES,
-    InProcessExecutor,
-    infer_remotely,
-    preprocess_task,
-    require_distributed,
-    worker_initializer,
-    worker_self_test,
-)
-from .fingerprint import _model_version, folder_newest_mtimes, study_files, study_fingerprint, tree_listing
+from .batching import BATCH_WAIT_S, run_studies
+from .execution import require_distributed
+from .executors import make_executor
+from .fingerprint import folder_newest_mtimes, model_version_of, study_files, study_fingerprint, tree_listing
 from .paths import check_scan_paths, output_paths
-from .pipeline import Resources, StudyResult, report_threshold_of, finish_qc, infer_batch, qc_name_of, study_key
-from .report import COLUMNS, ROW_DISCLAIMER, atomic_write_text, result_row, run_manifest, write_report
+from .pipeline import Resources, qc_name_of, report_threshold_of, study_key
+from .report import COLUMNS, ROW_DISCLAIMER, result_row, run_manifest, write_report
+from .seam import StudyExecutor
 from .selftest import self_test
 from .state import ScanState, StoredStudy, digest
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_STUDY_FAILED, EXIT_USAGE = 0, 1, 2
-#: another run holds the state's lock (sysexits.h EX_TEMPFAIL: "try again later")
-EXIT_LOCKED = 75
-EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 #: statuses that are not failures (a DEFERRED study is scanned by a later run)
 NOT_FAILED = ("OK", "DEFERRED")
-#: a preprocessed study waits at most this long for its inference batch to fill while other studies
-#: are still being preprocessed (then the batch runs with what is ready), so a kill loses at most
-#: this much preprocessing work; with nothing else in flight a batch runs at once (seconds)
-BATCH_WAIT_S = 30.0
 #: the report and manifest are regenerated from the state after a finished study at most this often
 #: (and always at the end of a run), so a first run over thousands of studies does not rewrite
 #: the whole report after each one; the state itself commits every study at once (seconds)
@@ -107,8 +96,9 @@ class ScanSummary:
     ``counts``: ``found`` (studies in the tree), ``processed`` (run through the pipeline this time),
     ``unchanged`` (skipped: same fingerprint), ``deferred``, ``failed`` (processed this run and not
     OK), ``failed_in_report`` (studies in the tree whose row, from this run or an earlier one, is a
-    failure: exit code 1 when > 0), ``not_present`` (rows kept for studies no longer in the tree). ``rows``: the report rows
-    (every study the state knows, once each). ``stop_reason``: ``""``, ``"SIGINT"`` or ``"SIGTERM"``.
+    failure: exit code 1 when > 0), ``not_present`` (rows kept for studies no longer in the tree).
+    ``rows``: the report rows (every study the state knows, once each). ``stop_reason``: ``""``,
+    ``"SIGINT"`` or ``"SIGTERM"``.
     """
 
     run_id: str
@@ -135,7 +125,7 @@ class ScanSummary:
 # the run
 # ---------------------------------------------------------------------------------------------
 def scan(studies: Path, *, out: Path, settings: Settings, fmt: str = "csv", force: bool = False,
-         retry_failed: bool = False, dicom_locations: bool = False, executor: cf.Executor | None = None,
+         retry_failed: bool = False, dicom_locations: bool = False, executor: StudyExecutor | None = None,
          on_study_done: Callable[[StudyResult, Mapping[str, Any]], None] | None = None,
          on_progress: Callable[[str, int, int], None] | None = None,
          handle_signals: bool = True, run_self_test: bool = True,
@@ -159,10 +149,12 @@ def scan(studies: Path, *, out: Path, settings: Settings, fmt: str = "csv", forc
     dicom_locations:
         Report DICOM folders (off: export folder names may hold patient names).
     executor:
-        Where studies are preprocessed. Default: a Dask cluster when ``settings.scheduler`` or
-        ``settings.scheduler_file`` is set (:class:`~recnec_cli.orchestration.cluster.DaskExecutor`),
-        else ``settings.workers`` local worker processes, or this process when it is 0. At most
-        ``executor._max_workers`` studies are in flight at once (read again as studies finish).
+        Where studies are preprocessed (a :class:`~recnec_cli.orchestration.seam.StudyExecutor`,
+        which the caller shuts down). Default: :func:`~recnec_cli.orchestration.executors.make_executor`
+        from ``settings`` (a Dask cluster when ``settings.scheduler`` or ``settings.scheduler_file``
+        is set, else ``settings.workers`` local worker processes, or this process when it is 0),
+        shut down at the end. At most ``executor.slots()`` studies are in flight at once (asked
+        again as studies finish).
     on_study_done:
         Called in this process with each finished :class:`StudyResult` and its report row, after
         the row is committed to the state and the report regenerated.
@@ -221,7 +213,7 @@ def scan(studies: Path, *, out: Path, settings: Settings, fmt: str = "csv", forc
     try:
         if on_locked is not None:
             on_locked()
-        _remove_stale_temporaries([paths["report"], paths["manifest"]])
+        remove_stale_temporaries(paths["report"].parent, [glob.escape(paths[k].name) for k in ("report", "manifest")])
         with ScanState(paths["state"]) as state:
             return _run(studies, paths=paths, settings=settings, fmt=fmt, force=force, retry_failed=retry_failed,
                         dicom_locations=dicom_locations, executor=executor, on_study_done=on_study_done,
@@ -229,21 +221,6 @@ def scan(studies: Path, *, out: Path, settings: Settings, fmt: str = "csv", forc
                         worker_hooks=tuple(worker_hooks), now=now, state=state, t_start=t_start)
     finally:
         lock.release()
-
-
-def _remove_stale_temporaries(targets: Iterable[Path]) -> None:
-    """Remove ``.<name>.*.tmp`` files that :func:`~recnec_cli.orchestration.report.atomic_write_text`
-    leaves when a process is killed mid-write (only ever our own names)."""
-    for target in targets:
-        folder = target.parent
-        if not folder.is_dir():
-            continue
-        for p in folder.glob(f".{target.name}.*.tmp"):
-            try:
-                p.unlink()
-                log.info("removed a temporary file left by a killed run: %s", p.name)
-            except OSError:
-                pass
 
 
 class _HardStop(BaseException):
@@ -280,7 +257,7 @@ class _Stop:
 
 
 def _run(studies: Path, *, paths: dict[str, Path], settings: Settings, fmt: str, force: bool, retry_failed: bool,
-         dicom_locations: bool, executor: cf.Executor | None, on_study_done, on_progress, handle_signals: bool,
+         dicom_locations: bool, executor: StudyExecutor | None, on_study_done, on_progress, handle_signals: bool,
          run_self_test: bool, worker_hooks: tuple, now: Callable[[], float], state: ScanState,
          t_start: float) -> ScanSummary:
     from ..pseudonym import load_key
@@ -289,7 +266,7 @@ def _run(studies: Path, *, paths: dict[str, Path], settings: Settings, fmt: str,
     started = datetime.now(timezone.utc)
     run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     key = load_key(settings.pseudonym_key_file)
-    model_version = _model_version(settings.weights_dir)
+    model_version = model_version_of(settings.weights_dir)
     root_key = str(studies.resolve())
 
     # ---- discovery (stat listing first: an unchanged tree opens no file)
@@ -336,10 +313,9 @@ def _run(studies: Path, *, paths: dict[str, Path], settings: Settings, fmt: str,
     ctx = _RunContext(state=state, paths=paths, settings=settings, fmt=fmt, run_id=run_id, started=started,
                       root=root_key, model_version=model_version, key_id=key.key_id, key=key)
     if settings.qc_dir is not None:
-        from ..qc.files import remove_stale_temporaries
+        from ..qc.files import remove_stale_temporaries as remove_stale_qc_files
 
-        if remove_stale_temporaries(Path(settings.qc_dir)):
-            log.info("removed temporary files left by a killed run in the QC folder")
+        remove_stale_qc_files(Path(settings.qc_dir))  # each removed file is logged
     stop = _Stop(handle_signals)
     try:
         if todo:
@@ -362,8 +338,9 @@ def _run(studies: Path, *, paths: dict[str, Path], settings: Settings, fmt: str,
     else:
         code = EXIT_STUDY_FAILED if counts["failed_in_report"] else EXIT_OK
     seconds = time.perf_counter() - t_start
-    state.finish_run(run_id, finished_utc=_iso(datetime.now(timezone.utc)), summary={**counts, "seconds": round(seconds, 3)},
-                     exit_code=code, stop_reason=stop.reason + (" (twice)" if stop.hard else ""))
+    state.finish_run(run_id, finished_utc=_iso(datetime.now(timezone.utc)),
+                     summary={**counts, "seconds": round(seconds, 3)}, exit_code=code,
+                     stop_reason=stop.reason + (" (twice)" if stop.hard else ""))
     rows = ctx.write_outputs()  # once, after the run is recorded (the manifest lists it)
     summary = ScanSummary(run_id=run_id, exit_code=code, counts=counts, seconds=seconds, report=paths["report"],
                           manifest=paths["manifest"], state=paths["state"], log_file=paths["log"], rows=rows,
@@ -448,7 +425,7 @@ class _RunContext:
             last = self.state.runs(limit=1)
             write_index(Path(self.settings.qc_dir), rows,  # type: ignore[arg-type]
                         title=f"recnec scan: {self.paths['report'].name}", run=last[0] if last else None)
-        except Exception as exc:  # noqa: BLE001 - the overview must not cost the night's report
+        except Exception as exc:
             log.warning("QC index not written (%s)", type(exc).__name__)
             log.debug("QC index error", exc_info=True)
 
@@ -465,169 +442,77 @@ def report_row(s: StoredStudy) -> dict[str, Any]:
 
 
 def _process(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dict[str, int],
-             executor: cf.Executor | None, stop: _Stop, on_study_done, on_progress, dicom_locations: bool,
+             executor: StudyExecutor | None, stop: _Stop, on_study_done, on_progress, dicom_locations: bool,
              run_self_test: bool, worker_hooks: tuple = ()) -> None:
+    """Load the ensemble, build (or take) the executor, self-test, then run the studies through
+    :func:`~recnec_cli.orchestration.batching.run_studies`, committing each finished one."""
     s = ctx.settings
-    own_pool = None
-    worker_settings = s
-    if executor is None and s.uses_cluster:
-        from .cluster import DaskExecutor
-
-        if s.sources.get("workers") == "cli" or s.sources.get("max_memory_mb") == "cli":
-            log.warning("--workers and --max-memory do not apply to a Dask cluster: its workers are started "
-                        "(with their threads and memory limits) by the cluster")
-        log.info("connecting to the Dask scheduler %s", s.scheduler or f"in {s.scheduler_file}")
-        own_pool = executor = DaskExecutor.connect(s, worker_hooks=worker_hooks,
-                                                   log_level=logging.getLogger("recnec_cli").getEffectiveLevel())
-    elif executor is None and s.workers != 0:
-        from .workers import WorkerPool, default_workers, worker_memory_mb
-
-        n = s.workers if s.workers > 0 else default_workers()
-        n = max(1, min(n, len(todo)))
-        per = s.threads if s.threads > 0 else max(1, (os.cpu_count() or 1) // n)
-        mem = s.max_memory_mb if s.max_memory_mb > 0 else worker_memory_mb(n)
-        log.info("%d worker process(es), %d thread(s) each, %d MB address space each, study timeout %s", n, per,
-                 mem, f"{s.study_timeout_s:g} s" if s.study_timeout_s > 0 else "none")
-        worker_settings = replace(s, threads=per)
-        own_pool = executor = WorkerPool(n, threads_per_worker=per, max_memory_mb=mem,
-                                         study_timeout_s=s.study_timeout_s if s.study_timeout_s > 0 else None,
-                                         initializer=functools.partial(worker_initializer, *worker_hooks))
+    if executor is None:
+        execution = make_executor(s, n_studies=len(todo), worker_hooks=worker_hooks,
+                                  log_level=logging.getLogger("recnec_cli").getEffectiveLevel())
+        own: StudyExecutor | None = execution.executor
+        executor, task_settings = execution.executor, execution.task_settings
+    else:
+        own, task_settings = None, s
     try:
-        if hasattr(own_pool, "description"):  # a cluster: where the run went, for the log and the manifest
-            ctx.execution = own_pool.description()
+        ctx.execution = executor.description()
+        if ctx.execution.get("executor") == "dask":
             log.info("Dask cluster at %s: %d worker(s), %d task slot(s)%s, study timeout %s",
-                     ctx.execution["scheduler"], len(ctx.execution["workers"]), own_pool._max_workers,
+                     ctx.execution["scheduler"], len(ctx.execution["workers"]), executor.slots(),
                      f" with resources {s.dask_resources}" if s.dask_resources else "",
                      f"{s.study_timeout_s:g} s" if s.study_timeout_s > 0 else "none")
         log.info("loading models (HD-BET %s%s via %s, ONNX ensemble from %s)", s.hdbet_mode,
                  "+TTA" if s.hdbet_tta else "", s.hdbet_backend, s.weights_dir)
-        # HD-BET lives where studies are preprocessed: here for the in-process executor, in the workers otherwise
-        resources = Resources.load(s, need_hdbet=executor is None)
+        # the ensemble lives here; HD-BET where studies are preprocessed (the executor's tasks load it)
+        resources = Resources.load(s, need_hdbet=False)
         ens = resources.ensemble
         ctx.ensemble, ctx.decoders = ens, resources.decoders
         log.info("ensemble %s: %d models, provider %s, threshold %.3f (calibrated scale)", ens.model_version,
                  ens.n_models, ens.provider, report_threshold_of(ens))
         if run_self_test:
             ctx.self_test_s = self_test(resources)
-            if own_pool is not None and hasattr(own_pool, "self_test"):  # a cluster: every worker checks itself
-                t0 = time.perf_counter()
-                checks = own_pool.self_test(
-                    worker_settings, model_version=ens.model_version if own_pool.remote_inference else None)
-                # where HD-BET runs, over the workers (one value on a uniform cluster)
-                ctx.hdbet_provider = ",".join(sorted({str(c.get("hdbet_provider", "unknown"))
-                                                      for c in (checks or {}).values()}))
-                ctx.self_test_s = {**ctx.self_test_s, "hdbet_workers": time.perf_counter() - t0}
-            elif own_pool is not None:  # HD-BET's check runs in a worker (and warms it)
-                t0 = time.perf_counter()
-                try:
-                    ctx.hdbet_provider = own_pool.submit(worker_self_test, worker_settings).result()
-                except EnvironmentBroken:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - the worker cannot even start its models
-                    raise EnvironmentBroken(
-                        f"self-test failed: a worker process could not load HD-BET ({type(exc).__name__}); "
-                        f"is --max-memory ({mem} MB per worker) too small? torch alone needs about 1.5 GB") from None
-                ctx.self_test_s = {**ctx.self_test_s, "hdbet_worker": time.perf_counter() - t0}
-        if resources.hdbet is not None:
-            ctx.hdbet_provider = str(getattr(resources.hdbet, "provider", "unknown"))
+            t0 = time.perf_counter()
+            ctx.hdbet_provider = executor.self_test(
+                task_settings, model_version=ens.model_version if executor.remote_inference else None)
+            ctx.self_test_s = {**ctx.self_test_s, "hdbet": time.perf_counter() - t0}
         if ctx.hdbet_provider:
             log.info("HD-BET runs on %s", ctx.hdbet_provider)
         ctx.write_outputs()  # deferred / absent studies show at once, before the first long study
-        if executor is None:
-            executor = InProcessExecutor()
-            _WORKER_RESOURCES[s] = resources  # in-process tasks share the models just loaded
-        _loop(todo, ctx=ctx, counts=counts, executor=executor, stop=stop, on_study_done=on_study_done,
-              on_progress=on_progress, dicom_locations=dicom_locations, ens=ens, task_settings=worker_settings)
+        fingerprints = {st.study_id: fp for st, fp in todo}
+
+        def finish(r: StudyResult) -> None:
+            row = result_row(r, threshold=report_threshold_of(ens), model_version=ens.model_version,
+                             dicom_locations=dicom_locations)
+            ctx.state.put(r.study.study_id, fingerprint=fingerprints[r.study.study_id], status=r.status, row=row,
+                          run_id=ctx.run_id, processed_utc=_iso(datetime.now(timezone.utc)))
+            counts["processed"] += 1
+            if not r.ok:
+                counts["failed"] += 1
+            msg = (f"p_recurrence={row['p_recurrence']} label={row['label']}" if r.ok
+                   else r.error_message if r.error_message.startswith(r.error_code)
+                   else f"{r.error_code}: {r.error_message}")
+            log.info("[%d/%d] %s %s %s (%.1f s)", counts["processed"], len(todo), row["study_id"], r.status, msg,
+                     r.timings.get("total", 0.0))
+            ctx.write_outputs(throttled=True)
+            if on_study_done is not None:
+                on_study_done(r, report_row(ctx.state.get(r.study.study_id)))  # type: ignore[arg-type]
+
+        def start(study: Study, done: int, total: int) -> None:
+            if on_progress is not None:
+                on_progress(study.study_id, done, total)
+
+        not_started = run_studies(
+            [st for st, _ in todo], executor=executor, settings=s, task_settings=task_settings, ensemble=ens,
+            on_result=finish, on_start=start, should_stop=lambda: bool(stop),
+            qc_name=(lambda st: qc_name_of(st, s, ctx.key)) if s.qc_dir is not None else (lambda st: None),
+            batch_wait_s=BATCH_WAIT_S)
+        if stop and not_started:
+            log.warning("%d studies not started because of %s; a later run scans them", len(not_started), stop.reason)
     except BaseException:
-        if own_pool is not None:
-            own_pool.shutdown(wait=False, cancel_futures=True)
-            own_pool = None
+        if own is not None:
+            own.shutdown(wait=False, cancel_futures=True)
+            own = None
         raise
     finally:
-        if own_pool is not None:
-            own_pool.shutdown()
-
-
-def _loop(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dict[str, int], executor: cf.Executor,
-          stop: _Stop, on_study_done, on_progress, dicom_locations: bool, ens: Any, task_settings: Settings) -> None:
-    s = ctx.settings
-    timeout_s = s.study_timeout_s if s.study_timeout_s > 0 else None
-    remote_inference = bool(getattr(executor, "remote_inference", False))  # a cluster's GPU workers
-
-    def max_in_flight() -> int:  # read again each time: a cluster's workers come and go
-        return max(1, int(getattr(executor, "_max_workers", 1) or 1))
-    fingerprints = {st.study_id: fp for st, fp in todo}
-    queue = list(todo)
-    in_flight: dict[cf.Future, Study] = {}
-    started_at: dict[cf.Future, float] = {}
-    ready: list[tuple[StudyResult, float]] = []
-    done = [0]
-
-    def finish(r: StudyResult) -> None:
-        finish_qc(r, ensemble=ens, settings=s)  # result line on the picture, explanation map (--qc)
-        row = result_row(r, threshold=report_threshold_of(ens), model_version=ens.model_version,
-                         dicom_locations=dicom_locations)
-        ctx.state.put(r.study.study_id, fingerprint=fingerprints[r.study.study_id], status=r.status, row=row,
-                      run_id=ctx.run_id, processed_utc=_iso(datetime.now(timezone.utc)))
-        counts["processed"] += 1
-        if not r.ok:
-            counts["failed"] += 1
-        done[0] += 1
-        msg = (f"p_recurrence={row['p_recurrence']} label={row['label']}" if r.ok
-               else r.error_message if r.error_message.startswith(r.error_code) else f"{r.error_code}: {r.error_message}")
-        log.info("[%d/%d] %s %s %s (%.1f s)", done[0], len(todo), row["study_id"], r.status, msg,
-                 r.timings.get("total", 0.0))
-        ctx.write_outputs(throttled=True)
-        if on_study_done is not None:
-            on_study_done(r, report_row(ctx.state.get(r.study.study_id)))  # type: ignore[arg-type]
-
-    def flush() -> None:
-        batch = [r for r, _ in ready]
-        ready.clear()
-        if remote_inference:
-            batch = infer_remotely(executor, batch, settings=task_settings, model_version=ens.model_version,
-                                   timeout_s=timeout_s)
-        else:
-            infer_batch(batch, ensemble=ens)
-        for r in batch:
-            finish(r)
-
-    while True:
-        while queue and not stop and len(in_flight) < max_in_flight():
-            study, _ = queue.pop(0)
-            if on_progress is not None:
-                on_progress(study.study_id, done[0], len(todo))
-            qc_name = qc_name_of(study, s, ctx.key) if s.qc_dir is not None else None
-            fut = executor.submit(preprocess_task, study, task_settings, qc_name)
-            in_flight[fut] = study
-            started_at[fut] = time.perf_counter()
-        if not in_flight:
-            break
-        finished, _ = cf.wait(list(in_flight), return_when=cf.FIRST_COMPLETED)
-        for fut in finished:
-            study = in_flight.pop(fut)
-            try:
-                r = fut.result()
-            except EnvironmentBroken:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a hung, killed or lost task: this study's error row
-                from .workers import failure_of
-
-                code, msg = failure_of(exc, timeout_s)
-                r = StudyResult(study=study, status=code, error_code=code, error_message=msg, failed_stage="preprocess")
-                r.timings["total"] = time.perf_counter() - started_at.get(fut, time.perf_counter())
-                log.info("study %s: %s", study_key(study), code)
-                log.debug("executor error for study %s", study_key(study), exc_info=True)
-            if r.ok:
-                ready.append((r, time.perf_counter()))
-            else:
-                finish(r)
-        waited = time.perf_counter() - ready[0][1] if ready else 0.0
-        # run the ensemble when the batch is full, when nothing else is being preprocessed (waiting
-        # would only delay the commit), or when the oldest ready study has waited BATCH_WAIT_S
-        if ready and (len(ready) >= s.batch_size or not in_flight or waited >= BATCH_WAIT_S):
-            flush()
-    if ready:
-        flush()
-    if stop and queue:
-        log.warning("%d studies not started because of %s; a later run scans them", len(queue), stop.reason)
+        if own is not None:
+            own.shutdown()

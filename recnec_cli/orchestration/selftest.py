@@ -1,5 +1,5 @@
 """The start-up self-test of a scan: the chain's machinery on a tiny generated study, before the
-first real one (``../shared/FAILURES.md`` kind 20)."""
+first real one (``docs/failure-kinds.md`` kind 20)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def self_test(resources: Resources) -> dict[str, float]:
     ------
     EnvironmentBroken
         ``ENVIRONMENT_BROKEN`` naming the failed check: the run stops once with exit code 2
-        instead of every study failing the same way (``../shared/FAILURES.md`` kind 20).
+        instead of every study failing the same way (``docs/failure-kinds.md`` kind 20).
     """
     import tempfile
 

@@ -140,7 +140,8 @@ class ScanState:
         """Insert or replace one study's result in one committed transaction."""
         with self._transaction():
             self._db.execute(
-                "INSERT INTO studies (study_id, fingerprint, status, row, run_id, processed_utc, present, last_seen_run)"
+                "INSERT INTO studies (study_id, fingerprint, status, row, run_id, processed_utc, present,"
+                " last_seen_run)"
                 " VALUES (?, ?, ?, ?, ?, ?, 1, ?) ON CONFLICT(study_id) DO UPDATE SET fingerprint=excluded.fingerprint,"
                 " status=excluded.status, row=excluded.row, run_id=excluded.run_id,"
                 " processed_utc=excluded.processed_utc, present=1, last_seen_run=excluded.last_seen_run",

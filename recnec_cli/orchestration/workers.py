@@ -15,7 +15,7 @@ Each worker:
 * limits its address space to ``max_memory_mb`` (``resource.RLIMIT_AS``), so an allocation past it
   raises ``MemoryError`` inside the study (an ``OUT_OF_MEMORY`` row) instead of the kernel's OOM
   killer taking the machine's other work with it;
-* loads its models on its first study and keeps them (:func:`~recnec_cli.orchestration.scan.preprocess_task`);
+* loads its models on its first study and keeps them (:func:`~recnec_cli.orchestration.execution.preprocess_task`);
 * sends the records of recnec's loggers, at the scan's level, through a queue to the scan process
   (``logging.handlers.QueueHandler``, the Python logging cookbook's "logging to a single file from
   multiple processes"), where they go to the run's handlers (terminal and ``<report>.log``) marked
@@ -34,11 +34,16 @@ import logging.handlers
 import multiprocessing
 import os
 import threading
+from pathlib import Path
 from typing import Any, Callable
+
+from ..config import Settings
+from ..devices import set_thread_environment
+from ..errors import EnvironmentBroken
 
 log = logging.getLogger(__name__)
 
-#: memory HD-BET fast needs per worker on a 1 mm head (``../shared/STACK-NOTES.md``: 3.1 GB peak),
+#: memory HD-BET fast needs per worker on a 1 mm head (``docs/stack-notes.md``: 3.1 GB peak),
 #: with headroom for conversion and registration (MB)
 MEMORY_PER_WORKER_MB = 4096
 
@@ -130,8 +135,7 @@ def _worker_init(threads: int, max_memory_mb: int, extra: Callable[[], None] | N
     _die_with_parent()
     if log_queue is not None:
         _forward_logs(log_queue, log_level)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
-        os.environ[var] = str(threads)
+    set_thread_environment(threads)
     if max_memory_mb > 0:
         import resource
 
@@ -173,19 +177,54 @@ class WorkerPool(cf.Executor):
 
         if workers < 1:
             raise UsageError(f"--workers must be >= 1, got {workers}")
-        self._max_workers = int(workers)
+        self.workers = int(workers)
+        self.threads_per_worker = max(1, int(threads_per_worker))
+        self.max_memory_mb = int(max_memory_mb)
         self.timeout = study_timeout_s
         ctx = multiprocessing.get_context("spawn")
         self._log_queue = ctx.Queue()
         self._listener = _LogListener(self._log_queue)
         level = logging.getLogger("recnec_cli").getEffectiveLevel()
-        self._pool = ProcessPool(max_workers=self._max_workers, initializer=_worker_init,
+        self._pool = ProcessPool(max_workers=self.workers, initializer=_worker_init,
                                  initargs=(max(1, int(threads_per_worker)), int(max_memory_mb), initializer,
                                            self._log_queue, level),
                                  context=ctx)
 
-    def submit(self, fn, /, *args: Any, **kwargs: Any) -> cf.Future:  # type: ignore[override]
+    #: inference runs in the scan's process, not in the workers
+    remote_inference = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future:
         return self._pool.schedule(fn, args=args, kwargs=kwargs, timeout=self.timeout)
+
+    def slots(self) -> int:
+        """One study per worker process."""
+        return self.workers
+
+    def description(self) -> dict[str, Any]:
+        return {"executor": "local-processes", "workers": self.workers,
+                "threads_per_worker": self.threads_per_worker, "max_memory_mb": self.max_memory_mb,
+                "study_timeout_s": self.timeout}
+
+    def self_test(self, settings: Settings, *, model_version: str | None = None) -> str:
+        """HD-BET's check in a worker (:func:`~recnec_cli.orchestration.execution.worker_self_test`;
+        it also warms that worker). Returns where the worker's HD-BET runs.
+
+        Raises
+        ------
+        EnvironmentBroken
+            The check failed, or no worker could start: the message says why that usually happens
+            (a script calling :func:`~recnec_cli.orchestration.scan.scan` without an
+            ``if __name__ == "__main__":`` guard, or a ``--max-memory`` too small for torch).
+        """
+        from .execution import worker_self_test
+
+        try:
+            return self._pool.schedule(worker_self_test, args=(settings,),
+                                       timeout=WORKER_START_TIMEOUT_S).result()
+        except EnvironmentBroken:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the worker cannot even start its models
+            raise EnvironmentBroken(worker_start_failure(exc, self.max_memory_mb)) from None
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         if cancel_futures or not wait:
@@ -196,23 +235,44 @@ class WorkerPool(cf.Executor):
         self._listener.stop()
 
 
-def failure_of(exc: BaseException, timeout_s: float | None) -> tuple[str, str]:
-    """``(error code, message)`` of a task that did not return: TIMEOUT, OUT_OF_MEMORY or WORKER_DIED
-    (a local worker process died, or a cluster lost the study's worker on every try it allows:
-    :class:`~recnec_cli.orchestration.execution.WorkerLost`)."""
-    from pebble import ProcessExpired
+#: how long the start-up self-test waits for a worker process to start and load HD-BET (seconds)
+WORKER_START_TIMEOUT_S = 600.0
 
-    from .execution import WorkerLost
 
-    if isinstance(exc, WorkerLost):
-        return "WORKER_DIED", str(exc)
-    if isinstance(exc, cf.TimeoutError):
-        return "TIMEOUT", f"the study ran longer than the --study-timeout of {timeout_s:g} s and was stopped"
-    if isinstance(exc, ProcessExpired):
-        if exc.exitcode in (-9, 137):
-            return "OUT_OF_MEMORY", ("the worker was killed (SIGKILL: usually the kernel's out-of-memory killer) "
-                                     "while processing this study")
-        return "WORKER_DIED", f"the worker process died while processing this study (exit code {exc.exitcode})"
-    if isinstance(exc, MemoryError):
-        return "OUT_OF_MEMORY", "study needed more memory than the --max-memory limit"
-    return "INTERNAL_ERROR", f"unexpected {type(exc).__name__} in the executor; rerun with -v for details in the log"
+def unguarded_main_script() -> str | None:
+    """The file name of this process's main script when it is a ``.py`` file with no top-level
+    ``if __name__ ...`` test, else ``None``.
+
+    Worker processes start with the ``spawn`` method, which runs the main script again in each new
+    process (Python docs, multiprocessing, "Safe importing of main module"): a script that calls
+    :func:`~recnec_cli.orchestration.scan.scan` at top level starts a second scan inside every
+    worker instead of a worker.
+    """
+    import ast
+    import sys
+
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not path or not str(path).endswith(".py"):
+        return None
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.If) and "__name__" in {n.id for n in ast.walk(node.test) if isinstance(n, ast.Name)}:
+            return None
+    return Path(path).name
+
+
+def worker_start_failure(exc: BaseException, max_memory_mb: int) -> str:
+    """The message of a worker that could not start or load its models (``exc``: what the pool
+    raised), with the likely cause first."""
+    what = f"self-test failed: a worker process could not start or load HD-BET ({type(exc).__name__})"
+    script = unguarded_main_script()
+    if script is not None:
+        return (f"{what}. Your script {script} calls recnec at top level: worker processes are started with "
+                "'spawn', which runs the main script again in each worker. Put the call under "
+                "`if __name__ == \"__main__\":` (Python's multiprocessing docs, 'Safe importing of main module'), "
+                "or scan in this process with workers=0")
+    return (f"{what}; is --max-memory ({max_memory_mb} MB per worker) too small? torch alone needs about "
+            "1.5 GB. The worker's own error is on standard error / in the log")

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 from ..study import SeriesRole
 
-if TYPE_CHECKING:  # the orchestration layer's result type; imported for annotations only
-    from ..orchestration.pipeline import StudyResult
+if TYPE_CHECKING:  # imported for annotations only
+    from ..results import StudyResult
 
 
 def roles_text(r: StudyResult) -> str:

@@ -18,11 +18,10 @@ Files of one study (``<stem>`` from :func:`qc_stem`):
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..atomic import remove_stale_temporaries as _remove_stale
 from ..naming import safe_component
 
 INDEX_NAME = "index.html"
@@ -60,40 +59,7 @@ def thumb_name(png_name: str) -> str:
     return png_name[:-len(".png")] + ".thumb.png" if png_name.endswith(".png") else png_name + ".thumb.png"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temporary ``.<name>.<random>.tmp`` in the same
-    folder, flushed and fsynced, then ``os.replace`` (a killed process never leaves half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def remove_stale_temporaries(qc_dir: Path) -> int:
-    """Remove the temporaries :func:`atomic_write_bytes` leaves in ``qc_dir`` when a process is
-    killed mid-write (only our own pattern: ``.<name>.png.*.tmp`` and ``.index.html.*.tmp``).
-    Returns how many were removed."""
-    qc_dir = Path(qc_dir)
-    n = 0
-    if not qc_dir.is_dir():
-        return 0
-    for pattern in (".*.png.*.tmp", f".{INDEX_NAME}.*.tmp"):
-        for p in qc_dir.glob(pattern):
-            try:
-                p.unlink()
-                n += 1
-            except OSError:
-                pass
-    return n
+    """Remove the temporaries :func:`~recnec_cli.atomic.atomic_write_bytes` leaves in ``qc_dir``
+    when a process is killed mid-write (pictures and the index only). Returns how many were removed."""
+    return _remove_stale(qc_dir, ("*.png", INDEX_NAME))

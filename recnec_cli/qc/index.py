@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .. import DISCLAIMER, __version__
-from .files import INDEX_NAME, atomic_write_bytes, thumb_name
+from ..atomic import atomic_write_bytes
+from .files import INDEX_NAME, thumb_name
 
 TEMPLATE = "qc_index.html.j2"
 

@@ -2,7 +2,7 @@
 
 DICOM: recnec checks the stack, dicom2nifti assembles it, nibabel canonicalises it.
 
-1. Checks (recnec, before and independent of any converter; ``../shared/FAILURES.md`` kinds 1-5,
+1. Checks (recnec, before and independent of any converter; ``docs/failure-kinds.md`` kinds 1-5,
    10, 11, 13, 14, 20), on the images discovery put in one (possibly split) series:
 
    * slice positions are ImagePositionPatient projected on the normal of ImageOrientationPatient
@@ -35,7 +35,7 @@ DICOM: recnec checks the stack, dicom2nifti assembles it, nibabel canonicalises 
 
    Enhanced files dicom2nifti cannot take keep recnec's own assembly (:func:`_own_stack`): a
    frame subset (two stacks, echoes or orientations in one file, as discovery splits them), or
-   frames not stored in slice order (FAILURES.md kind 4: shuffled per-frame positions). dicom2nifti
+   frames not stored in slice order (docs/failure-kinds.md kind 4: shuffled per-frame positions). dicom2nifti
    only converts whole files, places frames by InStackPositionNumber but takes the slice step
    from the first and last frame in file order, and applies only per-frame (not shared)
    PixelValueTransformation; on such files it fails SLICE_INCREMENT_INCONSISTENT /
@@ -50,11 +50,29 @@ DICOM: recnec checks the stack, dicom2nifti assembles it, nibabel canonicalises 
    it): recnec normalises intensities inside the brain, so a global scale does not matter, while
    per-slice differences do.
 
+   Padding (issue 23): stored values equal to PixelPaddingValue (0028,0120), or between it and
+   PixelPaddingRangeLimit (0028,0121), are compared before rescale (PS3.3 C.7.5.1.1.2) and set
+   to the background, flag ``PADDING_AS_BACKGROUND`` when that moved them by more than one
+   stored step (a padding value of 0 beside a background of 0 or 1 is no news).
+
 3. The float64/integer block is cast to float32 and reordered with
    ``nibabel.as_closest_canonical``; the affine stays exact (no resampling).
 
+4. Values are never silently wrong (issue 23, every source): up to 1 % NaN / Inf voxels are set
+   to the background (``NONFINITE_VOXELS_REPLACED``), more fail ``NONFINITE_VOXELS``; an
+   undeclared fill value (array minimum <= -30000 on > 5 % of the voxels, e.g. int16 -32768
+   around the head) is background too (``PADDING_AS_BACKGROUND``). The background is the minimum
+   of the image's other voxels, after rescale. These flags log a WARNING.
+
 NIfTI is read with nibabel (``scl_slope``/``scl_inter`` applied, trailing singleton dimensions
-squeezed), NRRD with SimpleITK (its LPS geometry converted once, :func:`register.from_sitk`);
+squeezed; NaN / infinite scaling factors fail ``BAD_SCALING`` instead of being dropped or called
+an unreadable header, :func:`_scaling_problem`). Its geometry is nibabel's, the NIfTI-1 rule: the sform when
+``sform_code`` > 0, else the qform. ITK (SimpleITK) has historically preferred the qform, so the
+two libraries place a file whose transforms disagree differently; recnec never reads a NIfTI
+with SimpleITK (registration gets arrays and affines, :func:`register.to_sitk`), and a file whose
+qform and sform disagree (an axis flipped, or > 1 mm anywhere in the field of view) is flagged
+``QFORM_SFORM_DISAGREE`` with a WARNING, never mirrored silently. NRRD is read with SimpleITK
+(its LPS geometry converted once, :func:`register.from_sitk`);
 :func:`read_image_file` reads a single file (a user mask) the same way. No temporary files are
 written and input files are only ever opened for reading. dicom2nifti is imported only when a DICOM series is
 converted (0.4 s; importing it also extends pydicom's character-set table, its
@@ -78,7 +96,7 @@ log = logging.getLogger(__name__)
 
 # A brain volume needs at least this many slices: 10 slices of 6.5 mm (the thickest clinical
 # protocol in our real cases) cover 65 mm, already less than a brain; vendor "stub" series of 4-8
-# images and three-plane scouts fall below it (FAILURES.md kinds 6, 20).
+# images and three-plane scouts fall below it (docs/failure-kinds.md kinds 6, 20).
 MIN_SLICES = 10
 # Tolerances (mm, degrees) for stack geometry; same order as dcm2niix's checks.
 GAP_FACTOR = 1.5  # a step larger than 1.5 x median step means at least one slice is missing
@@ -87,6 +105,19 @@ TILT_TOL_DEG = 0.5  # angle between slice step and slice normal regarded as gant
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # dicom2nifti's affine must agree with the geometry our checks accepted (mm, any element)
 AFFINE_TOL_MM = 1e-3
+# Non-finite voxels (NaN, +-Inf; issue 23): up to this fraction of the volume they are set to the
+# background (NONFINITE_VOXELS_REPLACED), above it the series fails NONFINITE_VOXELS.
+NONFINITE_MAX_FRACTION = 0.01
+# Undeclared padding (issue 23): an array minimum at or below this value (int16 -32768 and
+# below, e.g. int32 or float fill values) that covers more than PADDING_MIN_FRACTION of the
+# voxels is background, not tissue (PADDING_AS_BACKGROUND).
+PADDING_FLOOR = -30000.0
+PADDING_MIN_FRACTION = 0.05
+# NIfTI qform and sform (both codes > 0) disagreeing by more than this at a corner of the field
+# of view, or by an axis direction, are flagged QFORM_SFORM_DISAGREE (mm).
+QFORM_SFORM_TOL_MM = 1.0
+#: Volume flags that also log a WARNING when set (the note that explains them starts with the flag).
+WARNING_FLAGS = ("NONFINITE_VOXELS_REPLACED", "PADDING_AS_BACKGROUND", "QFORM_SFORM_DISAGREE")
 
 
 def _err(code: str, message: str) -> ConversionError:
@@ -146,7 +177,7 @@ def dicom_label(ds: Any = None, index: int | None = None) -> str:
 
 
 def _decode(ds: Any, path: Path) -> np.ndarray:
-    """``ds.pixel_array`` with decoder failures mapped to stable codes (FAILURES.md kind 5)."""
+    """``ds.pixel_array`` with decoder failures mapped to stable codes (docs/failure-kinds.md kind 5)."""
     ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
     try:
         return np.asarray(ds.pixel_array)
@@ -208,7 +239,7 @@ def _check_positions(pos: np.ndarray, steps_vec: np.ndarray, normal: np.ndarray,
 
 
 def _fill_transfer_syntax(ds: Any) -> str | None:
-    """Give a dataset read without file meta (no preamble, no group 0002: FAILURES.md kind 9)
+    """Give a dataset read without file meta (no preamble, no group 0002: docs/failure-kinds.md kind 9)
     the TransferSyntaxUID pydicom's parse found, so that pixel decoding (pydicom, dicom2nifti)
     knows the encoding. Returns the UID set, or ``None`` when the file already had one or the
     encoding is unknown. Only the in-memory dataset changes; the file is never written.
@@ -267,7 +298,7 @@ def _read_datasets(series: Series) -> list[tuple[Path, Any]]:
 
 def _decode_failure(pairs: list[tuple[Path, Any]], exc: Exception) -> ConversionError:
     """Name the file and cause when dicom2nifti's pixel reading raised ``exc``: re-decode with
-    :func:`_decode` (failure path only) so the codes match FAILURES.md kind 5."""
+    :func:`_decode` (failure path only) so the codes match docs/failure-kinds.md kind 5."""
     for path, ds in pairs:
         _decode(ds, path)  # raises UNSUPPORTED_TRANSFER_SYNTAX / PIXEL_DECODE_FAILED
     log.debug("dicom2nifti failed: %s", exc)
@@ -348,7 +379,7 @@ def _d2n_enhanced(path: Path, ds: Any) -> tuple[np.ndarray, np.ndarray] | str:
     except MemoryError:  # a study past the memory limit is OUT_OF_MEMORY, not a decode error
         raise
     except Exception as exc:  # noqa: BLE001 - pydicom/pylibjpeg/dicom2nifti raise many types
-        _decode(ds, path)  # a real decoding problem keeps its code (FAILURES.md kind 5)
+        _decode(ds, path)  # a real decoding problem keeps its code (docs/failure-kinds.md kind 5)
         log.debug("dicom2nifti multiframe assembly failed: %s", exc)
         return f"dicom2nifti failed ({type(exc).__name__})"
     return data, np.asarray(affine, dtype=np.float64)
@@ -453,7 +484,21 @@ def _dicom_volume(series: Series, settings: Settings, *, own: bool = False
     if dev > AFFINE_TOL_MM:
         raise _err("AMBIGUOUS_STACK", f"dicom2nifti's affine differs from the checked slice "
                    f"geometry by {dev:.3g} mm")
-    # per-slice Modality LUT (FAILURES.md kind 11): recorded here, applied by the assembly
+    data = np.asarray(data, dtype=np.float32)
+    slice_ds = [pairs[0][1]] * n if frames else [pairs[i][1] for i in order]
+    pad = _dicom_padding_mask(data, slice_ds, rescales)
+    if pad is not None:
+        before = data[pad]
+        value = _fill_background(data, pad)
+        step = max(abs(slope) for slope, _ in rescales) or 1.0
+        if float(np.abs(before - value).max()) > step:  # not already at the background level
+            flags.append("PADDING_AS_BACKGROUND")
+            notes.append(f"PADDING_AS_BACKGROUND: {int(pad.sum())} voxel(s) of PixelPaddingValue "
+                         f"(0028,0120) set to the background {value:g}")
+        else:
+            notes.append(f"{int(pad.sum())} voxel(s) of PixelPaddingValue (0028,0120) already at "
+                         f"the background {value:g}")
+    # per-slice Modality LUT (docs/failure-kinds.md kind 11): recorded here, applied by the assembly
     uniq = sorted(set(rescales))
     if len(uniq) > 1:
         notes.append(f"per-slice rescale applied: {len(uniq)} different slope/intercept pairs")
@@ -463,7 +508,63 @@ def _dicom_volume(series: Series, settings: Settings, *, own: bool = False
     if series.header.extra.get("philips_private_scale_slope"):
         notes.append("Philips private scale slope (2005,100E) "
                      f"{series.header.extra['philips_private_scale_slope']} present, not applied")
-    return np.asarray(data, dtype=np.float32), affine, flags, notes
+    return data, affine, flags, notes
+
+
+def _stored_int(ds: Any, keyword: str) -> int | None:
+    """An integer pixel-value tag (VR US or SS, e.g. PixelPaddingValue) as a Python int, or
+    ``None`` when absent or unreadable; raw bytes of an unresolved ambiguous VR are read with
+    the sign PixelRepresentation gives (PS3.3 C.7.6.3.1)."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        if len(value) < 2:
+            return None
+        signed = int(ds.get("PixelRepresentation") or 0) == 1
+        order = "little" if getattr(ds, "is_little_endian", True) in (True, None) else "big"
+        return int.from_bytes(bytes(value[:2]), order, signed=signed)
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = value[0] if len(value) else None
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _dicom_padding_mask(data: np.ndarray, slice_ds: list[Any],
+                        rescales: list[tuple[float, float]]) -> np.ndarray | None:
+    """bool ``(cols, rows, slices)``: voxels whose stored value is the slice's PixelPaddingValue
+    (0028,0120), or lies between it and PixelPaddingRangeLimit (0028,0121) inclusive; ``None``
+    when no voxel is padding.
+
+    Padding values are stored values, compared before the Modality LUT (DICOM PS3.3
+    C.7.5.1.1.2); ``data`` is already rescaled, so the stored range is mapped through the slice's
+    ``(slope, intercept)`` and matched within half a stored step. ``slice_ds``: the dataset of
+    each slice (the one Enhanced file for every frame), in the slice order of ``data``.
+    """
+    mask = np.zeros(data.shape, dtype=bool)
+    for k, (ds, (slope, inter)) in enumerate(zip(slice_ds, rescales)):
+        pad = _stored_int(ds, "PixelPaddingValue")
+        if pad is None:
+            continue
+        limit = _stored_int(ds, "PixelPaddingRangeLimit")
+        lo_s, hi_s = sorted((pad, pad if limit is None else limit))
+        a, b = sorted((lo_s * slope + inter, hi_s * slope + inter))
+        tol = 0.5 * (abs(slope) or 1.0)
+        sl = data[:, :, k]
+        mask[:, :, k] = (sl >= a - tol) & (sl <= b + tol)
+    return mask if mask.any() else None
+
+
+def _fill_background(data: np.ndarray, mask: np.ndarray) -> float:
+    """Set ``data[mask]`` in place to the image's background: the minimum of the finite voxels
+    outside ``mask`` (0 when there are none). Returns that value."""
+    rest = data[~mask]
+    rest = rest[np.isfinite(rest)]
+    value = float(rest.min()) if rest.size else 0.0
+    data[mask] = value
+    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,28 +583,110 @@ def _squeeze(data: np.ndarray, name: str) -> np.ndarray:
     return data
 
 
-def _nifti_volume(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
-    """NIfTI through nibabel: ``scl_slope`` / ``scl_inter`` applied, stored axis order."""
+def _scaling_problem(header: Any) -> str | None:
+    """Why a NIfTI header's ``scl_slope`` / ``scl_inter`` cannot be applied, or ``None``.
+
+    NIfTI-1: ``scl_slope`` 0 means "no scaling" (``scl_inter`` is then ignored, as nibabel does),
+    and so do a NaN slope *and* a NaN intercept together: that is how nibabel writes every
+    unscaled image. Broken: an infinite slope, a NaN slope beside a number (or infinity) as the
+    intercept, and a non-finite intercept beside a valid slope. nibabel reads a NaN / infinite
+    slope silently as "no scaling" and refuses a non-finite intercept as an unreadable header,
+    both hiding the cause.
+    """
+    try:
+        slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
+    except (KeyError, TypeError, ValueError):  # an Analyze-style header without scaling fields
+        return None
+    if math.isnan(slope) and math.isnan(inter):
+        return None  # nibabel's "unscaled" header
+    if not math.isfinite(slope):
+        return f"scl_slope is {slope} (NaN or infinite) with scl_inter {inter:g}"
+    if slope != 0.0 and not math.isfinite(inter):
+        return f"scl_inter is {inter} (NaN or infinite) with scl_slope {slope:g}"
+    return None
+
+
+def _transform_disagreement(header: Any, shape: tuple[int, ...]) -> str | None:
+    """How a NIfTI header's qform and sform disagree, or ``None`` when they agree or only one is
+    set (``qform_code`` or ``sform_code`` 0).
+
+    Disagreement: an axis pointing another way (``nibabel.aff2axcodes`` differ, e.g. a
+    left-right flip) or a corner of the field of view (voxel corners of ``shape``) placed more
+    than :data:`QFORM_SFORM_TOL_MM` apart.
+    """
     import nibabel as nib
 
     try:
+        if int(header["qform_code"]) <= 0 or int(header["sform_code"]) <= 0:
+            return None
+        q = np.asarray(header.get_qform(), dtype=float)
+        sf = np.asarray(header.get_sform(), dtype=float)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    if not (np.all(np.isfinite(q)) and np.all(np.isfinite(sf))):
+        return "a non-finite qform or sform"
+    ext = np.array([max(int(n), 1) - 1 for n in tuple(shape[:3]) + (1,) * (3 - len(shape[:3]))])
+    corners = np.array([[i, j, k, 1.0] for i in (0, ext[0]) for j in (0, ext[1])
+                        for k in (0, ext[2])]).T
+    dist = float(np.linalg.norm((q @ corners - sf @ corners)[:3], axis=0).max())
+    codes_q, codes_s = nib.aff2axcodes(q), nib.aff2axcodes(sf)
+    if codes_q != codes_s:
+        return (f"axis directions differ (qform {''.join(str(c) for c in codes_q)}, sform "
+                f"{''.join(str(c) for c in codes_s)}; corners up to {dist:.1f} mm apart)")
+    if dist > QFORM_SFORM_TOL_MM:
+        return f"field-of-view corners up to {dist:.1f} mm apart"
+    return None
+
+
+def _nifti_volume(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """NIfTI through nibabel: ``scl_slope`` / ``scl_inter`` applied, stored axis order.
+
+    Geometry follows nibabel and the NIfTI-1 standard: the sform when ``sform_code`` > 0, else the
+    qform (``img.affine``). Every NIfTI recnec reads (series and user masks) goes through here;
+    SimpleITK reads NRRD only. A qform that disagrees with the sform used is flagged
+    ``QFORM_SFORM_DISAGREE`` (:func:`_transform_disagreement`); broken scaling factors fail
+    ``BAD_SCALING`` (:func:`_scaling_problem`), as does scaling that overflows float32.
+    """
+    import nibabel as nib
+
+    from .discover import read_nifti_header
+
+    try:
+        # the stored factors: nibabel resets them in ``img.header`` (the proxy holds the scaling)
+        # and refuses a non-finite scl_inter as HeaderDataError
+        problem = _scaling_problem(read_nifti_header(path))
+        if problem:
+            raise _err("BAD_SCALING", f"{path.name}: NIfTI {problem}")
         img = nib.load(str(path))
         if len(img.shape) > 3 and int(np.prod(img.shape[3:])) > 1:
             raise _err("NOT_3D", f"{path.name}: image of shape {img.shape}: a 4D series is never "
                        "a model input")
-        data = np.asarray(img.get_fdata(dtype=np.float32))  # applies scl_slope / scl_inter
+        with np.errstate(over="ignore"):  # an overflow is BAD_SCALING, checked below
+            data = np.asarray(img.get_fdata(dtype=np.float32))  # applies scl_slope / scl_inter
     except ConversionError:
         raise
     except MemoryError:  # a study past the memory limit is OUT_OF_MEMORY, not a decode error
         raise
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types on corrupt files
         raise _err("PIXEL_DECODE_FAILED", f"{path.name}: {type(exc).__name__}: {exc}") from None
+    flags: list[str] = []
     notes = []
-    slope, inter = img.header.get_slope_inter() if hasattr(img.header, "get_slope_inter") \
-        else (None, None)
-    if slope not in (None, 1.0) or inter not in (None, 0.0):
+    slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)
+    if slope != 1.0 or inter != 0.0:
         notes.append(f"NIfTI scl_slope {slope} scl_inter {inter} applied")
-    return _squeeze(data, path.name), np.asarray(img.affine, dtype=float), [], notes
+        if not np.all(np.isfinite(data)):
+            raw = np.asanyarray(img.dataobj.get_unscaled())
+            if np.count_nonzero(~np.isfinite(data)) > np.count_nonzero(~np.isfinite(raw)):
+                raise _err("BAD_SCALING", f"{path.name}: NIfTI scl_slope {slope:g} scl_inter "
+                           f"{inter:g} take stored values beyond the float32 range")
+    disagree = _transform_disagreement(img.header, img.shape)
+    if disagree:
+        used = "sform" if int(img.header["sform_code"]) > 0 else "qform"
+        flags.append("QFORM_SFORM_DISAGREE")
+        notes.append(f"QFORM_SFORM_DISAGREE: NIfTI qform and sform disagree ({disagree}); the "
+                     f"{used} is used (sform_code {int(img.header['sform_code'])}, NIfTI-1 and "
+                     "nibabel rule)")
+    return _squeeze(data, path.name), np.asarray(img.affine, dtype=float), flags, notes
 
 
 def _sitk_volume(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
@@ -537,6 +720,61 @@ def _canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.nda
     return np.asarray(img.dataobj, dtype=np.float32), np.asarray(img.affine, dtype=np.float64)
 
 
+def _clean_values(data: np.ndarray, flags: list[str], notes: list[str]) -> np.ndarray:
+    """Non-finite voxels and undeclared padding of a series set to the background, in place
+    where possible; ``flags`` and ``notes`` extended. Returns ``data`` (float32, same shape).
+
+    * NaN / +-Inf voxels: more than :data:`NONFINITE_MAX_FRACTION` of the volume fails
+      ``NONFINITE_VOXELS``; fewer are set to the background and flagged
+      ``NONFINITE_VOXELS_REPLACED``.
+    * a minimum at or below :data:`PADDING_FLOOR` covering more than
+      :data:`PADDING_MIN_FRACTION` of the voxels (e.g. int16 -32768 written outside the head
+      without a PixelPaddingValue, or in a NIfTI) is background: set to it and flagged
+      ``PADDING_AS_BACKGROUND``.
+
+    The background is the minimum of the remaining (finite, non-padding) voxels.
+    """
+    finite = np.isfinite(data)
+    n_bad = int(data.size - np.count_nonzero(finite))
+    if n_bad > NONFINITE_MAX_FRACTION * data.size:
+        raise _err("NONFINITE_VOXELS", f"{n_bad} of {data.size} voxels ({n_bad / data.size:.1%}) "
+                   f"are NaN or infinite (more than {NONFINITE_MAX_FRACTION:.0%}): broken export "
+                   "or scaling")
+    pad = np.zeros(data.shape, dtype=bool)
+    m = float(data[finite].min())
+    if m <= PADDING_FLOOR:
+        pad = data == m
+        if np.count_nonzero(pad) <= PADDING_MIN_FRACTION * data.size:
+            pad[...] = False
+    if not n_bad and not pad.any():
+        return data
+    if not data.flags.writeable:
+        data = data.copy()
+    value = _fill_background(data, pad | ~finite)
+    if n_bad:
+        flags.append("NONFINITE_VOXELS_REPLACED")
+        notes.append(f"NONFINITE_VOXELS_REPLACED: {n_bad} NaN / infinite voxel(s) "
+                     f"({n_bad / data.size:.3%}) set to the background {value:g}")
+    if pad.any():
+        if "PADDING_AS_BACKGROUND" not in flags:
+            flags.append("PADDING_AS_BACKGROUND")
+        notes.append(f"PADDING_AS_BACKGROUND: {int(pad.sum())} voxel(s) "
+                     f"({pad.sum() / data.size:.0%}) of the fill value {m:g} set to the "
+                     f"background {value:g}")
+    return data
+
+
+def _series_label(series: Series) -> str:
+    """How a series is named in a WARNING (INFO-level log: no file name): the end of its DICOM
+    UID, or the study folder of a NIfTI / NRRD file (its study id); the file name goes to DEBUG."""
+    if series.source == "dicom":
+        sid = series.series_id
+        return "series " + (sid if len(sid) <= 20 else "..." + sid[-16:])
+    log.debug("series %s", series.series_id)
+    folder = series.series_id.rsplit("/", 1)[0] if "/" in series.series_id else "."
+    return f"{series.source.upper()} series in {folder}"
+
+
 def _read_file(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """One NIfTI or NRRD file, the same reader for a series and a user mask."""
     if path.name.lower().endswith(".nrrd"):
@@ -556,14 +794,22 @@ def convert_series(series: Series, *, settings: Settings) -> Volume:
         ``data`` float32 of shape ``(X, Y, Z)`` (axes towards Right, Anterior, Superior),
         ``affine`` float64 ``(4, 4)`` voxel -> world mm RAS+, exact (no resampling).
         ``flags`` may hold ``ANISOTROPIC`` (largest/smallest voxel size above
-        ``settings.anisotropy_limit``; spacing from slice positions) and ``PER_SLICE_SCALING``.
+        ``settings.anisotropy_limit``; spacing from slice positions), ``PER_SLICE_SCALING``,
+        ``NONFINITE_VOXELS_REPLACED`` (up to 1 % NaN / Inf voxels set to the background),
+        ``PADDING_AS_BACKGROUND`` (DICOM PixelPaddingValue / PixelPaddingRangeLimit, or an
+        undeclared fill value <= -30000 covering > 5 % of the voxels, set to the background) and
+        ``QFORM_SFORM_DISAGREE`` (a NIfTI whose qform and sform differ; the sform is used when
+        ``sform_code`` > 0). The background is the minimum of the image's other voxels (after
+        rescale). The last three also log a WARNING.
 
     Raises
     ------
     ConversionError
         With code ``NOT_3D``, ``TOO_FEW_SLICES``, ``SERIES_TOO_LARGE``, ``MISSING_GEOMETRY``,
         ``MISSING_SLICES``, ``GANTRY_TILT``, ``AMBIGUOUS_STACK``, ``UNSUPPORTED_TRANSFER_SYNTAX``,
-        ``PIXEL_DECODE_FAILED``, ``NOT_GREYSCALE``, ``CONSTANT_IMAGE`` or ``UNSUPPORTED_FORMAT``.
+        ``PIXEL_DECODE_FAILED``, ``NOT_GREYSCALE``, ``CONSTANT_IMAGE``, ``UNSUPPORTED_FORMAT``,
+        ``NONFINITE_VOXELS`` (more than 1 % of the voxels NaN or infinite) or ``BAD_SCALING``
+        (NIfTI ``scl_slope`` / ``scl_inter`` NaN or infinite, or overflowing float32).
     """
     precheck(series, settings=settings)
     if series.source == "dicom":
@@ -577,10 +823,10 @@ def convert_series(series: Series, *, settings: Settings) -> Volume:
     if data.size > settings.max_series_voxels:
         raise _err("SERIES_TOO_LARGE", f"{data.shape} = {data.size} voxels > max_series_voxels "
                    f"{settings.max_series_voxels}")
-    if not np.all(np.isfinite(data)):
-        n_bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
-        data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
-        notes.append(f"{n_bad} non-finite voxel(s) set to 0")
+    data = _clean_values(data, flags, notes)
+    for note in notes:
+        if note.split(":", 1)[0] in WARNING_FLAGS:
+            log.warning("%s: %s", _series_label(series), note)
     lo, hi = float(data.min()), float(data.max())
     if hi - lo <= 1e-6 * max(1.0, abs(hi)):
         raise _err("CONSTANT_IMAGE", f"every voxel is {lo:g}: blank or failed export")
@@ -616,16 +862,20 @@ def read_image_file(path: Path) -> Volume:
     ------
     ConversionError
         ``NOT_3D`` (more than three non-singleton dimensions or several components per voxel),
-        ``TOO_FEW_SLICES`` (fewer than three dimensions), ``PIXEL_DECODE_FAILED`` (unreadable).
+        ``TOO_FEW_SLICES`` (fewer than three dimensions), ``PIXEL_DECODE_FAILED`` (unreadable),
+        ``BAD_SCALING`` (broken NIfTI scaling factors).
     """
     path = Path(path)
     data, affine, _, notes = _read_file(path)
+    for note in notes:
+        if note.split(":", 1)[0] in WARNING_FLAGS:
+            log.warning("lesion mask: %s", note)
     data, affine = _canonical(data, affine)
     return Volume(data=data, affine=affine, series_id=path.name, notes=tuple(notes))
 
 
 # Transfer syntaxes met in MR exports (DICOM PS3.5 Table A-1 / 10.x); checked at start-up so a
-# missing decoder fails the run once (FAILURES.md kinds 5 and 20) instead of every study.
+# missing decoder fails the run once (docs/failure-kinds.md kind 5 and 20) instead of every study.
 COMMON_TRANSFER_SYNTAXES = {
     "1.2.840.10008.1.2": "Implicit VR Little Endian",
     "1.2.840.10008.1.2.1": "Explicit VR Little Endian",

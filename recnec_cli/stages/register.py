@@ -5,14 +5,14 @@ Initialization" and "Multi-resolution registration"):
 
 * metric: Mattes mutual information (50 histogram bins), random sampling with a fixed seed,
   about 50,000 samples per level (rate <= 20 %) over shrink factors 4-2-1 (smoothing 2-1-0 mm);
-  ``../shared/STACK-NOTES.md`` measured that one low sampling rate for different contrasts gave
+  ``docs/stack-notes.md`` measured that one low sampling rate for different contrasts gave
   3-7 mm errors, per-level rates <= 0.15 mm;
 * transform: Euler3D (rigid, 6 parameters), initialised by aligning the geometric centres of the
   two images (``CenteredTransformInitializer(..., GEOMETRY)``); when the result fails the
   post-registration check, one retry starts from the scanner's own world alignment (identity),
   which is the right prior for same-session scans;
 * optimiser: regular-step gradient descent with physical-shift scales;
-* post-check (``../shared/FAILURES.md`` kind 19): the final rigid transform relative to the
+* post-check (``docs/failure-kinds.md`` kind 19): the final rigid transform relative to the
   scanner's world alignment must stay within ``registration_max_translation_mm`` and
   ``registration_max_rotation_deg`` (same-session scans move little), and the moving image must
   cover most of the fixed image's head.

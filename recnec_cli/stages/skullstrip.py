@@ -11,7 +11,7 @@ forward pass as the reference.
 
 ``fast`` mode uses fold 0 only; ``accurate`` averages all five folds. Test-time augmentation
 mirrors along all three axes (8 forward passes). On a 2-core CPU a 1 mm head costs ~35 s in fast
-mode without TTA (``../shared/STACK-NOTES.md``).
+mode without TTA (``docs/stack-notes.md``).
 
 HD-BET expects an MNI-like orientation and SimpleITK axis order: we pass the canonical RAS+
 ``(X, Y, Z)`` volume transposed to ``(Z, Y, X)`` with the spacing reversed, which is exactly the
@@ -29,8 +29,8 @@ from nibabel.affines import voxel_sizes
 
 from ..devices import prepare_torch
 from ..errors import EnvironmentBroken, SkullStripError
-from .infer import sha256_file
 from ..study import Volume
+from .infer import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def _largest_component(seg: np.ndarray) -> np.ndarray:
 
 def check_brain_mask(mask: np.ndarray, affine: np.ndarray,
                      volume_range_ml: tuple[float, float] = BRAIN_VOLUME_RANGE_ML) -> MaskCheck:
-    """Plausibility check of a brain mask (``../shared/FAILURES.md`` kind 18).
+    """Plausibility check of a brain mask (``docs/failure-kinds.md`` kind 18).
 
     Parameters
     ----------

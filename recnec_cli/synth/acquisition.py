@@ -6,7 +6,7 @@ Ingenia consoles), typical clinical TR / TE / TI / flip angle at 1.5 T and 3 T, 
 thick-slice geometry, series descriptions in English, German, French, Spanish, Dutch and Italian,
 and ContrastBolusAgent present, empty or absent. A T1ce always carries at least one contrast
 hint (agent or a description token) so that scanning a synthetic cohort is decidable; real
-exports without any hint are covered by the classifier's own tests (FAILURES.md kind 16).
+exports without any hint are covered by the classifier's own tests (docs/failure-kinds.md kind 16).
 """
 
 from __future__ import annotations

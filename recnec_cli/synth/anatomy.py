@@ -77,7 +77,8 @@ class Template:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.t1.shape)  # type: ignore[return-value]
+        ni, nj, nk = self.t1.shape
+        return (int(ni), int(nj), int(nk))
 
 
 @functools.lru_cache(maxsize=1)
@@ -193,7 +194,8 @@ class Deformation:
         return x
 
 
-def _rotation(angles_rad: np.ndarray) -> np.ndarray:
+def rotation(angles_rad: np.ndarray) -> np.ndarray:
+    """Rotation matrix ``(3, 3)`` for angles (radians) about x, then y, then z: ``Rz @ Ry @ Rx``."""
     ax, ay, az = angles_rad
     rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
     ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
@@ -220,7 +222,7 @@ def draw_deformation(rng: np.random.Generator) -> Deformation:
                      for c in coarse]).astype(np.float32)
     step = DISPLACEMENT_SPACING_MM * (n_ctrl[0] - 1) / (fine.shape[1] - 1)
     size = rng.uniform(0.90, 1.02) * rng.uniform(0.97, 1.03, size=3)  # subject brain / template
-    rot = _rotation(np.deg2rad(rng.uniform(-4.0, 4.0, size=3)))
+    rot = rotation(np.deg2rad(rng.uniform(-4.0, 4.0, size=3)))
     linear = np.linalg.inv(rot @ np.diag(size))
     translation = rng.uniform(-4.0, 4.0, size=3)
     return Deformation(linear=linear, translation=translation, disp=fine, disp_origin=lo,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .anatomy import FourierField, TISSUES
+from .anatomy import TISSUES, FourierField
 
 #: relative intensity per tissue for each sequence family (order of :data:`TISSUES`:
 #: wm, gm, csf, dura, bone, marrow, muscle, fat, skin)

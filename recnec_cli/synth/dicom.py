@@ -9,10 +9,12 @@ from the grid step. Identifying attributes are synthetic and pseudonymous (Patie
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .acquisition import Acquisition
+from .constants import STORE_GAIN, derived_uid, time_of_day
 from .series import SeriesGrid
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -33,17 +35,55 @@ def _study_date(seed: int, index: int) -> str:
     return day.strftime("%Y%m%d")
 
 
+def mr_dataset(pixels: np.ndarray, *, sop_uid: str, implementation: tuple[str, str] | None = None,
+               **attributes: Any) -> Any:
+    """One classic MR Image Storage instance (a single slice) as a ``pydicom.Dataset`` ready for
+    ``ds.save_as(path, enforce_file_format=True)``: the one DICOM builder of recnec's synthetic
+    series and of the test fixtures.
+
+    ``pixels``: the stored values, shape ``(Rows, Columns)`` (row index = DICOM row, i.e. along the
+    column direction of ImageOrientationPatient), written as they are (uint16 unless the caller
+    says otherwise through ``attributes``). Sets the file meta (Explicit VR Little Endian;
+    ``implementation`` = (ImplementationClassUID, ImplementationVersionName) when given, else
+    pydicom's own), SOPClassUID / SOPInstanceUID, Modality MR and the Image Pixel module
+    (MONOCHROME2, 16 bits allocated and stored, unsigned), then every keyword of ``attributes``
+    (DICOM keywords, e.g. ``ImagePositionPatient`` in LPS mm; a value of ``None`` leaves the
+    attribute out), which may override any of the above.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    if implementation is not None:
+        meta.ImplementationClassUID, meta.ImplementationVersionName = implementation
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = MR_IMAGE_STORAGE
+    ds.SOPInstanceUID = sop_uid
+    ds.Modality = "MR"
+    ds.Rows, ds.Columns = int(pixels.shape[0]), int(pixels.shape[1])
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    for keyword, value in attributes.items():
+        if value is not None:
+            setattr(ds, keyword, value)
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    return ds
+
+
 def write_series(folder: Path, img: np.ndarray, grid: SeriesGrid, acq: Acquisition, *, seed: int,
                  index: int, study_uid: str, series_uid: str, frame_uid: str) -> int:
     """Write ``img`` (grid.shape, relative intensities) as ``folder/IM<nnnnn>.dcm`` files.
 
     Stored pixels are uint16 ``round(img * 1000 / RescaleSlope)``. Returns the number of files.
     """
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
-
-    from .writers import STORE_GAIN, derived_uid
-
     folder.mkdir(parents=True, exist_ok=True)
     aff = grid.affine
     row_dir = _LPS @ (aff[:3, 0] / np.linalg.norm(aff[:3, 0]))  # along array axis 0 (columns)
@@ -54,93 +94,66 @@ def write_series(folder: Path, img: np.ndarray, grid: SeriesGrid, acq: Acquisiti
     window = float(np.percentile(stored[::4, ::4, :], 99.5)) * acq.rescale_slope or 1000.0
     date = _study_date(seed, index)
     t0 = acq.series_time_s
-    ni, nj, nk = grid.shape
+    nk = grid.shape[2]
+    normal = np.cross(row_dir, col_dir)
     for k in range(nk):
-        sop_uid = derived_uid(seed, index, "sop", series_uid, k)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = IMPLEMENTATION_UID
-        meta.ImplementationVersionName = "RECNEC_SYNTH_1"
-        ds = FileDataset(str(folder / f"IM{k + 1:05d}.dcm"), {}, file_meta=meta,
-                         preamble=b"\0" * 128)
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.ImageType = list(acq.image_type)
-        ds.SOPClassUID = MR_IMAGE_STORAGE
-        ds.SOPInstanceUID = sop_uid
-        ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = date
-        hms = _hms(t0)
-        ds.StudyTime = _hms(t0 - 600 - (t0 % 600))
-        ds.SeriesTime = ds.AcquisitionTime = hms
-        ds.ContentTime = _hms(t0 + k * 0.5)
-        ds.AccessionNumber = f"SYN{seed:03d}{index:06d}"
-        ds.Modality = "MR"
-        ds.Manufacturer = acq.manufacturer
-        ds.ManufacturerModelName = acq.model
-        ds.InstitutionName = "recnec synthetic"
-        ds.StudyDescription = "synthetic brain MRI (recnec synth)"
-        ds.SeriesDescription = acq.series_description
-        ds.ProtocolName = acq.protocol_name
-        ds.PatientName = f"Synthetic^{seed:03d}-{index + 1:06d}"
-        ds.PatientID = f"SYNTH{seed:03d}{index + 1:06d}"
-        ds.PatientBirthDate = ""
-        ds.PatientSex = "O"
-        ds.ScanningSequence = list(acq.scanning_sequence)
-        ds.SequenceVariant = list(acq.sequence_variant)
-        ds.ScanOptions = list(acq.scan_options)
-        ds.MRAcquisitionType = acq.mode
-        ds.SequenceName = acq.sequence_name
-        ds.SliceThickness = _ds_str(acq.slice_thickness_mm)
-        ds.SpacingBetweenSlices = _ds_str(step)
-        ds.RepetitionTime = _ds_str(acq.tr_ms)
-        ds.EchoTime = _ds_str(acq.te_ms)
-        if acq.ti_ms is not None:
-            ds.InversionTime = _ds_str(acq.ti_ms)
-        ds.NumberOfAverages = "1"
-        ds.ImagingFrequency = _ds_str(42.577 * acq.field_t)
-        ds.MagneticFieldStrength = _ds_str(acq.field_t)
-        ds.EchoNumbers = "1"
-        if acq.echo_train_length is not None:
-            ds.EchoTrainLength = str(acq.echo_train_length)
-        ds.FlipAngle = _ds_str(acq.flip_deg)
-        if acq.contrast_agent is not None:
-            ds.ContrastBolusAgent = acq.contrast_agent
-        ds.PatientPosition = "HFS"
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.StudyID = f"{index + 1}"
-        ds.SeriesNumber = str(acq.series_number)
-        ds.AcquisitionNumber = "1"
-        ds.InstanceNumber = str(k + 1)
         pos = _LPS @ (aff[:3, :3] @ np.array([0.0, 0.0, k]) + aff[:3, 3])
-        ds.ImagePositionPatient = [_ds_str(v) for v in pos]
-        ds.ImageOrientationPatient = [_ds_str(v) for v in (*row_dir, *col_dir)]
-        ds.FrameOfReferenceUID = frame_uid
-        ds.PositionReferenceIndicator = ""
-        normal = np.cross(row_dir, col_dir)
-        ds.SliceLocation = _ds_str(float(pos @ normal))
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = nj
-        ds.Columns = ni
-        ds.PixelSpacing = [_ds_str(d_j), _ds_str(d_i)]
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 0
-        ds.RescaleIntercept = "0"
-        ds.RescaleSlope = _ds_str(acq.rescale_slope)
-        ds.RescaleType = "US"
-        sl = stored[:, :, k].T  # (rows = axis 1, columns = axis 0)
-        ds.WindowCenter = _ds_str(window / 2.0)
-        ds.WindowWidth = _ds_str(window)
-        ds.PixelData = np.ascontiguousarray(sl).tobytes()
+        ds = mr_dataset(
+            stored[:, :, k].T,  # (rows = axis 1, columns = axis 0)
+            sop_uid=derived_uid(seed, index, "sop", series_uid, k),
+            implementation=(IMPLEMENTATION_UID, "RECNEC_SYNTH_1"),
+            SpecificCharacterSet="ISO_IR 100",
+            ImageType=list(acq.image_type),
+            StudyDate=date, SeriesDate=date, AcquisitionDate=date, ContentDate=date,
+            StudyTime=time_of_day(t0 - 600 - (t0 % 600)),
+            SeriesTime=time_of_day(t0), AcquisitionTime=time_of_day(t0),
+            ContentTime=time_of_day(t0 + k * 0.5),
+            AccessionNumber=f"SYN{seed:03d}{index:06d}",
+            Manufacturer=acq.manufacturer,
+            ManufacturerModelName=acq.model,
+            InstitutionName="recnec synthetic",
+            StudyDescription="synthetic brain MRI (recnec synth)",
+            SeriesDescription=acq.series_description,
+            ProtocolName=acq.protocol_name,
+            PatientName=f"Synthetic^{seed:03d}-{index + 1:06d}",
+            PatientID=f"SYNTH{seed:03d}{index + 1:06d}",
+            PatientBirthDate="",
+            PatientSex="O",
+            ScanningSequence=list(acq.scanning_sequence),
+            SequenceVariant=list(acq.sequence_variant),
+            ScanOptions=list(acq.scan_options),
+            MRAcquisitionType=acq.mode,
+            SequenceName=acq.sequence_name,
+            SliceThickness=_ds_str(acq.slice_thickness_mm),
+            SpacingBetweenSlices=_ds_str(step),
+            RepetitionTime=_ds_str(acq.tr_ms),
+            EchoTime=_ds_str(acq.te_ms),
+            InversionTime=None if acq.ti_ms is None else _ds_str(acq.ti_ms),
+            NumberOfAverages="1",
+            ImagingFrequency=_ds_str(42.577 * acq.field_t),
+            MagneticFieldStrength=_ds_str(acq.field_t),
+            EchoNumbers="1",
+            EchoTrainLength=None if acq.echo_train_length is None else str(acq.echo_train_length),
+            FlipAngle=_ds_str(acq.flip_deg),
+            ContrastBolusAgent=acq.contrast_agent,
+            PatientPosition="HFS",
+            StudyInstanceUID=study_uid,
+            SeriesInstanceUID=series_uid,
+            StudyID=f"{index + 1}",
+            SeriesNumber=str(acq.series_number),
+            AcquisitionNumber="1",
+            InstanceNumber=str(k + 1),
+            ImagePositionPatient=[_ds_str(v) for v in pos],
+            ImageOrientationPatient=[_ds_str(v) for v in (*row_dir, *col_dir)],
+            FrameOfReferenceUID=frame_uid,
+            PositionReferenceIndicator="",
+            SliceLocation=_ds_str(float(pos @ normal)),
+            PixelSpacing=[_ds_str(d_j), _ds_str(d_i)],
+            RescaleIntercept="0",
+            RescaleSlope=_ds_str(acq.rescale_slope),
+            RescaleType="US",
+            WindowCenter=_ds_str(window / 2.0),
+            WindowWidth=_ds_str(window),
+        )
         ds.save_as(folder / f"IM{k + 1:05d}.dcm", enforce_file_format=True)
     return nk
-
-
-def _hms(seconds: float) -> str:
-    s = int(seconds) % 86400
-    frac = int(round((seconds - int(seconds)) * 1e6))
-    return f"{s // 3600:02d}{(s // 60) % 60:02d}{s % 60:02d}.{frac:06d}"

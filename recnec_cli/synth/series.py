@@ -20,7 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from .acquisition import Acquisition
-from .anatomy import _rotation
+from .anatomy import rotation
 
 #: approximate brain centre (mm, RAS+) about which head motion rotates
 MOTION_CENTRE_MM = np.array([0.0, -18.0, 18.0])
@@ -57,12 +57,13 @@ def series_grid(acq: Acquisition) -> SeriesGrid:
     aff = np.eye(4)
     aff[:3, :3] = dirs * spacing
     aff[:3, 3] = start
-    return SeriesGrid(shape=tuple(shape), affine=aff, thickness_mm=acq.slice_thickness_mm)  # type: ignore[arg-type]
+    ni, nj, nk = shape
+    return SeriesGrid(shape=(ni, nj, nk), affine=aff, thickness_mm=acq.slice_thickness_mm)
 
 
 def motion_matrix(acq: Acquisition) -> np.ndarray:
     """``(4, 4)`` world -> world rigid transform moving the head for this series."""
-    rot = _rotation(np.deg2rad(np.asarray(acq.motion_rot_deg)))
+    rot = rotation(np.deg2rad(np.asarray(acq.motion_rot_deg)))
     m = np.eye(4)
     m[:3, :3] = rot
     m[:3, 3] = MOTION_CENTRE_MM - rot @ MOTION_CENTRE_MM + np.asarray(acq.motion_trans_mm)

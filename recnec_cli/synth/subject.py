@@ -15,10 +15,18 @@ from typing import Mapping
 import numpy as np
 
 from .acquisition import Acquisition, draw_session
-from .anatomy import (TISSUES, Deformation, EnvelopeParams, FourierField, draw_deformation,
-                      draw_envelope, load_template, tissue_probabilities, truth_grid)
-from .contrast import (ENHANCEMENT, INTENSITY, LESION_INTENSITY, ContrastParams, draw_contrast,
-                       family, noise_tiles)
+from .anatomy import (
+    TISSUES,
+    Deformation,
+    EnvelopeParams,
+    FourierField,
+    draw_deformation,
+    draw_envelope,
+    load_template,
+    tissue_probabilities,
+    truth_grid,
+)
+from .contrast import ENHANCEMENT, INTENSITY, LESION_INTENSITY, ContrastParams, draw_contrast, family, noise_tiles
 from .lesions import INFLUENCE_MM, LesionParams, draw_latent, draw_lesion, lesion_fields
 
 logger = logging.getLogger(__name__)

@@ -71,7 +71,7 @@ def _centroid(lesion: np.ndarray, offset: np.ndarray, affine: np.ndarray) -> np.
 def truth_from_plan(plan: SubjectPlan) -> SubjectTruth:
     """Render the full head of ``plan`` (several seconds; ~0.2 GB)."""
     shape, aff = truth_grid()
-    vols = render(plan, tuple(slice(0, n) for n in shape))  # type: ignore[arg-type]
+    vols = render(plan, (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2])))
     centroid = _centroid(vols["lesion"], np.zeros(3), aff)
     return SubjectTruth(
         seed=plan.seed, index=plan.index, t1=vols["T1"], t2=vols["T2"], t1ce=vols["T1ce"],
@@ -96,8 +96,9 @@ def model_box(plan: SubjectPlan) -> tuple[slice, slice, slice]:
     shape, aff = truth_grid()
     c = np.linalg.inv(aff) @ np.r_[np.asarray(plan.lesion.centre_mm), 1.0]
     ci = np.round(c[:3]).astype(int)
-    return tuple(slice(max(0, int(i) - MODEL_BOX_HALF_VOX), min(n, int(i) + MODEL_BOX_HALF_VOX + 1))
-                 for i, n in zip(ci, shape))  # type: ignore[return-value]
+    sx, sy, sz = (slice(max(0, int(i) - MODEL_BOX_HALF_VOX), min(n, int(i) + MODEL_BOX_HALF_VOX + 1))
+                  for i, n in zip(ci, shape))
+    return sx, sy, sz
 
 
 def model_tensor(plan: SubjectPlan, spec: InputSpec = InputSpec()) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import logging
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,6 +21,8 @@ import numpy as np
 
 from ..stages.modelinput import InputSpec
 from .acquisition import Acquisition
+from .constants import STORE_GAIN, derived_uid, time_of_day
+from .dicom import write_series
 from .series import SeriesGrid, acquire, motion_matrix, series_grid
 from .subject import DEFAULT_RATIO, GENERATOR_VERSION, cohort_label, plan_subject
 from .truth import SubjectTruth, model_tensor, truth_from_plan
@@ -30,8 +31,6 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("nifti", "dicom")
 SPACES = ("study", "model")
-#: stored value = relative intensity x this gain (int16 NIfTI, uint16 DICOM before slope)
-STORE_GAIN = 1000.0
 NIFTI_NAMES = {"T1": "{sid}_T1w.nii.gz", "T2": "{sid}_T2w.nii.gz",
                "T1ce": "{sid}_ce-gadolinium_T1w.nii.gz"}
 
@@ -56,13 +55,6 @@ class CohortInfo:
 def study_name(index: int) -> str:
     """Folder / study id of subject ``index`` (0-based) in NIfTI and model space."""
     return f"synth-{index + 1:04d}"
-
-
-def derived_uid(*parts: object) -> str:
-    """A UUID-derived DICOM UID (``2.25.<int>``, PS3.5 B.2) from a name-based UUID (RFC 4122
-    version 5 style: SHA-256 of the parts, version and variant bits set): same parts, same UID."""
-    digest = hashlib.sha256("/".join(str(p) for p in ("recnec-synth", *parts)).encode()).digest()
-    return f"2.25.{uuid.UUID(bytes=digest[:16], version=5).int}"
 
 
 def _uid(seed: int, index: int, *parts: object) -> str:
@@ -116,7 +108,7 @@ def _sidecar(acq: Acquisition) -> dict:
         "MRAcquisitionType": acq.mode, "RepetitionTime": acq.tr_ms / 1000.0,
         "EchoTime": acq.te_ms / 1000.0, "FlipAngle": acq.flip_deg, "SeriesNumber": acq.series_number,
         "SliceThickness": acq.slice_thickness_mm,
-        "AcquisitionTime": _hms(acq.series_time_s, colons=True),
+        "AcquisitionTime": time_of_day(acq.series_time_s, colons=True),
     }
     if acq.ti_ms is not None:
         d["InversionTime"] = acq.ti_ms / 1000.0
@@ -125,12 +117,6 @@ def _sidecar(acq: Acquisition) -> dict:
     if acq.contrast_agent is not None:
         d["ContrastBolusAgent"] = acq.contrast_agent
     return d
-
-
-def _hms(seconds: float, *, colons: bool = False) -> str:
-    s = int(seconds)
-    h, m, sec = s // 3600, (s // 60) % 60, s % 60
-    return f"{h:02d}:{m:02d}:{sec:02d}.000000" if colons else f"{h:02d}{m:02d}{sec:02d}"
 
 
 def write_nifti_study(folder: Path, sid: str, truth: SubjectTruth, *, mask_path: Path) -> int:
@@ -152,8 +138,6 @@ def write_nifti_study(folder: Path, sid: str, truth: SubjectTruth, *, mask_path:
 
 def write_dicom_study(root: Path, truth: SubjectTruth, *, masks_dir: Path) -> tuple[str, int]:
     """Write one study as three DICOM series, one file per slice; returns (StudyInstanceUID, n)."""
-    from .dicom import write_series
-
     seed, index = truth.seed, truth.index
     study_uid = _uid(seed, index, "study")
     pseudo = hashlib.sha256(f"recnec-synth/{seed}/{index}".encode()).hexdigest()[:12]

@@ -21,7 +21,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(run, name)
     if name == "make_config":
-        from .loop import make_config
+        from .config import make_config
 
         return make_config
     if name == "evaluate_ensemble":

@@ -255,8 +255,8 @@ def load_studies(
         If the scan pipeline is not installed.
     """
     try:
-        from ..stages.discover import discover
         from ..orchestration.pipeline import Resources, preprocess_study
+        from ..stages.discover import discover
     except ImportError as exc:  # pragma: no cover - only in a broken installation
         raise EnvironmentBroken(f"scan pipeline unavailable: {exc}", code="ENVIRONMENT_BROKEN") from None
 

@@ -2,7 +2,7 @@
 
 Each fold becomes ``fold<k>.onnx``: the legacy TorchScript exporter (``torch.onnx.export(...,
 dynamo=False, opset_version=17)``, one self-contained file; the dynamo exporter needs onnxscript
-and writes a separate ``.onnx.data`` file, ``STACK-NOTES.md``) applied to
+and writes a separate ``.onnx.data`` file, ``docs/stack-notes.md``) applied to
 :class:`~recnec_cli.train.models.ProbabilityHead`, so the graph maps ``input`` float32
 ``(N, 3, 40, 40, 40)`` (dynamic ``N``) to ``probability`` ``(N,)``, the probability of recurrence.
 Every exported file is run in ONNX Runtime (CPU) on the fold's held-out tensors plus random inputs,

@@ -36,15 +36,13 @@ from torch import nn
 from ..errors import RecnecError, TrainingError
 from ..stages.infer import MANIFEST_NAME, read_manifest
 from ..stages.modelinput import InputSpec
-from .models import ARCHS, ProbabilityHead, build_model
+from .config import ARCHS
+from .models import ProbabilityHead, build_model
 
 log = logging.getLogger(__name__)
 
 #: architectures whose exported ONNX can be turned back into a trainable network
 FOLDABLE_ARCHS = ("resnet10", "resnet18", "vgg16")
-#: AdamW learning rate when fine-tuning (``recnec train --init-from`` without ``--lr``): a third
-#: of the from-scratch 3e-4, so the first epochs refine the starting weights rather than replace them
-FINE_TUNE_LR = 1e-4
 
 
 @dataclass
@@ -162,7 +160,8 @@ def network_from_onnx(path: Path, *, arch: str, width: int, spec: InputSpec = In
                     f"{arch} width {width} expects {tuple(mod.weight.shape)}", code="INIT_INCOMPATIBLE")
             mod.weight.copy_(torch.from_numpy(np.array(w, dtype=np.float32)))
             if mod.bias is not None:
-                mod.bias.copy_(torch.from_numpy(np.array(b, dtype=np.float32)) if b is not None else torch.zeros_like(mod.bias))
+                mod.bias.copy_(torch.from_numpy(np.array(b, dtype=np.float32)) if b is not None
+                               else torch.zeros_like(mod.bias))
     probe = np.random.default_rng(0).normal(size=(3, *spec.shape)).astype(np.float32)
     try:
         compare_with_torch(ProbabilityHead(net), path, probe, threads=threads)

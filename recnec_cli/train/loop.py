@@ -26,9 +26,10 @@ gives the same weights and numbers.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -36,82 +37,11 @@ import torch
 from torch import nn
 
 from ..errors import TrainingError
+from .config import FINE_TUNE_LR, TrainConfig, lr_text
 from .metrics import auc_score
-from .models import ARCHS, ProbabilityHead, build_model, n_parameters
+from .models import ProbabilityHead, build_model, n_parameters
 
 log = logging.getLogger(__name__)
-
-#: default base channel width per architecture (ensemble of 5 stays far below 40 MB)
-DEFAULT_WIDTH = {"resnet10": 16, "resnet18": 16, "vgg16": 8, "densenet121": 16}
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that determines a training run besides the data. Written into the manifest."""
-
-    profile: str = "default"
-    arch: str = "resnet10"
-    width: int = 16  # base channel width (resnet: [w, 2w, 4w, 8w])
-    folds: int = 5
-    max_epochs: int = 80
-    patience: int = 20  # epochs without a better (smoothed) validation AUC before stopping
-    min_epochs: int = 15  # never stop before this many epochs
-    select_window: int = 5  # validation AUC is averaged over this many epochs (noise of ~8 necroses)
-    select_from_epoch: int = 10  # checkpoints before this epoch are never kept (warm-up)
-    batch_size: int = 16
-    lr: float = 3e-4  # AdamW, cosine annealing to 0 over max_epochs
-    weight_decay: float = 1e-4
-    val_fraction: float = 0.2  # inner stratified validation split for early stopping
-    augment: bool = True
-    #: with ``augment``: also simulate the scan's acquisition (thick slices, registration error;
-    #: :mod:`recnec_cli.train.acquisition_aug`)
-    acquisition: bool = True
-    seed: int = 0
-    threads: int = 1  # torch.set_num_threads during training (see the module docstring)
-    n_boot: int = 2000  # bootstrap resamples for the 95 % CIs
-    target_sensitivity: float | None = None  # None: Youden's J
-
-    def validate(self) -> "TrainConfig":
-        if self.arch not in ARCHS:
-            raise TrainingError(f"--arch must be one of {ARCHS}, got {self.arch!r}", code="USAGE_ERROR")
-        if self.folds < 2:
-            raise TrainingError("--folds must be >= 2", code="USAGE_ERROR")
-        if self.max_epochs < 1 or self.batch_size < 2 or self.width < 2 or self.threads < 1:
-            raise TrainingError("epochs >= 1, batch size >= 2, width >= 2, threads >= 1 required",
-                                code="USAGE_ERROR")
-        if self.select_window < 1 or self.select_from_epoch < 1:
-            raise TrainingError("select_window and select_from_epoch must be >= 1", code="USAGE_ERROR")
-        if not 0.0 < self.val_fraction < 0.5:
-            raise TrainingError("val_fraction must be in (0, 0.5)", code="USAGE_ERROR")
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-#: named profiles; ``default`` is what the shipped ensemble uses (cost measured in the manifest).
-#: Default chosen on the seed-0 synthetic cohort (n = 234): ResNet10 width 16 (0.91 M parameters,
-#: 3.7 MB per fold, 18 MB for 5 folds); ~1.1 s CPU per epoch at 1 thread (150 training tensors
-#: with augmentation), early stopping after ~30-55 epochs per fold, ~4 min CPU for 5 folds.
-#: lr 3e-4 vs 1e-3 and a 5-epoch smoothed selection vs single-epoch AUC were compared on that
-#: cohort (pooled OOF AUC 0.85 vs 0.80 for single-epoch selection).
-PROFILES: dict[str, TrainConfig] = {
-    "default": TrainConfig(),
-    "quick": TrainConfig(profile="quick", width=4, folds=2, max_epochs=2, patience=2, min_epochs=1,
-                         select_window=1, select_from_epoch=1, batch_size=8, augment=True, n_boot=200),
-}
-
-
-def make_config(profile: str = "default", **overrides: Any) -> TrainConfig:
-    """A profile with ``None``-valued overrides ignored; ``width`` defaults per ``arch``."""
-    if profile not in PROFILES:
-        raise TrainingError(f"unknown profile {profile!r} ({sorted(PROFILES)})", code="USAGE_ERROR")
-    base = PROFILES[profile]
-    over = {k: v for k, v in overrides.items() if v is not None}
-    if "arch" in over and "width" not in over and profile == "default":
-        over["width"] = DEFAULT_WIDTH.get(over["arch"], base.width)
-    return replace(base, **over).validate()
-
 
 @contextmanager
 def deterministic(seed: int, threads: int) -> Iterator[None]:
@@ -138,6 +68,31 @@ def deterministic(seed: int, threads: int) -> Iterator[None]:
         torch.set_num_threads(prev_threads)
 
 
+#: the MONAI chain of :func:`_augmenter`: zero-padding per side (voxels) before the random crop
+#: back to the input shape, probability / largest rotation (radians) / scale of ``RandAffine``
+PAD_VOX = 4
+AFFINE_P = 0.3
+AFFINE_ROTATE_RAD = 0.17
+AFFINE_SCALE = 0.05
+
+
+def describe_augmentation(cfg: TrainConfig) -> str:
+    """The manifest's account of the augmentation ``cfg`` trains with, written from the values
+    :func:`_augmenter` and :mod:`~recnec_cli.train.acquisition_aug` apply (``"none"`` without)."""
+    if not cfg.augment:
+        return "none"
+    from .acquisition_aug import DEFAULTS as acq
+
+    text = ""
+    if cfg.acquisition:
+        text = (f"simulated acquisition per channel (thick slices {acq.thick_mm[0]:g}-{acq.thick_mm[1]:g} mm "
+                f"p={acq.p_thick:g}, T1/T2 misregistration <= {acq.misregister_mm:g} mm p={acq.p_misregister:g}; "
+                "recnec_cli.train.acquisition_aug), then ")
+    return text + (f"MONAI SpatialPad(+{PAD_VOX} vox)+RandSpatialCrop (shift <= {PAD_VOX * acq.spacing_mm:g} mm), "
+                   f"RandFlip(LR), RandAffine(p={AFFINE_P:g}, rot {math.degrees(AFFINE_ROTATE_RAD):.0f} deg, "
+                   f"scale {AFFINE_SCALE * 100:g} %), RandScaleIntensity, RandShiftIntensity, RandGaussianNoise")
+
+
 def _augmenter(seed: int, shape: tuple[int, int, int], *,
                acquisition: bool = False) -> Callable[[np.ndarray], np.ndarray]:
     """MONAI array-transform chain for one ``(3, X, Y, Z)`` float32 tensor, seeded.
@@ -151,17 +106,24 @@ def _augmenter(seed: int, shape: tuple[int, int, int], *,
     :func:`~recnec_cli.train.acquisition_aug.simulate_acquisition` (numpy generator seeded from
     ``seed``; ~11 ms CPU per tensor).
     """
+    from monai.transforms import (
+        Compose,
+        RandAffine,
+        RandFlip,
+        RandGaussianNoise,
+        RandScaleIntensity,
+        RandShiftIntensity,
+        RandSpatialCrop,
+        SpatialPad,
+    )
+
     from .acquisition_aug import simulate_acquisition
 
-    from monai.transforms import (Compose, RandAffine, RandFlip, RandGaussianNoise,
-                                  RandScaleIntensity, RandShiftIntensity, RandSpatialCrop,
-                                  SpatialPad)
-
     chain = Compose([
-        SpatialPad(tuple(s + 8 for s in shape), mode="constant"),
+        SpatialPad(tuple(s + 2 * PAD_VOX for s in shape), mode="constant"),
         RandSpatialCrop(shape, random_size=False),
         RandFlip(prob=0.5, spatial_axis=0),
-        RandAffine(prob=0.3, rotate_range=(0.17, 0.17, 0.17), scale_range=(0.05, 0.05, 0.05),
+        RandAffine(prob=AFFINE_P, rotate_range=(AFFINE_ROTATE_RAD,) * 3, scale_range=(AFFINE_SCALE,) * 3,
                    padding_mode="zeros", mode="bilinear", spatial_size=shape, cache_grid=True),
         RandScaleIntensity(factors=0.1, prob=0.5),
         RandShiftIntensity(offsets=0.1, prob=0.5),
@@ -327,13 +289,8 @@ COLLAPSED_PROB_RANGE = 1e-6
 
 
 def _lr_hint(lr: float) -> str:
-    from .init import FINE_TUNE_LR
-
-    def short(x: float) -> str:  # 3e-4, as the --help writes it
-        return f"{x:.0e}".replace("e-0", "e-")
-
-    return (f"at learning rate {lr:g}; train again with a lower --lr (default {short(TrainConfig.lr)} "
-            f"from scratch, {short(FINE_TUNE_LR)} with --init-from)")
+    return (f"at learning rate {lr:g}; train again with a lower --lr (default {lr_text(TrainConfig.lr)} "
+            f"from scratch, {lr_text(FINE_TUNE_LR)} with --init-from)")
 
 
 def _check_not_diverged(fold: int | str, epoch: int, train_loss: float, val_logits: np.ndarray, lr: float) -> None:

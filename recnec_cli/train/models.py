@@ -7,8 +7,8 @@ for export so the ONNX graph outputs the probability of recurrence, shape ``(N,)
 * ``resnet10`` (default): MedicalNet-style ResNet10 (Chen et al. 2019, arXiv:1904.00625) built
   with ``monai.networks.nets.ResNet``: basic blocks ``[1, 1, 1, 1]``, first convolution 7^3 with
   stride 2, max-pool, shortcut type B; channel widths ``[w, 2w, 4w, 8w]`` (MedicalNet uses
-  w = 64; we default to w = 16, see :data:`recnec_cli.train.loop.PROFILES`). MONAI's default first
-  convolution has stride 1, which costs 4-8x more (``STACK-NOTES.md``).
+  w = 64; we default to w = 16, see :data:`recnec_cli.train.config.PROFILES`). MONAI's default first
+  convolution has stride 1, which costs 4-8x more (``docs/stack-notes.md``).
 * ``resnet18``: the same with blocks ``[2, 2, 2, 2]``.
 * ``vgg16``: VGG16-style (Simonyan & Zisserman 2015) 3D stack of 13 convolutions in five blocks
   ``[2, 2, 3, 3, 3]`` of widths ``[w, 2w, 4w, 8w, 8w]``, batch norm, max-pool after each block
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-ARCHS = ("resnet10", "resnet18", "vgg16", "densenet121")
+from .config import ARCHS
 
 
 def _resnet(layers: list[int], width: int) -> nn.Module:

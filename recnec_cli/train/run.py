@@ -21,10 +21,20 @@ from .. import DISCLAIMER, __version__
 from ..errors import TrainingError
 from ..stages.infer import Ensemble, sha256_file
 from ..stages.modelinput import InputSpec
+from .config import TrainConfig, make_config
 from .dataset import Cohort, load_cohort, read_labels
-from .export import (MAX_ABS_DIFF, OPSET, check_out_dir, compare_with_torch, export_onnx,
-                     library_versions, machine, prepare_out_dir, write_manifest)
-from .loop import CVResult, TrainConfig, check_cohort_size, cross_validate, make_config
+from .export import (
+    MAX_ABS_DIFF,
+    OPSET,
+    check_out_dir,
+    compare_with_torch,
+    export_onnx,
+    library_versions,
+    machine,
+    prepare_out_dir,
+    write_manifest,
+)
+from .loop import CVResult, check_cohort_size, cross_validate, describe_augmentation
 from .metrics import auc_score, calibration_bins, choose_threshold, plot_calibration, plot_roc, summarise
 from .reliability import fit_applicability, fit_platt
 
@@ -127,7 +137,7 @@ def train_ensemble(
     out:
         Weights folder to write (empty, new, or a previous recnec ensemble, which is replaced).
     config:
-        :class:`~recnec_cli.train.loop.TrainConfig` (``make_config("default")`` if ``None``).
+        :class:`~recnec_cli.train.config.TrainConfig` (``make_config("default")`` if ``None``).
     cache_dir:
         Per-study tensor cache for study folders.
     settings:
@@ -168,8 +178,8 @@ def train_ensemble(
 
         if out.resolve().is_relative_to(Path(init_from).resolve()):
             raise TrainingError(f"--out {out} must not be inside the --init-from folder {init_from} (nor be "
-                                "that folder): write the fine-tuned ensemble to a new folder beside it (the source is needed "
-                                "until the new one is verified)", code="USAGE_ERROR")
+                                "that folder): write the fine-tuned ensemble to a new folder beside it (the source is "
+                                "needed until the new one is verified)", code="USAGE_ERROR")
         init = load_init_source(Path(init_from), spec=spec, arch=cfg.arch, width=cfg.width,
                                 threads=cfg.threads)
     # cheap refusals before the (possibly hour-long) preprocessing of every study
@@ -305,12 +315,7 @@ def train_ensemble(
                       f"(mean over {cfg.select_window} epochs, checkpoints from epoch "
                       f"{cfg.select_from_epoch})",
             "class_balance": "BCEWithLogitsLoss(pos_weight = n_necrosis / n_recurrence)",
-            "augmentation": (("simulated acquisition per channel (thick slices 3-7 mm p=0.5, T1/T2 "
-                              "misregistration <= 1.5 mm p=0.5; recnec_cli.train.acquisition_aug), then "
-                              if cfg.acquisition else "")
-                             + "MONAI SpatialPad(+4 vox)+RandSpatialCrop (shift <= 6 mm), RandFlip(LR), "
-                             "RandAffine(p=0.3, rot 10 deg, scale 5 %), RandScaleIntensity, "
-                             "RandShiftIntensity, RandGaussianNoise") if cfg.augment else "none",
+            "augmentation": describe_augmentation(cfg),
             "optimiser": f"AdamW(lr={cfg.lr}, weight_decay={cfg.weight_decay}), cosine annealing",
         },
         "data": {

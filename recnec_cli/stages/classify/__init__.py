@@ -1,6 +1,6 @@
 """Series -> role (T1, T2, T1ce or a non-role), with a confidence and the reasons, never a guess.
 
-Evidence, strongest first (``../shared/FAILURES.md`` kinds 6, 7, 13, 15, 16, 17):
+Evidence, strongest first (``docs/failure-kinds.md`` kinds 6, 7, 13, 15, 16, 17):
 
 1. site pins from a rules file (a protocol name the site knows);
 2. hard tags: non-MR Modality, ImageType LOCALIZER / DERIVED / MPR / MIP / SUB / ADC ...
@@ -28,13 +28,13 @@ Modules, each deciding one thing:
 * :mod:`.study`: acquisition order, image evidence and the preference order ->
   :func:`assign_roles`, :func:`inspect_study`.
 
-Names with a leading underscore are shared between these modules only.
+Names with a leading underscore are private to their module; what these modules share with each
+other is public and documented (no module imports another's `_names`).
 """
 
 from __future__ import annotations
 
-from .image_evidence import (IMAGE_T1_MAX_PERCENT, IMAGE_T1CE_MIN_PERCENT,
-                             enhancement_evidence)
+from .image_evidence import IMAGE_T1_MAX_PERCENT, IMAGE_T1CE_MIN_PERCENT, enhancement_evidence
 from .rules import BUNDLED_RULES, Pin, Rules, default_rules, load_rules
 from .series import classify_series
 from .study import assign_roles, inspect_study

@@ -2,7 +2,7 @@
 
 An image-processing module of its own (HD-BET brain mask, N4 bias correction, a histogram white-
 matter reference); :func:`enhancement_evidence` is its single entry point, taking a converted
-volume and, optionally, a brain mask already computed. :func:`_image_verdict` applies its
+volume and, optionally, a brain mask already computed. :func:`image_verdict` applies its
 documented rule (:func:`_image_call`) to a series' verdict.
 """
 
@@ -15,7 +15,7 @@ from ...config import Settings
 from ...errors import RecnecError
 from ...study import Series, SeriesRole, StudyImages
 from .rules import Rules
-from .series import _Verdict
+from .series import Verdict
 
 log = logging.getLogger(__name__)
 R = SeriesRole
@@ -44,7 +44,7 @@ R = SeriesRole
 #      sides); a T1-bright haematoma, resection-cavity blood or an enhancing tumour is usually one-
 #      sided. The decision uses the LOW hemisphere for T1ce and the HIGH one for T1, so one-sided
 #      brightness never decides either way.
-# Measured on the ten real cases in ../shared/data/real (tests/test_classify.py::
+# Measured on the ten real cases in $RECNEC_SHARED_DATA/real (tests/test_classify.py::
 # test_image_evidence_values): percent of brain-core voxels > 1.3 x WM, left / right hemisphere
 # (whole core), and the core's 99.9th percentile / WM:
 #   pre-contrast  TCGA-FG-6692 T1 SE 5.5 mm ....... 0.024 / 0.009 (0.016)   p99.9 1.23
@@ -214,8 +214,8 @@ def _image_call(ev: Mapping[str, float]) -> SeriesRole | None:
     return None
 
 
-def _image_verdict(series: Series, v: _Verdict, settings: Settings, rules: Rules,
-                   images: StudyImages | None = None, hdbet: Any = None) -> None:
+def image_verdict(series: Series, v: Verdict, settings: Settings, rules: Rules,
+                  images: StudyImages | None = None, hdbet: Any = None) -> None:
     """Settle ``v`` from :func:`enhancement_evidence` of ``series``. The conversion and the HD-BET
     mask go through ``images`` (the study's memo: later stages reuse both) with ``hdbet`` (the
     run's HD-BET; default: the process-wide one for ``settings``)."""

@@ -14,7 +14,7 @@ from typing import Mapping
 from ...config import Settings
 from ...study import RoleDecision, Series, SeriesHeader, SeriesRole
 from .rules import Rules, default_rules
-from .tokens import BIDS_CE_NEGATIVE, _BIDS_CE_RE, _hits, _texts, _token_roles, normalise
+from .tokens import BIDS_CE_NEGATIVE, BIDS_CE_RE, normalise, pattern_hits, series_texts, token_roles
 
 R = SeriesRole
 
@@ -31,7 +31,10 @@ MIN_CANDIDATE_SLICES = 10  # same limit as convert.MIN_SLICES; fewer slices is n
 
 
 @dataclass
-class _Verdict:
+class Verdict:
+    """A series' role while it is being decided (header, study and image evidence), before the
+    confidence threshold turns it into a :class:`~recnec_cli.study.RoleDecision`."""
+
     role: SeriesRole
     confidence: float
     reasons: list[str]
@@ -110,7 +113,7 @@ def _contrast(h: SeriesHeader, texts: Mapping[str, str], rules: Rules
         tag_pos = True
     # BIDS ce-<label> entity (BIDS 1.9 "ce": contrast agent): an explicit statement that decides
     # over generic words anywhere in the names ("acq-pre_ce-gadolinium_T1w" is post-contrast)
-    m = _BIDS_CE_RE.search(texts.get("file_name", ""))
+    m = BIDS_CE_RE.search(texts.get("file_name", ""))
     if m and not tag_pos:
         if m.group(1).lower() in BIDS_CE_NEGATIVE:
             reasons.append(f"BIDS entity ce-{m.group(1)} (explicitly no contrast agent)")
@@ -119,15 +122,15 @@ def _contrast(h: SeriesHeader, texts: Mapping[str, str], rules: Rules
                        "contrast words)")
         return "positive", reasons, conf["contrast_tokens"]
     pos_hits, neg_hits = [], []
-    for key, raw in texts.items():
+    for raw in texts.values():
         norm = normalise(raw)
         if not norm:
             continue
         for p in rules.contrast["neutral"]:
             norm = p.sub(" ", norm)
-        neg_hits += [f"'{x}'" for x in _hits(rules.contrast["negative"], norm)
+        neg_hits += [f"'{x}'" for x in pattern_hits(rules.contrast["negative"], norm)
                      if f"'{x}'" not in neg_hits]
-        pos_hits += [f"'{x}'" for x in _hits(rules.contrast["positive"], norm)
+        pos_hits += [f"'{x}'" for x in pattern_hits(rules.contrast["positive"], norm)
                      if f"'{x}'" not in pos_hits]
     if not pos_hits and not neg_hits and "file_name" in texts:
         # file-name conventions that name both T1 kinds (TCGA/BrainLes *_t1 vs *_t1c, BraTS
@@ -154,91 +157,92 @@ def _contrast(h: SeriesHeader, texts: Mapping[str, str], rules: Rules
     return "silent", reasons, conf["silent_t1"]
 
 
-def _classify(series: Series, rules: Rules) -> _Verdict:
+def header_verdict(series: Series, rules: Rules) -> Verdict:
+    """Header-only :class:`Verdict` of one series: site pins, hard tags, physics, tokens, contrast."""
     h = series.header
     conf = rules.confidence
     ph = rules.physics
-    texts = _texts(h, series)
+    texts = series_texts(h, series)
     itype = {t.upper() for t in h.image_type}
     # 1. pins
     for pin in rules.pins:
         fields_ = texts.keys() if pin.field == "any" else [pin.field]
         for f in fields_:
             if texts.get(f) and pin.pattern.search(texts[f]):
-                return _Verdict(pin.role, conf["pin"], [f"site pin {pin.source}: {f} matches "
-                                                        f"/{pin.pattern.pattern}/"],
-                                family_t1=pin.role in (R.T1, R.T1CE),
-                                contrast="positive" if pin.role is R.T1CE else "negative")
+                return Verdict(pin.role, conf["pin"], [f"site pin {pin.source}: {f} matches "
+                                                       f"/{pin.pattern.pattern}/"],
+                               family_t1=pin.role in (R.T1, R.T1CE),
+                               contrast="positive" if pin.role is R.T1CE else "negative")
     # 2. hard tags
     if h.modality and h.modality.upper() != "MR":
-        return _Verdict(R.NON_MR, conf["hard_tag"], [f"Modality {h.modality}"])
+        return Verdict(R.NON_MR, conf["hard_tag"], [f"Modality {h.modality}"])
     if h.sop_class_uid and h.sop_class_uid.startswith(SECONDARY_CAPTURE_SOP):
-        return _Verdict(R.DERIVED, conf["hard_tag"], ["secondary capture SOP class"])
+        return Verdict(R.DERIVED, conf["hard_tag"], ["secondary capture SOP class"])
     if "LOCALIZER" in itype:
-        return _Verdict(R.LOCALIZER, conf["hard_tag"], ["ImageType LOCALIZER"])
-    tok = _token_roles(texts, rules)
+        return Verdict(R.LOCALIZER, conf["hard_tag"], ["ImageType LOCALIZER"])
+    tok = token_roles(texts, rules)
     if R.LOCALIZER in tok:
-        return _Verdict(R.LOCALIZER, conf["hard_tag"],
-                        ["localizer words: " + ", ".join(tok[R.LOCALIZER])])
+        return Verdict(R.LOCALIZER, conf["hard_tag"],
+                       ["localizer words: " + ", ".join(tok[R.LOCALIZER])])
     if h.mr_acquisition_type == "2D" and "GR" in h.scanning_sequence and \
             h.repetition_time_ms is not None and h.repetition_time_ms < ph["localizer_max_tr_2d_gre_ms"]:
-        return _Verdict(R.LOCALIZER, conf["physics"],
-                        [f"2D gradient echo with TR {h.repetition_time_ms:g} ms: scout"])
+        return Verdict(R.LOCALIZER, conf["physics"],
+                       [f"2D gradient echo with TR {h.repetition_time_ms:g} ms: scout"])
     diff_types = itype & DIFFUSION_IMAGE_TYPES
     derived_types = itype & DERIVED_IMAGE_TYPES
     if (h.image_type and h.image_type[0].upper() == "DERIVED") or derived_types or diff_types:
         why = "ImageType " + "\\".join(h.image_type)
         under, _ = _physics_role(h, ph)
         comp = [(under, 0.5)] if under else []
-        return _Verdict(R.DERIVED, conf["hard_tag"], [f"{why}: derived/reformatted, not an "
-                                                      "original acquisition"], comp)
+        return Verdict(R.DERIVED, conf["hard_tag"], [f"{why}: derived/reformatted, not an "
+                                                     "original acquisition"], comp)
     if R.DERIVED in tok:
-        return _Verdict(R.DERIVED, conf["tokens"], ["derived-series words: "
-                                                    + ", ".join(tok[R.DERIVED])])
+        return Verdict(R.DERIVED, conf["tokens"], ["derived-series words: "
+                                                   + ", ".join(tok[R.DERIVED])])
     if itype & PERFUSION_IMAGE_TYPES:
-        return _Verdict(R.PERFUSION, conf["hard_tag"], ["ImageType " + "\\".join(h.image_type)])
+        return Verdict(R.PERFUSION, conf["hard_tag"], ["ImageType " + "\\".join(h.image_type)])
     if h.n_temporal > 1:
         if h.diffusion_b_value is not None or (R.DWI in tok and R.PERFUSION not in tok) or (
                 "EP" in h.scanning_sequence and (h.repetition_time_ms or 0) >= ph["long_tr_ms"] * 2
                 and R.PERFUSION not in tok):
             # DSC perfusion: EPI with TR 1-2 s; diffusion EPI: TR >= 3 s and b-values
-            return _Verdict(R.DWI, conf["hard_tag"], [f"4D ({h.n_temporal} volumes) with "
-                                                      "diffusion weighting"])
-        return _Verdict(R.PERFUSION, conf["hard_tag"], [f"4D ({h.n_temporal} volumes over time):"
-                                                        " perfusion/dynamic, never a candidate"])
+            return Verdict(R.DWI, conf["hard_tag"], [f"4D ({h.n_temporal} volumes) with "
+                                                     "diffusion weighting"])
+        return Verdict(R.PERFUSION, conf["hard_tag"], [f"4D ({h.n_temporal} volumes over time):"
+                                                       " perfusion/dynamic, never a candidate"])
     if h.diffusion_b_value and h.diffusion_b_value > 0:
-        return _Verdict(R.DWI, conf["hard_tag"], [f"DiffusionBValue {h.diffusion_b_value:g}"])
+        return Verdict(R.DWI, conf["hard_tag"], [f"DiffusionBValue {h.diffusion_b_value:g}"])
     if "MOSAIC" in itype:
-        return _Verdict(R.DWI, conf["hard_tag"], ["Siemens MOSAIC (EPI)"])
+        return Verdict(R.DWI, conf["hard_tag"], ["Siemens MOSAIC (EPI)"])
     if "EP" in h.scanning_sequence and R.PERFUSION not in tok:
-        return _Verdict(R.DWI, conf["hard_tag"], ["echo-planar (ScanningSequence EP): "
-                                                  "diffusion/fMRI, not anatomical"])
+        return Verdict(R.DWI, conf["hard_tag"], ["echo-planar (ScanningSequence EP): "
+                                                 "diffusion/fMRI, not anatomical"])
     if series.source == "dicom" and 0 < h.n_slices <= ph["localizer_max_slices"]:
-        return _Verdict(R.LOCALIZER, conf["physics"], [f"only {h.n_slices} image(s): a scout"])
+        return Verdict(R.LOCALIZER, conf["physics"], [f"only {h.n_slices} image(s): a scout"])
     if itype & SWI_IMAGE_TYPES and "M" not in itype:
-        return _Verdict(R.SWI, conf["hard_tag"], ["ImageType " + "\\".join(h.image_type)])
+        return Verdict(R.SWI, conf["hard_tag"], ["ImageType " + "\\".join(h.image_type)])
     # 3. physics
     prole, pwhy = _physics_role(h, ph)
     token_model_roles = {r for r in tok if r in (R.T1, R.T2, R.FLAIR, R.PD, R.DWI, R.SWI,
                                                  R.PERFUSION)}
     if prole is R.DWI and R.PERFUSION in tok:
-        return _Verdict(R.PERFUSION, conf["physics_nonrole"],
-                        [pwhy, "perfusion words: " + ", ".join(tok[R.PERFUSION])])
+        return Verdict(R.PERFUSION, conf["physics_nonrole"],
+                       [pwhy, "perfusion words: " + ", ".join(tok[R.PERFUSION])])
     if prole in (R.FLAIR, R.SWI, R.PD, R.DWI):
         reasons = [pwhy]
         if R.T2 in tok:
             reasons.append("REJECTED_NOT_T2 (named " + ", ".join(tok[R.T2]) + f"; physics says "
                            f"{prole.value})")
-        return _Verdict(prole, conf["physics_nonrole"], reasons)
+        return Verdict(prole, conf["physics_nonrole"], reasons)
     if prole in (R.T1, R.T2):
         others = token_model_roles - {prole}
         # T1 physics with T1ce/T1 words is consistent; T2 words on a T1 acquisition are not
         if others and not (prole is R.T2 and others <= {R.PD}):
-            return _Verdict(R.UNDETERMINED, 0.5,
-                            [pwhy, "but the name says " + ", ".join(
-                                f"{r.value} ({', '.join(tok[r])})" for r in sorted(others, key=str))],
-                            [(prole, 0.5)] + [(r, 0.4) for r in others])
-        v = _Verdict(prole, conf["physics"], [pwhy])
+            return Verdict(R.UNDETERMINED, 0.5,
+                           [pwhy, "but the name says " + ", ".join(
+                               f"{r.value} ({', '.join(tok[r])})" for r in sorted(others, key=str))],
+                           [(prole, 0.5)] + [(r, 0.4) for r in others])
+        v = Verdict(prole, conf["physics"], [pwhy])
     else:
         # 4. tokens only
         if not token_model_roles:
@@ -246,22 +250,22 @@ def _classify(series: Series, rules: Rules) -> _Verdict:
             if state == "positive" and prole is None:
                 # gadolinium is read on T1-weighted images; FLAIR, perfusion or SWI acquired
                 # after contrast carry their own words or physics (checked above)
-                return _Verdict(R.T1CE, min(conf["tokens"], cconf),
-                                [pwhy, "no series-type words, but contrast evidence implies a "
-                                 "T1-weighted post-contrast acquisition"] + creasons,
-                                family_t1=True, contrast="positive")
-            return _Verdict(R.UNDETERMINED, 0.0, [pwhy, "no series-type words in the name"])
+                return Verdict(R.T1CE, min(conf["tokens"], cconf),
+                               [pwhy, "no series-type words, but contrast evidence implies a "
+                                "T1-weighted post-contrast acquisition"] + creasons,
+                               family_t1=True, contrast="positive")
+            return Verdict(R.UNDETERMINED, 0.0, [pwhy, "no series-type words in the name"])
         if R.FLAIR in token_model_roles and token_model_roles <= {R.FLAIR, R.T2}:
             token_model_roles = {R.FLAIR}  # "T2 FLAIR", "t2_tirm_tra_dark-fluid"
         if len(token_model_roles) > 1:
-            return _Verdict(R.UNDETERMINED, 0.4, [pwhy, "conflicting words: " + ", ".join(
+            return Verdict(R.UNDETERMINED, 0.4, [pwhy, "conflicting words: " + ", ".join(
                 f"{r.value} ({', '.join(tok[r])})" for r in sorted(token_model_roles, key=str))],
-                            [(r, 0.4) for r in token_model_roles])
+                           [(r, 0.4) for r in token_model_roles])
         (trole,) = token_model_roles
-        v = _Verdict(trole, conf["tokens"], [pwhy, f"name says {trole.value}: "
-                                             + ", ".join(tok[trole])])
+        v = Verdict(trole, conf["tokens"], [pwhy, f"name says {trole.value}: "
+                                            + ", ".join(tok[trole])])
         if trole is R.T2 and series.source == "dicom":
-            # FAILURES.md 17: FLAIR, SWI/T2*, PD and DWI series are routinely named "T2"; a DICOM
+            # docs/failure-kinds.md kind 17: FLAIR, SWI/T2*, PD and DWI series are routinely named "T2"; a DICOM
             # series whose TR/TE are missing cannot be checked, so the name alone does not decide
             v.confidence = conf["tokens_t2_unchecked"]
             v.reasons.append("REJECTED_NOT_T2 (unchecked: no TR/TE to confirm T2 weighting)")
@@ -282,7 +286,9 @@ def _classify(series: Series, rules: Rules) -> _Verdict:
     return v
 
 
-def _decision(series: Series, v: _Verdict, threshold: float) -> RoleDecision:
+def verdict_decision(series: Series, v: Verdict, threshold: float) -> RoleDecision:
+    """The :class:`RoleDecision` of ``v``: ``UNDETERMINED`` (its role first among the competing
+    ones) when its confidence is below ``threshold``."""
     role = v.role if v.confidence >= threshold else R.UNDETERMINED
     competing = list(v.competing)
     if role is R.UNDETERMINED and v.role is not R.UNDETERMINED:
@@ -313,5 +319,5 @@ def classify_series(series: Series, *, rules: Rules | None = None,
         :func:`~recnec_cli.stages.classify.assign_roles`.
     """
     threshold = (settings or Settings()).role_confidence_threshold
-    return _decision(series, _classify(series, rules or default_rules()), threshold)
+    return verdict_decision(series, header_verdict(series, rules or default_rules()), threshold)
 

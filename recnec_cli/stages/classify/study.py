@@ -15,9 +15,9 @@ from typing import Any, Mapping
 
 from ...config import Settings
 from ...study import RoleAssignment, Series, SeriesHeader, SeriesRole, Study, StudyImages
-from .image_evidence import _image_verdict
+from .image_evidence import image_verdict
 from .rules import Rules, default_rules, load_rules
-from .series import MIN_CANDIDATE_SLICES, _Verdict, _classify, _decision
+from .series import MIN_CANDIDATE_SLICES, Verdict, header_verdict, verdict_decision
 
 log = logging.getLogger(__name__)
 R = SeriesRole
@@ -43,14 +43,14 @@ def _same_sequence(a: SeriesHeader, b: SeriesHeader) -> bool:
     return key(a) == key(b) and a.repetition_time_ms is not None
 
 
-def _study_context(study: Study, verdicts: dict[str, _Verdict], rules: Rules) -> None:
+def _study_context(study: Study, verdicts: dict[str, Verdict], rules: Rules) -> None:
     """Resolve T1-weighted series silent about contrast from acquisition order."""
     for _ in range(3):  # a decision may enable another (T1ce found -> earlier T1 is pre)
         if not _study_pass(study, verdicts, rules):
             return
 
 
-def _study_pass(study: Study, verdicts: dict[str, _Verdict], rules: Rules) -> bool:
+def _study_pass(study: Study, verdicts: dict[str, Verdict], rules: Rules) -> bool:
     by_id = {s.series_id: s for s in study.series}
     conf = rules.confidence
     silent = [sid for sid, v in verdicts.items() if v.family_t1 and v.contrast == "silent"]
@@ -80,7 +80,7 @@ def _study_pass(study: Study, verdicts: dict[str, _Verdict], rules: Rules) -> bo
             v.settle(R.T1, conf["contrast_repeat"],
                      f"acquired before the contrast-enhanced {before_ce[0]}: the pre-contrast "
                      "T1 of this study")
-    # two or more silent series of one sequence: first = pre, later = post (FAILURES.md 16)
+    # two or more silent series of one sequence: first = pre, later = post (docs/failure-kinds.md kind 16)
     still = [sid for sid in silent if verdicts[sid].contrast == "silent"]
     for sid in still:
         h = by_id[sid].header
@@ -103,7 +103,7 @@ def _fmt_time(t: float) -> str:
     return f"{t // 3600:02d}:{t % 3600 // 60:02d}:{t % 60:02d}"
 
 
-# The documented preference among the candidates of one role (FAILURES.md 14, 15), strongest
+# The documented preference among the candidates of one role (docs/failure-kinds.md kinds 14, 15), strongest
 # first: (criterion, key, how a value is shown). Higher key wins. The last three only break ties
 # between series the first five cannot tell apart, deterministically: a later acquisition (of
 # two equivalent post-contrast series the later one has the more complete enhancement; of two
@@ -178,7 +178,7 @@ def assign_roles(study: Study, *, settings: Settings, rules: Rules | None = None
     one: ORIGINAL, 3D, most slices, finest slice spacing, stronger role evidence, then (ties
     only) later acquisition, higher SeriesNumber, series id. The chosen series' reasons name
     every candidate it was preferred over and the deciding criterion; each other candidate's
-    reasons say which series was preferred and why (FAILURES.md 15). Two candidates are never
+    reasons say which series was preferred and why (docs/failure-kinds.md kind 15). Two candidates are never
     a failure: both passed the role evidence, so either is a valid input, and the choice is
     reported. Localizers, derived, DWI/ADC, SWI, FLAIR, PD, perfusion, 4D and series of fewer
     than 10 slices are never candidates (the reason is added to their decision).
@@ -199,7 +199,7 @@ def assign_roles(study: Study, *, settings: Settings, rules: Rules | None = None
                    image_evidence_if_incomplete=False, images=images, hdbet=hdbet)
 
 
-def _t2_possible(study: Study, verdicts: Mapping[str, _Verdict], settings: Settings) -> bool:
+def _t2_possible(study: Study, verdicts: Mapping[str, Verdict], settings: Settings) -> bool:
     """Whether any candidate series of the study is, or might yet be, the T2 (its verdict says
     T2 at any confidence, or T2 is among its competing roles)."""
     return any((v.role is R.T2 or any(r is R.T2 for r, _ in v.competing))
@@ -214,7 +214,7 @@ def _assign(study: Study, *, settings: Settings, rules: Rules | None, use_image_
     evidence even in a study that cannot be complete (no T2), where the user asked about it."""
     rules = rules or default_rules()
     thr = settings.role_confidence_threshold
-    verdicts = {s.series_id: _classify(s, rules) for s in study.series}
+    verdicts = {s.series_id: header_verdict(s, rules) for s in study.series}
     _study_context(study, verdicts, rules)
     if use_image_evidence:
         open_t1 = [s for s in study.series if verdicts[s.series_id].family_t1
@@ -230,8 +230,8 @@ def _assign(study: Study, *, settings: Settings, rules: Rules | None, use_image_
             log.debug("study %s: image evidence skipped, no T2 candidate", study.study_id)
         else:
             for s in open_t1:
-                _image_verdict(s, verdicts[s.series_id], settings, rules, images, hdbet)
-    decisions = tuple(_decision(s, verdicts[s.series_id], thr) for s in study.series)
+                image_verdict(s, verdicts[s.series_id], settings, rules, images, hdbet)
+    decisions = tuple(verdict_decision(s, verdicts[s.series_id], thr) for s in study.series)
     by_id = {s.series_id: s for s in study.series}
     conf = {d.series_id: d.confidence for d in decisions}
     extra: dict[str, list[str]] = {}

@@ -29,7 +29,8 @@ def normalise(text: str | None) -> str:
     return " ".join(t.split())
 
 
-def _hits(patterns: Iterable[re.Pattern], text: str) -> list[str]:
+def pattern_hits(patterns: Iterable[re.Pattern], text: str) -> list[str]:
+    """The matched text of each of ``patterns`` found in ``text``, in pattern order."""
     out = []
     for p in patterns:
         m = p.search(text)
@@ -45,7 +46,8 @@ def _hits(patterns: Iterable[re.Pattern], text: str) -> list[str]:
 BIDS_LABEL_ENTITIES = ("sub", "ses", "task", "run", "echo", "flip", "inv", "chunk", "split")
 _BIDS_LABEL_RE = re.compile(r"(?:^|(?<=_))(?:" + "|".join(BIDS_LABEL_ENTITIES)
                             + r")-[A-Za-z0-9]+(?:_|(?=\.)|$)")
-_BIDS_CE_RE = re.compile(r"(?:^|_)ce-([A-Za-z0-9]+)(?=_|\.|$)")
+#: BIDS ``ce-<label>`` entity in a file name; group 1 is the label (``gadolinium``, ``none``)
+BIDS_CE_RE = re.compile(r"(?:^|_)ce-([A-Za-z0-9]+)(?=_|\.|$)")
 BIDS_CE_NEGATIVE = ("none", "no", "pre", "native", "nativ", "without")
 
 
@@ -56,7 +58,8 @@ def name_text(name: str) -> str:
     return _BIDS_LABEL_RE.sub("", name)
 
 
-def _texts(h: SeriesHeader, series: Series) -> dict[str, str]:
+def series_texts(h: SeriesHeader, series: Series) -> dict[str, str]:
+    """The texts a series is named by (description, protocol, sequence, file name ...), by field."""
     desc = h.series_description or ""
     d = {
         "series_description": desc,
@@ -71,14 +74,15 @@ def _texts(h: SeriesHeader, series: Series) -> dict[str, str]:
     return d
 
 
-def _token_roles(texts: Mapping[str, str], rules: Rules) -> dict[SeriesRole, list[str]]:
+def token_roles(texts: Mapping[str, str], rules: Rules) -> dict[SeriesRole, list[str]]:
+    """``{role: words}`` of the rules' role tokens found in the normalised ``texts``."""
     out: dict[SeriesRole, list[str]] = {}
     for raw in texts.values():
         norm = normalise(raw)
         if not norm:
             continue
         for role_name, pats in rules.tokens.items():
-            for hit in _hits(pats, norm):
+            for hit in pattern_hits(pats, norm):
                 lst = out.setdefault(getattr(R, role_name), [])
                 if f"'{hit}'" not in lst:
                     lst.append(f"'{hit}'")

@@ -1,7 +1,7 @@
 """Walk a scan tree once, read headers only, and group what it finds into studies and series.
 
 DICOM instances are indexed by PatientID / StudyInstanceUID / SeriesInstanceUID whatever the
-folder layout (``../shared/FAILURES.md`` kind 8). One SeriesInstanceUID that holds more than one
+folder layout (``docs/failure-kinds.md`` kind 8). One SeriesInstanceUID that holds more than one
 volume is split (kind 7: echo, ImageType, orientation, matrix); scouts hidden inside a series are
 removed (kind 6); exact duplicate instances are dropped and counted (kind 3); junk files are
 skipped quietly and counted (kind 9). Enhanced (multi-frame) DICOM is indexed per frame from its
@@ -22,16 +22,17 @@ Modules:
 * :mod:`.files`: NIfTI / NRRD folders;
 * :mod:`.values`: header values as Python types.
 
-Names with a leading underscore are shared between these modules only.
+Names with a leading underscore are private to their module; what these modules share with each
+other is public and documented (no module imports another's `_names`).
 """
 
 from __future__ import annotations
 
-from .dicom_units import (ENHANCED_SOP_CLASSES, IMAGE_SOP_CLASSES, ImageUnit, slice_positions_mm,
-                          units_from_dataset)
-from .files import LESION_MASK_RE, NIFTI_SUFFIXES, NON_SERIES_RE, NRRD_SUFFIXES, SIDECAR_SUFFIX
+from .dicom_units import ENHANCED_SOP_CLASSES, IMAGE_SOP_CLASSES, ImageUnit, slice_positions_mm, units_from_dataset
+from .files import LESION_MASK_RE, NIFTI_SUFFIXES, NON_SERIES_RE, NRRD_SUFFIXES, SIDECAR_SUFFIX, read_nifti_header
 from .walk import JUNK_NAMES, JUNK_SUFFIXES, discover, pseudonym
 
 __all__ = ["ENHANCED_SOP_CLASSES", "IMAGE_SOP_CLASSES", "ImageUnit", "JUNK_NAMES",
            "JUNK_SUFFIXES", "LESION_MASK_RE", "NIFTI_SUFFIXES", "NON_SERIES_RE", "NRRD_SUFFIXES",
-           "SIDECAR_SUFFIX", "discover", "pseudonym", "slice_positions_mm", "units_from_dataset"]
+           "SIDECAR_SUFFIX", "discover", "pseudonym", "read_nifti_header", "slice_positions_mm",
+           "units_from_dataset"]

@@ -1,6 +1,6 @@
 """The DICOM series of one study: a SeriesInstanceUID split into volumes, cleaned and described.
 
-One SeriesInstanceUID that holds more than one volume is split (``../shared/FAILURES.md`` kind 7:
+One SeriesInstanceUID that holds more than one volume is split (``docs/failure-kinds.md`` kind 7:
 echo, ImageType, orientation, matrix); scouts hidden inside a series are removed (kind 6); exact
 duplicate instances are dropped and counted (kind 3); one-image series of one acquisition are
 merged back; the series header (:class:`~recnec_cli.study.SeriesHeader`) is built from the first
@@ -14,18 +14,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...study import SeriesHeader
-from .dicom_units import (ENHANCED_SOP_CLASSES, ImageUnit, _iop_key, _normal,
-                          slice_positions_mm)
+from .dicom_units import ENHANCED_SOP_CLASSES, ImageUnit, iop_key, slice_normal, slice_positions_mm
 from .values import as_codes, as_float, as_int, as_text, dicom_time_s
 
 # A group of images with another orientation than the main stack, at most this many images,
-# inside a series of at least MIN_MAIN images, is a scout (FAILURES.md kind 6: 1-3 per plane).
+# inside a series of at least MIN_MAIN images, is a scout (docs/failure-kinds.md kind 6: 1-3 per plane).
 SCOUT_MAX_IMAGES = 3
 SCOUT_MIN_MAIN = 8
 
 
 @dataclass
-class _SeriesAcc:
+class SeriesAcc:
+    """The instances of one SeriesInstanceUID collected by the walk, before splitting."""
+
     patient_id: str
     study_uid: str
     series_uid: str
@@ -38,7 +39,9 @@ class _SeriesAcc:
 # --------------------------------------------------------------------------------------------
 # splitting one SeriesInstanceUID into volumes
 # --------------------------------------------------------------------------------------------
-def _split(acc: _SeriesAcc, issues: list[str]) -> list[tuple[str, list[ImageUnit]]]:
+def split_series(acc: SeriesAcc, issues: list[str]) -> list[tuple[str, list[ImageUnit]]]:
+    """One SeriesInstanceUID -> ``(series id, units)`` per volume (foreign instances, scouts,
+    echoes, ImageType, orientation, matrix split off); what was dropped goes to ``issues``."""
     uid = acc.series_uid
     units = acc.units
     # 1. foreign instances: colour secondary captures / non-image SOP classes (kind 10)
@@ -70,7 +73,7 @@ def _split(acc: _SeriesAcc, issues: list[str]) -> list[tuple[str, list[ImageUnit
     # 4. orientation: small off-plane groups are scouts (kind 6), large ones separate stacks
     ori: dict[Any, list[ImageUnit]] = defaultdict(list)
     for u in units:
-        ori[_iop_key(u.iop)].append(u)
+        ori[iop_key(u.iop)].append(u)
     if len(ori) > 1:
         main = max(ori.values(), key=len)
         kept = []
@@ -87,7 +90,7 @@ def _split(acc: _SeriesAcc, issues: list[str]) -> list[tuple[str, list[ImageUnit
         return {
             "echo": echo,
             "type": "\\".join(u.image_type),
-            "orient": str(_iop_key(u.iop)),
+            "orient": str(iop_key(u.iop)),
             "matrix": f"{u.rows}x{u.cols}",
         }
 
@@ -127,26 +130,26 @@ def _split(acc: _SeriesAcc, issues: list[str]) -> list[tuple[str, list[ImageUnit
     return out
 
 
-def _merge_single_image_series(accl: list[_SeriesAcc], issues: list[str]) -> list[_SeriesAcc]:
-    """Some exporters give every slice its own SeriesInstanceUID (FAILURES.md kind 7 variant).
+def merge_single_image_series(accl: list[SeriesAcc], issues: list[str]) -> list[SeriesAcc]:
+    """Some exporters give every slice its own SeriesInstanceUID (docs/failure-kinds.md kind 7 variant).
     One-image series of one study that share SeriesNumber, SeriesDescription, orientation,
     matrix and echo are merged back into one series when there are at least ``SCOUT_MIN_MAIN``
     of them (fewer stay apart: they are scouts or key images)."""
-    groups: dict[tuple, list[_SeriesAcc]] = defaultdict(list)
+    groups: dict[tuple, list[SeriesAcc]] = defaultdict(list)
     rest = []
     for acc in accl:
         if len(acc.units) == 1 and acc.units[0].frame is None:
             u = acc.units[0]
             key = (as_int(acc.first_ds.get("SeriesNumber")), str(acc.first_ds.get("SeriesDescription",
-                   "")), _iop_key(u.iop), u.rows, u.cols, u.echo_number, u.echo_time)
+                   "")), iop_key(u.iop), u.rows, u.cols, u.echo_number, u.echo_time)
             groups[key].append(acc)
         else:
             rest.append(acc)
     for g in groups.values():
         if len(g) >= SCOUT_MIN_MAIN:
             first = g[0]
-            merged = _SeriesAcc(first.patient_id, first.study_uid,
-                                f"{first.series_uid}+{len(g) - 1}", first.first_ds)
+            merged = SeriesAcc(first.patient_id, first.study_uid,
+                               f"{first.series_uid}+{len(g) - 1}", first.first_ds)
             for a in g:
                 merged.units.extend(a.units)
                 merged.folders |= a.folders
@@ -158,7 +161,7 @@ def _merge_single_image_series(accl: list[_SeriesAcc], issues: list[str]) -> lis
     return rest
 
 
-def _dedupe(sid: str, units: list[ImageUnit], issues: list[str]) -> list[ImageUnit]:
+def dedupe_units(sid: str, units: list[ImageUnit], issues: list[str]) -> list[ImageUnit]:
     """Drop exact duplicates: same SOPInstanceUID, or same position + InstanceNumber +
     AcquisitionNumber + echo + temporal tags (the same image stored twice, kind 3)."""
     seen_sop: set[str] = set()
@@ -179,17 +182,18 @@ def _dedupe(sid: str, units: list[ImageUnit], issues: list[str]) -> list[ImageUn
     return out
 
 
-def _order_units(units: list[ImageUnit]) -> list[ImageUnit]:
+def order_units(units: list[ImageUnit]) -> list[ImageUnit]:
     """Sort by position along the normal, then temporal tags, then InstanceNumber."""
     iop = next((u.iop for u in units if u.iop), None)
     if iop is None or any(u.ipp is None for u in units):
         return sorted(units, key=lambda u: (u.instance_number or 0, str(u.path), u.frame or 0))
-    n = _normal(iop)
+    n = slice_normal(iop)
     return sorted(units, key=lambda u: (round(sum(a * b for a, b in zip(u.ipp, n)), 3),
                                         u.temporal, u.instance_number or 0))
 
 
-def _header_from(acc: _SeriesAcc, units: list[ImageUnit]) -> SeriesHeader:
+def header_from(acc: SeriesAcc, units: list[ImageUnit]) -> SeriesHeader:
+    """The :class:`SeriesHeader` of one split volume from its first dataset and its units."""
     ds = acc.first_ds
     u0 = units[0]
     positions = slice_positions_mm(units)
@@ -204,7 +208,7 @@ def _header_from(acc: _SeriesAcc, units: list[ImageUnit]) -> SeriesHeader:
         if len(temporal_tags) > 1 or len(acq) > 1:
             extra["stack"] = "4D"
             n_temporal = max(2, round(n_placed / len(uniq)))
-        else:  # same positions, nothing tells the images apart (FAILURES.md 3): AMBIGUOUS_STACK
+        else:  # same positions, nothing tells the images apart (docs/failure-kinds.md kind 3): AMBIGUOUS_STACK
             extra["stack"] = "repeated positions"
     spacing = None
     if len(uniq) > 1:

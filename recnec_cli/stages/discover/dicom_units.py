@@ -168,7 +168,8 @@ def units_from_dataset(ds: Any, path: Path) -> list[ImageUnit]:
 # --------------------------------------------------------------------------------------------
 # geometry helpers (LPS, mm)
 # --------------------------------------------------------------------------------------------
-def _normal(iop: Sequence[float]) -> tuple[float, float, float]:
+def slice_normal(iop: Sequence[float]) -> tuple[float, float, float]:
+    """Unit slice normal (LPS): row cosine x column cosine of ImageOrientationPatient."""
     r, c = iop[:3], iop[3:]
     n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
     norm = math.sqrt(sum(v * v for v in n)) or 1.0
@@ -184,10 +185,11 @@ def slice_positions_mm(units: Iterable[Any]) -> list[float]:
     iop = next((u.iop for u in units if u.iop), None)
     if iop is None:
         return []
-    n = _normal(iop)
+    n = slice_normal(iop)
     return [sum(a * b for a, b in zip(u.ipp, n)) for u in units if u.ipp]
 
 
-def _iop_key(iop: tuple[float, ...] | None) -> tuple[float, ...] | None:
+def iop_key(iop: tuple[float, ...] | None) -> tuple[float, ...] | None:
+    """ImageOrientationPatient rounded for grouping (``None`` stays ``None``)."""
     return tuple(round(v, _IOP_DECIMALS) + 0.0 for v in iop) if iop else None
 

@@ -46,6 +46,29 @@ def _sidecar_header(path: Path) -> dict[str, Any]:
         return {}
 
 
+def read_nifti_header(path: Path) -> Any:
+    """The NIfTI-1 or NIfTI-2 header of ``path`` (``.nii`` or ``.nii.gz``), read without nibabel's
+    checks and without building an image.
+
+    ``nibabel.load`` refuses a file whose ``scl_inter`` is not finite while ``scl_slope`` is
+    (``HeaderDataError``); this reader keeps such a file readable so that conversion can name the
+    cause (``BAD_SCALING``) instead of the series vanishing as an unreadable header. Returns a
+    ``nibabel.Nifti1Header`` or ``Nifti2Header``; raises ``ValueError`` when ``sizeof_hdr`` is
+    neither 348 nor 540 (not a NIfTI file), ``OSError`` when the file cannot be read.
+    """
+    import nibabel as nib
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(str(path)) as f:
+        head = f.read(4)
+        f.seek(0)
+        sizes = {int.from_bytes(head, "little"), int.from_bytes(head, "big")}
+        for cls in (nib.Nifti1Header, nib.Nifti2Header):
+            if cls.sizeof_hdr in sizes:
+                return cls.from_fileobj(f, check=False)
+    raise ValueError("not a NIfTI-1 / NIfTI-2 header (sizeof_hdr is neither 348 nor 540)")
+
+
 def _file_header(path: Path, sidecar: Path | None) -> SeriesHeader:
     """Header facts of one NIfTI/NRRD file (shape and spacing from the image header only), plus
     a BIDS JSON sidecar where present (BIDS 1.9 stores times in seconds: converted to ms)."""
@@ -66,11 +89,15 @@ def _file_header(path: Path, sidecar: Path | None) -> SeriesHeader:
         extra["format"] = "nrrd"
     else:
         import nibabel as nib
+        from nibabel.spatialimages import HeaderDataError
 
-        img = nib.load(str(path))
-        shape = tuple(int(s) for s in img.shape)
-        zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-        descrip = img.header.get("descrip")
+        try:
+            hdr = nib.load(str(path)).header
+        except HeaderDataError:  # e.g. a NaN scl_inter: kept, conversion names the cause
+            hdr = read_nifti_header(path)
+        shape = tuple(int(s) for s in hdr.get_data_shape())
+        zooms = tuple(float(z) for z in hdr.get_zooms()[:3])
+        descrip = hdr.get("descrip")
         if descrip is not None:
             d = bytes(descrip).split(b"\0")[0].decode("latin-1").strip()
             if d:
@@ -117,7 +144,8 @@ def _file_header(path: Path, sidecar: Path | None) -> SeriesHeader:
     )
 
 
-def _file_study(root: Path, folder: Path, names: list[str], skipped: int) -> Study | None:
+def file_study(root: Path, folder: Path, names: list[str], skipped: int) -> Study | None:
+    """The NIfTI / NRRD study of ``folder`` (its image files ``names``), or ``None`` without one."""
     images, sidecars, lesion = [], {}, []
     for n in names:
         low = n.lower()
@@ -143,7 +171,7 @@ def _file_study(root: Path, folder: Path, names: list[str], skipped: int) -> Stu
         side = sidecars.get(_strip_ext(p.name))
         try:
             hdr = _file_header(p, side)
-        except Exception as exc:  # nibabel/SimpleITK raise many types on corrupt headers
+        except Exception as exc:  # noqa: BLE001 - nibabel/SimpleITK raise many types on corrupt headers
             issues.append(f"unreadable image header {p.name}: {type(exc).__name__}")
             log.warning("unreadable image header %s: %s", p.name, exc)
             continue

@@ -12,10 +12,9 @@ from typing import Any, Iterable
 from ...config import Settings
 from ...errors import DiscoveryError
 from ...study import Series, Study
-from .dicom_series import (_dedupe, _header_from, _merge_single_image_series, _order_units,
-                           _SeriesAcc, _split)
+from .dicom_series import SeriesAcc, dedupe_units, header_from, merge_single_image_series, order_units, split_series
 from .dicom_units import IMAGE_SOP_CLASSES, units_from_dataset
-from .files import NIFTI_SUFFIXES, NRRD_SUFFIXES, SIDECAR_SUFFIX, _file_study
+from .files import NIFTI_SUFFIXES, NRRD_SUFFIXES, SIDECAR_SUFFIX, file_study
 from .values import as_int
 
 log = logging.getLogger(__name__)
@@ -105,7 +104,7 @@ def discover(root: Path, *, settings: Settings | None = None, pseudonym_key: Any
     if not root.exists():
         raise DiscoveryError(f"input folder does not exist: {root}", code="INPUT_NOT_FOUND")
     walk_root = root if root.is_dir() else root.parent
-    accs: dict[str, _SeriesAcc] = {}
+    accs: dict[str, SeriesAcc] = {}
     skipped_by_folder: Counter[str] = Counter()
     file_folders: dict[Path, list[str]] = {}
     n_files = 0
@@ -137,8 +136,8 @@ def discover(root: Path, *, settings: Settings | None = None, pseudonym_key: Any
             key = "\0".join((pid, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)))
             acc = accs.get(key)
             if acc is None:
-                acc = accs[key] = _SeriesAcc(pid, str(ds.StudyInstanceUID),
-                                             str(ds.SeriesInstanceUID), ds)
+                acc = accs[key] = SeriesAcc(pid, str(ds.StudyInstanceUID),
+                                            str(ds.SeriesInstanceUID), ds)
             acc.folders.add(rel)
             try:
                 acc.units.extend(units_from_dataset(ds, path))
@@ -149,7 +148,7 @@ def discover(root: Path, *, settings: Settings | None = None, pseudonym_key: Any
             file_folders[folder] = image_names
 
     # ---- DICOM studies
-    by_study: dict[tuple[str, str], list[_SeriesAcc]] = defaultdict(list)
+    by_study: dict[tuple[str, str], list[SeriesAcc]] = defaultdict(list)
     for acc in accs.values():
         by_study[(acc.patient_id, acc.study_uid)].append(acc)
     uid_patients = Counter(study_uid for _, study_uid in by_study)
@@ -158,7 +157,7 @@ def discover(root: Path, *, settings: Settings | None = None, pseudonym_key: Any
         issues: list[str] = []
         series: list[Series] = []
         folders: set[str] = set()
-        for acc in _merge_single_image_series(
+        for acc in merge_single_image_series(
                 sorted(accl, key=lambda a: (as_int(a.first_ds.get("SeriesNumber")) or 0,
                                             a.series_uid)), issues):
             folders |= acc.folders
@@ -167,8 +166,8 @@ def discover(root: Path, *, settings: Settings | None = None, pseudonym_key: Any
                 issues.append(f"series {acc.series_uid}: non-image SOP class "
                               f"{acc.first_ds.get('SOPClassUID', '?')} ignored")
                 continue
-            for sid, units in _split(acc, issues):
-                units = _order_units(_dedupe(sid, units, issues))
+            for sid, units in split_series(acc, issues):
+                units = order_units(dedupe_units(sid, units, issues))
                 if not units:
                     continue
                 files = []
@@ -177,7 +176,7 @@ def discover(root: Path, *, settings: Settings | None = None, pseudonym_key: Any
                         files.append(u.path)
                 frames = tuple(u.frame for u in units) if units[0].frame is not None else ()
                 series.append(Series(series_id=sid, source="dicom", files=tuple(files),
-                                     header=_header_from(acc, units), frames=frames))
+                                     header=header_from(acc, units), frames=frames))
         pseud = pseudonym_key.pseudonym(pid) if pseudonym_key is not None else pseudonym(pid)
         sid_ = study_uid
         if uid_patients[study_uid] > 1:
@@ -194,7 +193,7 @@ def discover(root: Path, *, settings: Settings | None = None, pseudonym_key: Any
     # ---- NIfTI / NRRD folder studies
     for folder, names in sorted(file_folders.items()):
         rel = folder.relative_to(walk_root).as_posix()
-        st = _file_study(walk_root, folder, names, skipped_by_folder[rel])
+        st = file_study(walk_root, folder, names, skipped_by_folder[rel])
         if st is not None:
             studies.append(st)
             log.debug("study %s: %d file series", st.study_id, len(st.series))
