@@ -262,3 +262,30 @@ def test_no_padding_flag_for_an_ordinary_zero_background(tmp_path):
     nib.save(nib.Nifti1Image(np.round(_head()).astype(np.int16), np.eye(4)),
              str(tmp_path / "t1.nii.gz"))
     assert not convert_series(_one_series(tmp_path), settings=S).flags
+
+
+@pytest.mark.parametrize("slope", [1.0, 0.5])
+def test_nifti_fill_value_on_one_slice_and_under_scaling_is_background(tmp_path, slope):
+    """int16 -32768 on part of a slice (under 5 % of the voxels), with and without a scl_slope
+    that moves the scaled value above -30000 (0.5: -16384): still a fill value, found on the
+    stored values before scaling (both came out OK with no flag before)."""
+    data = np.round(_head()).astype(np.int16) + 50
+    data[:16, :, 0] = -32768  # half a slice: 2.5 % of the voxels
+    assert np.count_nonzero(data == -32768) < 0.05 * data.size
+    img = nib.Nifti1Image(data, np.eye(4))
+    img.header.set_slope_inter(slope, 0.0)
+    nib.save(img, str(tmp_path / "t1ce.nii.gz"))
+    v = convert_series(_one_series(tmp_path), settings=S)
+    assert "PADDING_AS_BACKGROUND" in v.flags
+    assert v.data.min() == pytest.approx(float(data[data > -32768].min()) * slope)
+
+
+def test_dicom_signed_minimum_without_padding_tag_is_background(tmp_path):
+    """Signed DICOM pixels holding -32768 in the air, no PixelPaddingValue, RescaleSlope 0.5 (the
+    rescaled value -16384 is above any fixed floor): padding by the stored value."""
+    pix, air = _padded_head(fill=lambda shape, rng: -32768)
+    write_series(tmp_path, n=20, pixels=pix, tags={"PixelRepresentation": 1, "RescaleSlope": 0.5,
+                                                   "RescaleIntercept": 0})
+    v = convert_series(_one_series(tmp_path), settings=S)
+    assert "PADDING_AS_BACKGROUND" in v.flags
+    assert v.data.min() == pytest.approx(float(pix[~air].min()) * 0.5) and v.data.min() > -30000

@@ -4,7 +4,7 @@ One synthetic subject (``recnec_cli.synth``, seed 0 subject 1) is written once a
 and copied per case, then changed the way real data goes wrong (a T2 covering half the head, a
 lesion mask in the air or empty, a stage raising something unexpected, inference failing).
 Everything runs for real through :func:`recnec_cli.orchestration.pipeline.preprocess_study` and
-:func:`~recnec_cli.orchestration.pipeline.run_batch` except what is slow and not under test:
+:func:`~recnec_cli.orchestration.batching.run_batch` except what is slow and not under test:
 
 * HD-BET is replaced by :class:`TruthBrain`, whose ``brain_mask(volume)`` returns the subject's
   true brain resampled onto the T1ce grid (or a deliberately broken mask);

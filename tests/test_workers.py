@@ -118,6 +118,9 @@ def test_script_without_main_guard_is_told_what_happened(tree, tmp_path):
     last = res.stderr.strip().splitlines()[-1]
     assert "ENVIRONMENT_BROKEN" in last and 'if __name__ == "__main__":' in last and "nightly.py" in last, last
     assert "max-memory" not in last
+    # the worker's own re-run of the script stops at once, before it reads or writes anything
+    assert "scan() was called while a recnec worker process was starting" in res.stderr
+    assert not (tmp_path / "r.csv").exists()
 
 
 def test_a_guarded_script_gets_the_memory_hint(tmp_path, monkeypatch):
@@ -127,7 +130,8 @@ def test_a_guarded_script_gets_the_memory_hint(tmp_path, monkeypatch):
 
     from recnec_cli.orchestration.workers import worker_start_failure
 
-    scripts = (("import x\nx.scan()\n", False), ("import x\nif __name__ == '__main__':\n    x.scan()\n", True))
+    scripts = (("import x\nx.scan()\n", False), ("import x\nif __name__ == '__main__':\n    x.scan()\n", True),
+               ("import x\nif __name__ != '__main__':\n    pass\nx.scan()\n", False))
     for text, guarded in scripts:
         script = tmp_path / "job.py"
         script.write_text(text, encoding="utf-8")

@@ -168,8 +168,8 @@ def scan(
                                       + setting_help("qc_dir", default="none"),
                                       show_default=False),
     explain: Optional[bool] = typer.Option(None, "--explain/--no-explain", help="With --qc: also draw where the "
-                                           "model looked (occlusion sensitivity through the ONNX ensemble, ~10-15 s "
-                                           "seconds per study) " + setting_help("explain"),
+                                           "model looked (occlusion sensitivity through the ONNX ensemble, about 15 s "
+                                           "per study) " + setting_help("explain"),
                                            show_default=False),
     rules: Optional[Path] = typer.Option(None, "--rules", help="Site rules file (TOML) for series "
                                          "classification " + setting_help("rules_file", default="none"),
@@ -177,7 +177,9 @@ def scan(
     grid_spacing: Optional[float] = typer.Option(None, "--grid-spacing", help="Common grid spacing in mm "
                                                  + setting_help("grid_spacing_mm"), show_default=False),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch/ONNX Runtime "
-                                          + setting_help("threads", "; 0 = the library's own"),
+                                          + setting_help(
+                                              "threads", "; 0 = cores // workers, or the libraries' own with "
+                                              "--workers 0"),
                                           show_default=False),
     dicom_locations: bool = typer.Option(False, "--dicom-locations", help="Also report the folders of DICOM "
                                          "studies (off by default: export folder names may contain patient "

@@ -193,8 +193,17 @@ def scan(studies: Path, *, out: Path, settings: Settings, fmt: str = "csv", forc
     DiscoveryError
         ``NO_IMAGE_FOUND`` / ``NO_IMAGE_DICOM_FOUND`` when the tree holds no image at all.
     """
+    import multiprocessing
+
     from filelock import FileLock, Timeout
 
+    # a worker process being started by `spawn` runs the caller's main script again: a script
+    # without the __main__ guard lands here, before anything is read or written (the stdlib has
+    # no public name for "this process is bootstrapping"; `_inheriting` is what spawn sets)
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise UsageError("scan() was called while a recnec worker process was starting: the script that calls "
+                         "scan() runs again in every worker process (the 'spawn' start method). Put the call "
+                         'under `if __name__ == "__main__":`')
     t_start = time.perf_counter()
     studies = Path(studies).expanduser()
     check_scan_paths(studies, out=out, settings=settings)

@@ -258,8 +258,10 @@ def unguarded_main_script() -> str | None:
         tree = ast.parse(Path(path).read_text(encoding="utf-8"))
     except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
         return None
-    for node in tree.body:
-        if isinstance(node, ast.If) and "__name__" in {n.id for n in ast.walk(node.test) if isinstance(n, ast.Name)}:
+    for node in tree.body:  # a top-level `if __name__ == "__main__":` (the guard, not any test of __name__)
+        test = node.test if isinstance(node, ast.If) else None
+        if (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)
+                and {ast.unparse(test.left), ast.unparse(test.comparators[0])} == {"__name__", "'__main__'"}):
             return None
     return Path(path).name
 
@@ -273,6 +275,6 @@ def worker_start_failure(exc: BaseException, max_memory_mb: int) -> str:
         return (f"{what}. Your script {script} calls recnec at top level: worker processes are started with "
                 "'spawn', which runs the main script again in each worker. Put the call under "
                 "`if __name__ == \"__main__\":` (Python's multiprocessing docs, 'Safe importing of main module'), "
-                "or scan in this process with workers=0")
+                "or scan in this process with resolve_settings({'workers': 0})")
     return (f"{what}; is --max-memory ({max_memory_mb} MB per worker) too small? torch alone needs about "
             "1.5 GB. The worker's own error is on standard error / in the log")

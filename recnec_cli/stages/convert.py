@@ -108,9 +108,10 @@ AFFINE_TOL_MM = 1e-3
 # Non-finite voxels (NaN, +-Inf; issue 23): up to this fraction of the volume they are set to the
 # background (NONFINITE_VOXELS_REPLACED), above it the series fails NONFINITE_VOXELS.
 NONFINITE_MAX_FRACTION = 0.01
-# Undeclared padding (issue 23): an array minimum at or below this value (int16 -32768 and
-# below, e.g. int32 or float fill values) that covers more than PADDING_MIN_FRACTION of the
-# voxels is background, not tissue (PADDING_AS_BACKGROUND).
+# Undeclared padding (issue 23): a stored value equal to the signed integer type's minimum
+# (int16 -32768) is a fill value wherever it occurs (checked before scaling, NIfTI and DICOM);
+# besides, an array minimum at or below this value (e.g. a float fill value) that covers more
+# than PADDING_MIN_FRACTION of the voxels is background, not tissue (PADDING_AS_BACKGROUND).
 PADDING_FLOOR = -30000.0
 PADDING_MIN_FRACTION = 0.05
 # NIfTI qform and sform (both codes > 0) disagreeing by more than this at a corner of the field
@@ -535,8 +536,9 @@ def _stored_int(ds: Any, keyword: str) -> int | None:
 def _dicom_padding_mask(data: np.ndarray, slice_ds: list[Any],
                         rescales: list[tuple[float, float]]) -> np.ndarray | None:
     """bool ``(cols, rows, slices)``: voxels whose stored value is the slice's PixelPaddingValue
-    (0028,0120), or lies between it and PixelPaddingRangeLimit (0028,0121) inclusive; ``None``
-    when no voxel is padding.
+    (0028,0120), or lies between it and PixelPaddingRangeLimit (0028,0121) inclusive, or (signed
+    pixels, PixelRepresentation 1) is the smallest value the pixel can store; ``None`` when no
+    voxel is padding.
 
     Padding values are stored values, compared before the Modality LUT (DICOM PS3.3
     C.7.5.1.1.2); ``data`` is already rescaled, so the stored range is mapped through the slice's
@@ -545,15 +547,20 @@ def _dicom_padding_mask(data: np.ndarray, slice_ds: list[Any],
     """
     mask = np.zeros(data.shape, dtype=bool)
     for k, (ds, (slope, inter)) in enumerate(zip(slice_ds, rescales)):
-        pad = _stored_int(ds, "PixelPaddingValue")
-        if pad is None:
-            continue
-        limit = _stored_int(ds, "PixelPaddingRangeLimit")
-        lo_s, hi_s = sorted((pad, pad if limit is None else limit))
-        a, b = sorted((lo_s * slope + inter, hi_s * slope + inter))
         tol = 0.5 * (abs(slope) or 1.0)
         sl = data[:, :, k]
-        mask[:, :, k] = (sl >= a - tol) & (sl <= b + tol)
+        pad = _stored_int(ds, "PixelPaddingValue")
+        if pad is not None:
+            limit = _stored_int(ds, "PixelPaddingRangeLimit")
+            lo_s, hi_s = sorted((pad, pad if limit is None else limit))
+            a, b = sorted((lo_s * slope + inter, hi_s * slope + inter))
+            mask[:, :, k] = (sl >= a - tol) & (sl <= b + tol)
+        # undeclared: the smallest value a signed pixel can store (-32768 for 16 bits) is a fill
+        # value, never an MR intensity, however few voxels hold it and whatever the rescale
+        if int(ds.get("PixelRepresentation") or 0) == 1:
+            bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
+            fill = -(2 ** (bits - 1)) * slope + inter
+            mask[:, :, k] |= np.abs(sl - fill) <= tol
     return mask if mask.any() else None
 
 
@@ -679,6 +686,17 @@ def _nifti_volume(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], list[s
             if np.count_nonzero(~np.isfinite(data)) > np.count_nonzero(~np.isfinite(raw)):
                 raise _err("BAD_SCALING", f"{path.name}: NIfTI scl_slope {slope:g} scl_inter "
                            f"{inter:g} take stored values beyond the float32 range")
+    stored = np.dtype(img.get_data_dtype())
+    if stored.kind == "i":  # the signed type's minimum (int16 -32768) is a fill value, before scaling
+        raw = np.asanyarray(img.dataobj.get_unscaled())
+        pad = raw == np.iinfo(stored).min
+        if pad.any():
+            if not data.flags.writeable:
+                data = data.copy()
+            value = _fill_background(data, pad)
+            flags.append("PADDING_AS_BACKGROUND")
+            notes.append(f"PADDING_AS_BACKGROUND: {int(pad.sum())} voxel(s) stored as {np.iinfo(stored).min} "
+                         f"(the {stored} minimum, a fill value) set to the background {value:g}")
     disagree = _transform_disagreement(img.header, img.shape)
     if disagree:
         used = "sform" if int(img.header["sform_code"]) > 0 else "qform"
