@@ -26,7 +26,8 @@ class Preprocessed:
     """One study made ready for the model.
 
     ``model_input`` is float32 ``spec.shape`` = ``(C, X, Y, Z)`` (RAS+); lesion figures in world mm
-    (RAS+) and mL; ``timings`` in seconds per stage; ``registration`` the per-role rigid offsets.
+    (RAS+) and mL; ``brain_volume_ml`` of the (refined) brain mask; ``timings`` in seconds per
+    stage; ``registration`` the per-role rigid offsets.
     """
 
     study: Study
@@ -39,6 +40,11 @@ class Preprocessed:
     registration: dict[str, dict[str, float | str]]
     flags: tuple[str, ...]
     timings: dict[str, float]
+    #: ``hdbet``, ``hdbet+input`` (with a skull-stripped input's foreground), ``...+edge`` (grown
+    #: across the edge): :mod:`recnec_cli.stages.brainmask`
+    brain_mask_source: str = "hdbet"
+    #: how sure the lesion choice is, in [0, 1] (``nan``: not computed)
+    lesion_confidence: float = float("nan")
 
 
 @dataclass

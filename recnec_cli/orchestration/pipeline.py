@@ -24,6 +24,8 @@ failure becomes the row's ``status`` / ``error_code`` / ``failed_stage``, the ba
 4. ``register``: T1 and T2 rigidly onto the T1ce, all resampled to a ``grid_spacing_mm`` isotropic
    grid covering the T1ce field of view;
 5. ``skullstrip``: HD-BET on the native T1ce, plausibility check, mask resampled;
+   ``brain_mask`` (stage ``skullstrip``): the mask united with a skull-stripped input's own
+   foreground and grown across its edge along thick enhancing tissue (``LESION_AT_MASK_EDGE``);
 6. ``coverage`` (stage ``register``): T1 and T2 must cover the brain after registration;
 7. ``lesion``: the user mask (mostly inside the brain) or automatic enhancing-lesion detection;
 8. ``model_input`` (``modelinput.make_model_input``) with the weights manifest's recipe;
@@ -149,6 +151,11 @@ class StudyContext:
     transforms: dict[SeriesRole, Any] = field(default_factory=dict)
     registration: dict[str, dict[str, float | str]] = field(default_factory=dict)
     native_brain_mask: np.ndarray | None = None
+    #: where ``brain`` came from (:class:`recnec_cli.stages.brainmask.RefinedMask` ``source``)
+    brain_mask_source: str = ""
+    #: how sure the lesion choice is, in [0, 1] (:attr:`recnec_cli.stages.lesion.Lesion.confidence`,
+    #: halved when the brain mask had to be grown across its edge)
+    lesion_confidence: float = float("nan")
     brain_volume_ml: float = float("nan")
     brain: np.ndarray | None = None
     lesion: Any = None
@@ -165,7 +172,8 @@ class StudyContext:
             lesion_centroid_ras_mm=(float(les.centroid_ras_mm[0]), float(les.centroid_ras_mm[1]),
                                     float(les.centroid_ras_mm[2])),
             lesion_volume_ml=les.volume_ml, brain_volume_ml=self.brain_volume_ml,
-            registration=self.registration, flags=tuple(self.flags), timings=self.timings)
+            registration=self.registration, flags=tuple(self.flags), timings=self.timings,
+            brain_mask_source=self.brain_mask_source, lesion_confidence=self.lesion_confidence)
 
 
 @dataclass(frozen=True)
@@ -262,6 +270,31 @@ def _skullstrip(ctx: StudyContext) -> None:
                                           ctx.grid_shape, ctx.grid_affine) > 0.5
 
 
+def _refine_brain_mask(ctx: StudyContext) -> None:
+    """HD-BET's mask united with a skull-stripped input's own foreground and grown across its edge
+    along thick enhancing tissue (:mod:`recnec_cli.stages.brainmask`)."""
+    from ..stages import brainmask, register
+
+    fixed = ctx.volumes[SeriesRole.T1CE]
+    own = brainmask.input_foreground(fixed.data, ctx.native_brain_mask, fixed.affine)
+    on_grid_own = None
+    if own is not None:
+        on_grid_own = register.resample_to_grid(Volume(own.astype(np.float32), fixed.affine),
+                                                ctx.grid_shape, ctx.grid_affine) > 0.5
+    ref = brainmask.refine_brain_mask(ctx.brain, ctx.grid_affine, t1ce=ctx.on_grid[SeriesRole.T1CE],
+                                      t1=ctx.on_grid[SeriesRole.T1], input_mask=on_grid_own)
+    ctx.brain, ctx.brain_mask_source = ref.mask, ref.source
+    ctx.flags.extend(ref.flags)
+    if ref.source != "hdbet":
+        voxel_ml = abs(float(np.linalg.det(np.asarray(ctx.grid_affine)[:3, :3]))) / 1000.0
+        ctx.brain_volume_ml = float(np.count_nonzero(ref.mask)) * voxel_ml
+        log.info("study %s: brain mask %s (+%.1f mL from the skull-stripped input, +%.1f mL across the edge)",
+                 study_key(ctx.study), ref.source, ref.added_input_ml, ref.added_edge_ml)
+    if ref.flags:
+        log.warning("study %s: %s: enhancing tissue continued beyond HD-BET's mask (+%.1f mL); check the QC "
+                    "picture", study_key(ctx.study), brainmask.EDGE_FLAG, ref.added_edge_ml)
+
+
 def _check_coverage(ctx: StudyContext) -> None:
     """T1 and T2 must cover :data:`MIN_BRAIN_COVERAGE` of the brain after registration."""
     from ..stages import register
@@ -282,6 +315,7 @@ def _find_lesion(ctx: StudyContext) -> None:
     if ctx.user_mask is not None:
         m = register.resample_to_grid(ctx.user_mask, ctx.grid_shape, ctx.grid_affine, order=0) > 0.5
         ctx.lesion = lesion.lesion_from_mask(m, ctx.grid_affine)
+        ctx.lesion_confidence = ctx.lesion.confidence
         inside = float(np.count_nonzero(m & brain)) / max(1, int(np.count_nonzero(m)))
         if inside < lesion.MIN_MASK_IN_BRAIN:
             raise LesionError(
@@ -292,8 +326,20 @@ def _find_lesion(ctx: StudyContext) -> None:
     ctx.lesion = lesion.detect_enhancing_lesion(
         ctx.on_grid[SeriesRole.T1CE], brain, ctx.grid_affine, t1=ctx.on_grid[SeriesRole.T1],
         t2=ctx.on_grid[SeriesRole.T2], min_volume_ml=ctx.settings.lesion_min_volume_ml)
+    # a lesion the brain mask had to be grown for lies partly outside HD-BET's brain: half as sure
+    edge = 0.5 if brainmask_edge_flag() in ctx.flags else 1.0
+    ctx.lesion_confidence = ctx.lesion.confidence * edge
     if ctx.lesion.ambiguous:
         ctx.flags.append(lesion.AMBIGUOUS_FLAG)
+    if ctx.lesion_confidence < lesion.LOW_CONFIDENCE:
+        ctx.flags.append(lesion.LOW_CONFIDENCE_FLAG)
+
+
+def brainmask_edge_flag() -> str:
+    """The brain-mask stage's ``LESION_AT_MASK_EDGE`` flag (imported when needed)."""
+    from ..stages.brainmask import EDGE_FLAG
+
+    return EDGE_FLAG
 
 
 def _model_input(ctx: StudyContext) -> None:
@@ -317,6 +363,7 @@ STEPS: tuple[Step, ...] = (
     Step("user_mask", "lesion", _check_user_mask),
     Step("register", "register", _register),
     Step("skullstrip", "skullstrip", _skullstrip),
+    Step("brain_mask", "skullstrip", _refine_brain_mask),
     Step("coverage", "register", _check_coverage),
     Step("lesion", "lesion", _find_lesion),
     Step("model_input", "model_input", _model_input),

@@ -13,7 +13,11 @@ folder names may hold patient names), ``status`` (``OK`` or the error code), ``e
 (SeriesInstanceUID or file), ``*_confidence`` and ``*_reasons`` (classifier evidence, ``; ``
 separated), ``flags``, ``lesion_source`` (``mask`` or ``auto``), ``lesion_r_mm`` /
 ``lesion_a_mm`` / ``lesion_s_mm`` (centroid, world RAS+), ``lesion_volume_ml``,
-``brain_volume_ml``,
+``lesion_confidence`` (0-1: :attr:`recnec_cli.stages.lesion.Lesion.confidence`, halved when the
+brain mask was grown across its edge; below 0.5 also the flag ``LESION_LOW_CONFIDENCE``),
+``brain_volume_ml``, ``brain_mask_source`` (``hdbet``; ``hdbet+input`` when a skull-stripped
+input's own foreground was added; ``+edge`` when the mask grew along enhancing tissue cut at its
+edge, flag ``LESION_AT_MASK_EDGE``: :mod:`recnec_cli.stages.brainmask`),
 ``t1_reg_translation_mm`` ... (rigid offsets onto the T1ce),
 ``p_recurrence`` (calibrated probability of recurrence: the ensemble mean through the
 manifest's Platt map, :mod:`recnec_cli.stages.calibration`), ``p_recurrence_raw`` (the ensemble
@@ -54,7 +58,7 @@ COLUMNS = (
      "failed_stage"]
     + [f"{p}_{k}" for p in ("t1", "t2", "t1ce") for k in ("series", "confidence", "reasons")]
     + ["flags", "lesion_source", "lesion_r_mm", "lesion_a_mm", "lesion_s_mm", "lesion_volume_ml",
-       "brain_volume_ml"]
+       "lesion_confidence", "brain_volume_ml", "brain_mask_source"]
     + [f"{p}_reg_{k}" for p in ("t1", "t2") for k in ("translation_mm", "rotation_deg")]
     + ["p_recurrence", "p_recurrence_raw", "ensemble_spread", "label", "threshold", "applicability",
        "applicability_distance", "model_version"]
@@ -100,6 +104,8 @@ def result_row(r: StudyResult, *, threshold: float | None, model_version: str,
         row["lesion_r_mm"], row["lesion_a_mm"], row["lesion_s_mm"] = (round(v, 2) for v in p.lesion_centroid_ras_mm)
         row["lesion_volume_ml"] = _r(p.lesion_volume_ml, 3)
         row["brain_volume_ml"] = _r(p.brain_volume_ml, 1)
+        row["brain_mask_source"] = p.brain_mask_source
+        row["lesion_confidence"] = _r(p.lesion_confidence, 3)
         for role in ("T1", "T2"):
             info = p.registration.get(role, {})
             row[f"{role.lower()}_reg_translation_mm"] = info.get("translation_mm", "")

@@ -41,6 +41,7 @@ def index_entries(qc_dir: Path, rows: Iterable[Mapping[str, Any]]) -> list[dict[
         thumb = thumb_name(png) if png else ""
         p, spread = _num(row.get("p_recurrence")), _num(row.get("ensemble_spread"))
         vol = _num(row.get("lesion_volume_ml"))
+        conf = _num(row.get("lesion_confidence"))
         status = str(row.get("status") or "")
         out.append({
             "study_id": str(row.get("study_id", "")),
@@ -55,6 +56,9 @@ def index_entries(qc_dir: Path, rows: Iterable[Mapping[str, Any]]) -> list[dict[
             "label": str(row.get("label") or ""),
             "lesion_ml": vol, "lesion_text": "" if vol is None else f"{vol:.2f}",
             "lesion_source": str(row.get("lesion_source") or ""),
+            "confidence": conf, "confidence_text": "" if conf is None else f"{conf:.2f}",
+            # the lesion stage's threshold (recnec_cli.stages.lesion.LOW_CONFIDENCE), from the row's flag
+            "low_confidence": "LESION_LOW_CONFIDENCE" in str(row.get("flags") or "").split(),
             "png": png if png and (qc_dir / png).is_file() else "",
             "thumb": thumb if thumb and (qc_dir / thumb).is_file() else "",
             "explain": explain if explain and (qc_dir / explain).is_file() else "",

@@ -30,6 +30,12 @@ Automatic detection (no mask given) looks for voxels that enhance after contrast
    ``min_volume_ml``. When the runner-up scores at least half as high (:data:`AMBIGUOUS_RATIO`)
    the report row gets the flag ``LESION_AMBIGUOUS``: the model box may be on the wrong
    structure (a non-enhancing tumour, for instance, leaves only normal enhancing tissue to find).
+6. **No credible lesion is a status, not a guess**: a group rounder than nothing
+   (:data:`MIN_LESION_ROUNDNESS` 0.25: veins, dural sinuses and the falx are tubes and sheets) or
+   with more than half of its shell in CSF (:data:`MAX_LESION_CSF_FRACTION`, with a T1 and a T2:
+   the choroid plexus) is never the lesion; a T1ce holding only such structures gives
+   ``NO_ENHANCING_LESION`` and no probability. :attr:`Lesion.confidence` (the report's
+   ``lesion_confidence``) is ``(1 - runner_up_ratio) * min(1, roundness / 0.5)``.
 
 Perilesional T2/FLAIR hyperintensity as the companion of enhancement: RANO criteria (Wen et al.
 2010, J Clin Oncol 28:1963) assess enhancing and non-enhancing (T2/FLAIR) disease together; the
@@ -76,6 +82,16 @@ EVIDENCE_CANDIDATES = 12
 #: (report flag ``LESION_AMBIGUOUS``: check the QC picture, or give a lesion mask)
 AMBIGUOUS_RATIO = 0.5
 AMBIGUOUS_FLAG = "LESION_AMBIGUOUS"
+#: a candidate is a credible lesion only when at least this round (:func:`roundness`): the
+#: structures that enhance normally are tubes and sheets (cortical veins and dural sinuses about
+#: 0.05-0.2, the falx less), a lesion is a blob (a 2:1 ellipsoid is 0.5)
+MIN_LESION_ROUNDNESS = 0.25
+#: ... and when at most this fraction of its shell is CSF (with a T2 and a T1): the choroid
+#: plexus, round and enhancing, sits in ventricular CSF
+MAX_LESION_CSF_FRACTION = 0.5
+#: below this ``lesion_confidence`` the row gets :data:`LOW_CONFIDENCE_FLAG`
+LOW_CONFIDENCE = 0.5
+LOW_CONFIDENCE_FLAG = "LESION_LOW_CONFIDENCE"
 
 #: a user lesion mask must lie at least this much inside the brain mask (a mask on another grid or
 #: in another patient's space lands mostly outside: a silent wrong result, docs/failure-kinds.md)
@@ -105,6 +121,18 @@ class Lesion:
     oedema_fraction: float = float("nan")
     csf_fraction: float = float("nan")
     runner_up_ratio: float = float("nan")
+    roundness: float = float("nan")
+
+    @property
+    def confidence(self) -> float:
+        """``lesion_confidence`` in [0, 1]: 1 for a user mask; for a detected lesion
+        ``(1 - runner_up_ratio) * min(1, roundness / 0.5)``: low when another candidate scored
+        almost as high, or when the chosen one is barely rounder than a vessel."""
+        if self.source == "mask":
+            return 1.0
+        sep = 1.0 - min(max(self.runner_up_ratio, 0.0), 1.0) if np.isfinite(self.runner_up_ratio) else 1.0
+        shape = min(1.0, self.roundness / 0.5) if np.isfinite(self.roundness) else 1.0
+        return float(sep * shape)
 
     @property
     def ambiguous(self) -> bool:
@@ -112,7 +140,7 @@ class Lesion:
         return bool(self.runner_up_ratio >= AMBIGUOUS_RATIO)
 
 
-def _roundness(mask: np.ndarray, spacing: np.ndarray) -> float:
+def roundness(mask: np.ndarray, spacing: np.ndarray) -> float:
     """sqrt(smallest / largest principal variance) of a component's voxel positions (mm).
 
     1 for a ball, near 0 for the thin tubes and sheets that enhance normally (cortical veins,
@@ -229,6 +257,7 @@ def detect_enhancing_lesion(t1ce: VolumeRAS, brain_mask: MaskRAS, affine: Affine
     ball = _ball(MERGE_MM / 2.0, spacing)  # dilating both sides by MERGE_MM / 2 joins gaps < MERGE_MM
     groups, n = ndimage.label(ndimage.binary_dilation(cand, ball), ndimage.generate_binary_structure(3, 3))
     scored = []
+    n_thin = 0
     margin = [k // 2 + 1 for k in ball.shape]  # closing needs room around the object
     for idx, sl in enumerate(ndimage.find_objects(groups), start=1):
         if sl is None:
@@ -239,28 +268,42 @@ def detect_enhancing_lesion(t1ce: VolumeRAS, brain_mask: MaskRAS, affine: Affine
         if n_vox * voxel_ml < min_volume_ml:
             continue
         filled = _fill(ndimage.binary_closing(comp, ball) | comp) & core[sl]
-        base = float(filled.sum()) * voxel_ml * _roundness(filled, spacing)
-        scored.append((base, idx, sl, comp, filled))
+        rnd = roundness(filled, spacing)
+        scored.append((float(filled.sum()) * voxel_ml * rnd, rnd, sl, comp, filled))
     if not scored:
         raise LesionError(f"no enhancing component of at least {min_volume_ml:g} mL inside the brain")
     scored.sort(key=lambda c: -c[0])
     zt2 = robust_zscore(np.asarray(t2, dtype=np.float32), core) if t2 is not None else None
-    final = []
-    for base, _idx, sl, comp, filled in scored[:EVIDENCE_CANDIDATES] if zt2 is not None else scored:
+    final, others = [], []  # credible candidates; every candidate's score (for the runner-up)
+    n_thin = n_csf = 0
+    for base, rnd, sl, comp, filled in scored[:EVIDENCE_CANDIDATES] if zt2 is not None else scored:
         oedema, csf = float("nan"), float("nan")
         score = base
         if zt2 is not None:
             oedema, csf = _shell_evidence(filled, sl, core, zt2, zt1, spacing)
             score = base * (EVIDENCE_FLOOR + oedema) * (1.0 - csf)
-        final.append((score, sl, comp, filled, oedema, csf))
+        others.append(score)
+        if rnd < MIN_LESION_ROUNDNESS:  # a vessel, a sinus or the falx
+            n_thin += 1
+        elif zt2 is not None and zt1 is not None and csf > MAX_LESION_CSF_FRACTION:  # the choroid plexus
+            n_csf += 1
+        else:
+            final.append((score, sl, comp, filled, oedema, csf, rnd))
+    if not final:
+        raise LesionError(f"only normally enhancing structures found: {n_thin} vessel- or sheet-shaped and "
+                          f"{n_csf} round enhancing component(s) surrounded by CSF (choroid plexus)")
     final.sort(key=lambda c: -c[0])
-    best_score, sl, comp, filled, oedema, csf = final[0]
-    runner_up = final[1][0] / best_score if len(final) > 1 and best_score > 0 else 0.0
+    best_score, sl, comp, filled, oedema, csf, rnd = final[0]
+    # the runner-up is any other candidate, credible or not: a normal structure that scores as high as
+    # the chosen one still means the choice needs a look
+    others.remove(best_score)
+    runner_up = max(others) / best_score if others and best_score > 0 else 0.0
     mean_enh = float(enh[sl][comp].mean())
     full = np.zeros(brain.shape, dtype=bool)
     full[sl] = filled
     vol = float(full.sum()) * voxel_ml
-    return Lesion(full, _centroid_world(full, affine), vol, "auto", mean_enh, oedema, csf, float(runner_up))
+    return Lesion(full, _centroid_world(full, affine), vol, "auto", mean_enh, oedema, csf, float(runner_up),
+                  float(rnd))
 
 
 def find_user_mask(study_lesion_mask: Path | None, masks_dir: Path | None, study_id: str) -> Path | None:
