@@ -99,6 +99,7 @@ def _lesion_truth_ml(pattern: str = "rim") -> float:
     return float((d <= LESION_R).sum()) * VOXEL_MM ** 3 / 1000.0
 
 
+@pytest.mark.slow  # the real pipeline steps (registration included) on a phantom
 def test_skull_stripped_input_keeps_the_large_rim_lesion_that_hdbet_cut(tmp_path):
     """A skull-stripped study whose 14 mL rim-enhancing lesion reaches the brain surface; HD-BET
     cuts the lesion out. The refined mask adds the input's own foreground: the lesion is found
@@ -115,6 +116,7 @@ def test_skull_stripped_input_keeps_the_large_rim_lesion_that_hdbet_cut(tmp_path
     assert 0.5 * truth <= p.lesion_volume_ml <= 1.1 * truth, (p.lesion_volume_ml, truth)
 
 
+@pytest.mark.slow  # the real pipeline steps (registration included) on a phantom
 def test_lesion_cut_at_the_edge_of_a_head_with_skull_is_grown_back_and_flagged(tmp_path):
     """Not skull-stripped (skull, noise): the solid enhancing lesion is cut by 2 mm less than its
     extent, so a thick part stays inside the mask and touches its border; the mask grows along the
@@ -128,6 +130,7 @@ def test_lesion_cut_at_the_edge_of_a_head_with_skull_is_grown_back_and_flagged(t
     assert dist <= 4.0, (p.lesion_centroid_ras_mm, dist)
 
 
+@pytest.mark.slow  # the real pipeline steps (registration included) on a phantom
 def test_an_ordinary_head_keeps_hdbets_mask_unflagged(tmp_path):
     """The phantom head with skull and an inner lesion: neither refinement applies."""
     folder = phantoms.write_phantom_study(tmp_path / "s", "sub-00")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from recnec_cli.config import resolve_settings
 from recnec_cli.orchestration.pipeline import Resources, process_study
@@ -79,6 +80,7 @@ def _run(folder: Path):
     return process_study(study, settings=settings, resources=res)
 
 
+@pytest.mark.slow  # the real pipeline steps (registration included) on a phantom
 def test_only_normally_enhancing_structures_give_no_enhancing_lesion(tmp_path):
     r = _run(write_study(tmp_path / "s" / "vessels", with_lesion=False))
     assert r.status == "NO_ENHANCING_LESION" and r.failed_stage == "lesion", (r.status, r.error_message)
@@ -86,6 +88,7 @@ def test_only_normally_enhancing_structures_give_no_enhancing_lesion(tmp_path):
     assert r.preprocessed is None and r.probability is None
 
 
+@pytest.mark.slow  # the real pipeline steps (registration included) on a phantom
 def test_the_lesion_among_them_is_found_with_its_confidence(tmp_path):
     r = _run(write_study(tmp_path / "s" / "lesion", with_lesion=True))
     assert r.ok, (r.status, r.error_message)
