@@ -140,7 +140,7 @@ def test_an_ordinary_head_keeps_hdbets_mask_unflagged(tmp_path):
     assert brainmask.EDGE_FLAG not in r.preprocessed.flags
 
 
-@pytest.mark.parametrize("case", ["head_with_zero_air", "noisy_background", "stripped"])
+@pytest.mark.parametrize("case", ["head_with_zero_air", "noisy_background", "stripped", "stripped_zscored"])
 def test_input_foreground_recognises_only_skull_stripped_inputs(case):
     """A head whose air is exactly 0 has a 3-5 L foreground of which the brain is a third: not
     skull-stripped; nor is an image with a noisy background; a brain on a zero background is."""
@@ -152,8 +152,10 @@ def test_input_foreground_recognises_only_skull_stripped_inputs(case):
         v[(rho > 1.0) & (rho <= 1.6)] = 80.0  # scalp, skull, muscle: a head filling the field of view
     if case == "noisy_background":
         v += np.abs(np.random.default_rng(0).normal(0, 3.0, SHAPE)).astype(np.float32)
+    if case == "stripped_zscored":  # z-scored inside the brain: background 0, brain on both sides of it
+        v[brain] = np.random.default_rng(0).normal(0.0, 1.0, int(brain.sum())).astype(np.float32)
     got = brainmask.input_foreground(v, brain, _affine())
-    assert (got is not None) is (case == "stripped")
+    assert (got is not None) is case.startswith("stripped")
     if got is not None:
         assert np.array_equal(got, brain)
 
@@ -182,3 +184,20 @@ def test_growth_is_bounded_by_the_lesion_inside(outside):
         assert ref.mask[lesion].all()
     else:
         assert ref.source == "hdbet" and ref.flags == () and np.array_equal(ref.mask, mask)
+
+
+def test_hdbet_mask_in_the_empty_background_gives_way_to_the_input(tmp_path):
+    """A z-scored skull-stripped input made HD-BET return half a brain plus a blob of background
+    (fresh-user review): the input is still recognised, and its own foreground is the mask."""
+    _, rho, _ = _geometry()
+    brain = rho <= 1.0
+    v = np.zeros(SHAPE, np.float32)
+    v[brain] = np.random.default_rng(0).normal(0.0, 1.0, int(brain.sum())).astype(np.float32)
+    xyz = _world()
+    garbage = (brain & (xyz[0] > 0)) | (np.linalg.norm(xyz - np.array([-60.0, 60.0, 40.0]).reshape(3, 1, 1, 1),
+                                                        axis=0) <= 30.0) & ~brain
+    assert brainmask.hdbet_in_background(garbage, brain) > brainmask.MAX_HDBET_IN_BACKGROUND
+    own = brainmask.input_foreground(v, garbage, _affine())
+    assert own is not None and np.array_equal(own, brain)
+    ref = brainmask.refine_brain_mask(garbage, _affine(), t1ce=v, input_mask=own)
+    assert ref.source == "input" and np.array_equal(ref.mask, brain)

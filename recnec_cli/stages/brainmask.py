@@ -6,12 +6,16 @@ lesion search, the model box) then looks elsewhere. Two refinements, both report
 
 1. **Inputs that are already skull-stripped** (most research data: BraTS, SRI24-registered sets)
    carry their own brain mask: a constant background (all voxels equal to the image minimum)
-   around one brain-sized foreground. :func:`input_foreground` recognises that (background at
-   least :data:`MIN_BACKGROUND_FRACTION` of the field of view and on at least
-   :data:`MIN_BORDER_BACKGROUND` of its outer faces, the foreground's largest component within
-   the plausible brain range, :data:`recnec_cli.stages.skullstrip.BRAIN_VOLUME_RANGE_ML`, and
-   mostly covered by HD-BET's mask, :data:`MIN_HDBET_AGREEMENT`); the mask is then the union of
-   HD-BET's and the input's own foreground, holes filled. Source ``hdbet+input``.
+   around one brain-sized foreground. :func:`input_foreground` recognises that (one value, the
+   minimum or the 0 of a z-scored image, on at least :data:`MIN_BORDER_BACKGROUND` of the field
+   of view's outer faces and at least :data:`MIN_BACKGROUND_FRACTION` of its voxels; the
+   foreground's largest component within the plausible brain range,
+   :data:`recnec_cli.stages.skullstrip.BRAIN_VOLUME_RANGE_ML`; mostly covered by HD-BET's mask,
+   :data:`MIN_HDBET_AGREEMENT`, unless HD-BET put its brain where there is no image). The mask is
+   then the union of HD-BET's and the input's own foreground, holes filled (source
+   ``hdbet+input``); when more than :data:`MAX_HDBET_IN_BACKGROUND` of HD-BET's mask lies in the
+   input's empty background, HD-BET failed on this input and the input's foreground alone is the
+   mask (source ``input``, a WARNING).
 2. **Enhancing tissue cut at the mask edge** (any input): a thick, round enhancing component
    inside the mask (at least :data:`SEED_MIN_ML`, containing a ball of radius
    :data:`SEED_MIN_RADIUS_MM`, and as round as a lesion must be,
@@ -56,6 +60,9 @@ MIN_BORDER_BACKGROUND = 0.95
 #: ... and HD-BET's mask covers at least this fraction of its foreground (a head whose air is
 #: exactly 0 has a foreground of 3-5 L, of which HD-BET's brain is a third)
 MIN_HDBET_AGREEMENT = 0.8
+#: ... or HD-BET put more than this fraction of its brain in the input's constant background (no
+#: image there at all): HD-BET failed on the stripped input, whose own foreground is then the mask
+MAX_HDBET_IN_BACKGROUND = 0.1
 #: enhancement (z(T1ce) - z(T1)) above which a voxel enhances; the lesion stage's threshold
 ENHANCEMENT_Z = 3.0
 #: a seed component holds at least this much enhancing tissue (mL) ...
@@ -100,11 +107,14 @@ def input_foreground(t1ce: VolumeRAS, hdbet_mask: MaskRAS, affine: Affine) -> Ma
     v = np.asarray(t1ce)
     if v.ndim != 3 or v.size == 0:
         return None
-    bg = v == v.min()
-    if bg.mean() < MIN_BACKGROUND_FRACTION:
+    # the background value is the one that fills the field of view's faces: the minimum of a
+    # stripped image, or 0 of a stripped and then z-scored one (brain values on both sides of it)
+    face_values = np.concatenate([np.take(v, idx, axis=ax).ravel() for ax in range(3) for idx in (0, -1)])
+    values, counts = np.unique(face_values, return_counts=True)
+    if counts.max() < MIN_BORDER_BACKGROUND * face_values.size:
         return None
-    faces = np.concatenate([np.take(bg, idx, axis=ax).ravel() for ax in range(3) for idx in (0, -1)])
-    if faces.mean() < MIN_BORDER_BACKGROUND:
+    bg = v == values[int(np.argmax(counts))]
+    if bg.mean() < MIN_BACKGROUND_FRACTION:
         return None
     lab, n = ndimage.label(~bg)
     if n == 0:
@@ -115,10 +125,19 @@ def input_foreground(t1ce: VolumeRAS, hdbet_mask: MaskRAS, affine: Affine) -> Ma
     vol = float(fg.sum()) * voxel_ml
     if not (BRAIN_VOLUME_RANGE_ML[0] <= vol <= BRAIN_VOLUME_RANGE_ML[1]):
         return None
-    agree = float(np.count_nonzero(fg & np.asarray(hdbet_mask, dtype=bool))) / max(1, int(fg.sum()))
-    if agree < MIN_HDBET_AGREEMENT:
+    hd = np.asarray(hdbet_mask, dtype=bool)
+    agree = float(np.count_nonzero(fg & hd)) / max(1, int(fg.sum()))
+    if agree < MIN_HDBET_AGREEMENT and hdbet_in_background(hd, fg) <= MAX_HDBET_IN_BACKGROUND:
         return None
     return fg
+
+
+def hdbet_in_background(hdbet_mask: MaskRAS, foreground: MaskRAS) -> float:
+    """The fraction of HD-BET's brain that lies in a skull-stripped input's constant background:
+    voxels that hold no image at all. Above :data:`MAX_HDBET_IN_BACKGROUND` HD-BET failed on this
+    input (z-scored inputs confuse it) and the input's own foreground is the brain."""
+    hd = np.asarray(hdbet_mask, dtype=bool)
+    return float(np.count_nonzero(hd & ~np.asarray(foreground, dtype=bool))) / max(1, int(hd.sum()))
 
 
 def refine_brain_mask(hdbet_mask: MaskRAS, affine: Affine, *, t1ce: VolumeRAS, t1: VolumeRAS | None = None,
@@ -136,9 +155,15 @@ def refine_brain_mask(hdbet_mask: MaskRAS, affine: Affine, *, t1ce: VolumeRAS, t
     source = "hdbet"
     added_input = 0.0
     if input_mask is not None:
-        merged = ndimage.binary_fill_holes(mask | np.asarray(input_mask, dtype=bool))
+        own = np.asarray(input_mask, dtype=bool)
+        if hdbet_in_background(mask, own) > MAX_HDBET_IN_BACKGROUND:  # HD-BET failed on this input
+            log.warning("HD-BET put %.0f %% of its brain mask where the skull-stripped input holds no image: "
+                        "the input's own brain is used", 100 * hdbet_in_background(mask, own))
+            merged, source = ndimage.binary_fill_holes(own), "input"
+        else:
+            merged, source = ndimage.binary_fill_holes(mask | own), "hdbet+input"
         added_input = float(np.count_nonzero(merged & ~mask)) * voxel_ml
-        mask, source = merged, "hdbet+input"
+        mask = merged
     grown = _grow_enhancing_edge(mask, spacing, t1ce=t1ce, t1=t1)
     added_edge = float(np.count_nonzero(grown & ~mask)) * voxel_ml
     flags: tuple[str, ...] = ()
