@@ -4,7 +4,7 @@ Research software. The shipped weights are trained on a reproducible *synthetic*
 real anatomy; they are not clinically validated and must not guide treatment.
 """
 
-__version__ = "0.2.0.dev0"
+__version__ = "0.3.0.dev0"
 
 DISCLAIMER = (
     "RESEARCH USE ONLY. The shipped recnec weights were trained on a synthetic cohort "

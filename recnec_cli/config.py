@@ -58,6 +58,7 @@ class Settings:
     registration_max_translation_mm: float = 40.0  # post-registration check (docs/failure-kinds.md kind 19)
     registration_max_rotation_deg: float = 20.0
     lesion_min_volume_ml: float = 0.1
+    lesion_detector: str = "segmenter"  # segmenter (the shipped ONNX segmenter) | heuristic (enhancement map)
     threads: int = 0  # 0 = library default
     # nightly runs (recnec_cli.orchestration.scan)
     state_file: Path | None = None  # SQLite state; None = beside the report (<report>.state.sqlite)
@@ -125,6 +126,9 @@ class Settings:
             raise UsageError("--dask-resources / RECNEC_DASK_RESOURCES only apply to a Dask cluster: give "
                              "--scheduler or --scheduler-file as well")
         parse_resources(self.dask_resources)
+        if self.lesion_detector not in ("segmenter", "heuristic"):
+            raise UsageError(f"lesion detector (--lesion-detector / RECNEC_LESION_DETECTOR) must be 'segmenter' or "
+                             f"'heuristic', got {self.lesion_detector!r}")
         if not (0.3 <= self.grid_spacing_mm <= 3.0):
             raise UsageError(f"grid spacing must be within 0.3-3.0 mm, got {self.grid_spacing_mm}")
         return self

@@ -45,6 +45,10 @@ class Preprocessed:
     brain_mask_source: str = "hdbet"
     #: how sure the lesion choice is, in [0, 1] (``nan``: not computed)
     lesion_confidence: float = float("nan")
+    #: the segmenter's compartments of the chosen lesion, mL (``nan`` for a user mask or the heuristic)
+    enhancing_volume_ml: float = float("nan")
+    necrotic_volume_ml: float = float("nan")
+    oedema_volume_ml: float = float("nan")
 
 
 @dataclass
@@ -70,6 +74,10 @@ class StudyResult:
     timings: dict[str, float] = field(default_factory=dict)
     #: QC pictures (``--qc``): ``name`` (file stem), ``png``, ``thumb``, ``explain`` (file names in the QC folder)
     qc: dict[str, str] = field(default_factory=dict)
+    #: report columns measured before a failure (``brain_mask_source``, ``brain_volume_ml``,
+    #: ``oedema_volume_ml``): a NO_ENHANCING_LESION row still says what the brain mask and the
+    #: segmenter saw
+    measured: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

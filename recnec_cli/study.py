@@ -45,6 +45,12 @@ class SeriesRole(str, enum.Enum):
         """The three roles the model needs, in channel order (T1, T2, T1ce)."""
         return (cls.T1, cls.T2, cls.T1CE)
 
+    @classmethod
+    def optional_roles(cls) -> tuple["SeriesRole", ...]:
+        """Roles used when the study has them and never required: FLAIR (lesion segmentation and
+        the QC picture; the model input stays T1, T2, T1ce as in the paper)."""
+        return (cls.FLAIR,)
+
 
 @dataclass(frozen=True)
 class SeriesHeader:

@@ -34,7 +34,7 @@ def test_solid_lesion_found_despite_a_brighter_vessel():
     assert np.linalg.norm(out.centroid_ras_mm - world_truth) < 1.5
     assert out.centroid_ras_mm[0] < 0  # left stays left (RAS+: x < 0 is the patient's left)
     assert out.volume_ml == pytest.approx(les.sum() / 1000, rel=0.25)
-    assert out.source == "auto"
+    assert out.source == "heuristic"
 
 
 def test_rim_lesion_is_filled():
@@ -106,7 +106,7 @@ def test_user_mask_figures():
     m = _ball(idx, (40, 40, 40), 5)
     out = lesion.lesion_from_mask(m, aff)
     np.testing.assert_allclose(out.centroid_ras_mm, (aff @ np.array([40, 40, 40, 1.0]))[:3], atol=1e-6)
-    assert out.source == "mask" and out.volume_ml == pytest.approx(m.sum() / 1000)
+    assert out.source == "user" and out.volume_ml == pytest.approx(m.sum() / 1000)
     with pytest.raises(LesionError):
         lesion.lesion_from_mask(np.zeros_like(m), aff)
 

@@ -103,7 +103,7 @@ def test_the_lesion_among_them_is_found_with_its_confidence(tmp_path):
 def test_confidence_formula():
     """``(1 - runner_up_ratio) * min(1, roundness / 0.5)``; a user mask is 1."""
     m = np.zeros((4, 4, 4), bool)
-    les = lesion_stage.Lesion(m, np.zeros(3), 1.0, "auto", runner_up_ratio=0.6, roundness=0.25)
+    les = lesion_stage.Lesion(m, np.zeros(3), 1.0, "heuristic", runner_up_ratio=0.6, roundness=0.25)
     assert abs(les.confidence - 0.4 * 0.5) < 1e-9
-    assert lesion_stage.Lesion(m, np.zeros(3), 1.0, "mask").confidence == 1.0
-    assert lesion_stage.Lesion(m, np.zeros(3), 1.0, "auto", runner_up_ratio=0.0, roundness=0.9).confidence == 1.0
+    assert lesion_stage.Lesion(m, np.zeros(3), 1.0, "user").confidence == 1.0
+    assert lesion_stage.Lesion(m, np.zeros(3), 1.0, "heuristic", runner_up_ratio=0.0, roundness=0.9).confidence == 1.0

@@ -443,12 +443,12 @@ def test_index_renders_sorts_and_filters_in_headless_chromium(tmp_path):
     base = {"patient_pseudonym": "0f3c9a1e2b7d4c55", "processed_utc": "2026-12-02T01:30:00+00:00"}
     rows = [
         {**base, "study_id": "sub-a", "status": "OK", "p_recurrence": 0.82, "ensemble_spread": 0.05,
-         "label": "recurrence", "lesion_volume_ml": 3.1, "lesion_source": "auto", "qc_png": "study-aaaa.png",
+         "label": "recurrence", "lesion_volume_ml": 3.1, "lesion_source": "segmenter", "qc_png": "study-aaaa.png",
          "lesion_confidence": 0.91, "flags": ""},
         {**base, "study_id": "sub-b", "status": "OK", "p_recurrence": 0.12, "ensemble_spread": 0.02,
-         "label": "necrosis", "lesion_volume_ml": 1.4, "lesion_source": "mask", "qc_png": "study-bbbb.png"},
+         "label": "necrosis", "lesion_volume_ml": 1.4, "lesion_source": "user", "qc_png": "study-bbbb.png"},
         {**base, "study_id": "sub-c", "status": "OK", "p_recurrence": 0.55, "ensemble_spread": 0.11,
-         "label": "recurrence", "lesion_volume_ml": 7.9, "lesion_source": "auto",
+         "label": "recurrence", "lesion_volume_ml": 7.9, "lesion_source": "segmenter",
          "lesion_confidence": 0.31, "flags": "LESION_AMBIGUOUS LESION_LOW_CONFIDENCE"},
         {**base, "study_id": "sub-d", "status": "REGISTRATION_FAILED", "error_code": "REGISTRATION_FAILED",
          "failed_stage": "register", "error_message": "T2 onto T1ce: rigid registration failed <check>"},

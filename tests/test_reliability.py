@@ -164,7 +164,7 @@ def test_report_row_says_applicability_and_flags_it() -> None:
 
     study = Study(study_id="1.2.3", patient_pseudonym="abcd", source="nifti", location="x", series=())
     pre = Preprocessed(study=study, assignment=None, model_input=np.zeros((3, 40, 40, 40), np.float32),
-                       lesion_source="auto", lesion_centroid_ras_mm=(0.0, 0.0, 0.0), lesion_volume_ml=1.0,
+                       lesion_source="segmenter", lesion_centroid_ras_mm=(0.0, 0.0, 0.0), lesion_volume_ml=1.0,
                        brain_volume_ml=1200.0, registration={}, flags=("T2:ANISOTROPIC",), timings={})
     r = StudyResult(study=study, preprocessed=pre, probability=0.7, probability_raw=0.4, spread=0.1,
                     label="recurrence", applicability_distance=42.0, out_of_distribution=True)

@@ -98,7 +98,7 @@ def test_batch_report_has_every_study_and_exit_code_1(batch_scan):
         assert 0.0 <= p <= 1.0
         assert r["label"] in ("recurrence", "necrosis")
         assert (r["label"] == "recurrence") == (p >= float(r["threshold"]))
-        assert float(r["lesion_volume_ml"]) > 0 and r["lesion_source"] == "auto"
+        assert float(r["lesion_volume_ml"]) > 0 and r["lesion_source"] == "segmenter"
         assert r["t1_series"] and r["t2_series"] and r["t1ce_series"] and r["t1ce_reasons"]
         assert float(r["seconds_skullstrip"]) > 0
     assert by_loc["no-t2-study"]["status"] == "MISSING_ROLE"

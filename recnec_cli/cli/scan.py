@@ -157,6 +157,12 @@ def scan(
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="HD-BET test-time mirroring "
                                        "(~8x slower on CPU) " + setting_help("hdbet_tta"), show_default=False),
     lesion_masks: LesionMasksOpt = None,
+    lesion_detector: Optional[str] = typer.Option(None, "--lesion-detector", help="Where the lesion comes from "
+                                                  "when no user mask is given: 'segmenter' (the shipped ONNX "
+                                                  "segmenter, trained on synthetic images only; enhancing, core and "
+                                                  "oedema volumes) or 'heuristic' (the T1ce - T1 enhancement map "
+                                                  "with T2 evidence; no volumes by compartment) "
+                                                  + setting_help("lesion_detector"), show_default=False),
     keep_intermediate: Optional[Path] = typer.Option(None, "--keep-intermediate", help="Write per-study "
                                                      "co-registered volumes, brain and lesion masks and the model "
                                                      "box as NIfTI here "
@@ -197,7 +203,8 @@ def scan(
             "weights_dir": weights, "device": device, "batch_size": batch_size,
             "hdbet_mode": hdbet_mode.value if hdbet_mode else None, "hdbet_tta": tta,
             "hdbet_backend": hdbet_backend.value if hdbet_backend else None,
-            "lesion_masks_dir": lesion_masks, "keep_intermediate_dir": keep_intermediate,
+            "lesion_masks_dir": lesion_masks, "lesion_detector": lesion_detector,
+            "keep_intermediate_dir": keep_intermediate,
             "qc_dir": qc, "explain": explain,
             "rules_file": rules, "grid_spacing_mm": grid_spacing, "threads": threads,
             "state_file": state, "settle_minutes": settle_minutes, "pseudonym_key_file": pseudonym_key_file,

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 #: settings that change a study's result; a change reprocesses the study
 RESULT_SETTINGS = ("grid_spacing_mm", "hdbet_mode", "hdbet_tta", "hdbet_backend", "lesion_masks_dir", "rules_file",
                    "anisotropy_limit", "role_confidence_threshold", "allow_derived", "max_series_voxels",
-                   "registration_max_translation_mm", "registration_max_rotation_deg", "lesion_min_volume_ml")
+                   "registration_max_translation_mm", "registration_max_rotation_deg", "lesion_min_volume_ml",
+                   "lesion_detector")
 
 
 def tree_listing(root: Path) -> dict[str, tuple[int, int]]:
@@ -104,7 +105,8 @@ def study_fingerprint(study: Study, files: Sequence[tuple[str, int, int]], *, se
     """Hex SHA-256 of what a study's result depends on: its series (SeriesInstanceUIDs or file
     paths) with each file's size and mtime, the user lesion mask, the weights' model version,
     the result-changing settings (:data:`RESULT_SETTINGS`, rules file content included), the
-    pseudonym key id and the recnec version. Same fingerprint, same row: the study is skipped."""
+    pseudonym key id, the lesion segmenter's checksum and the recnec version. Same fingerprint, same
+    row: the study is skipped."""
     rules_sha = ""
     if settings.rules_file is not None:
         from ..stages.infer import sha256_file
@@ -114,7 +116,26 @@ def study_fingerprint(study: Study, files: Sequence[tuple[str, int, int]], *, se
         except OSError:
             rules_sha = "unreadable"
     return digest([study.study_id, [s.series_id for s in study.series], sorted(files), model_version,
-                   {k: str(getattr(settings, k)) for k in RESULT_SETTINGS}, rules_sha, key_id, __version__])
+                   {k: str(getattr(settings, k)) for k in RESULT_SETTINGS}, rules_sha, key_id, __version__,
+                   segmenter_version_of(settings)])
+
+
+def segmenter_version_of(settings: Settings) -> str:
+    """The listed checksum of the segmenter the scan will use (``""`` with the heuristic detector or
+    when there is none), read without verifying: that happens when it is loaded."""
+    if settings.lesion_detector != "segmenter":
+        return ""
+    from ..config import default_weights_dir
+    from ..stages.segment import SEGMENTER_FILE, SEGMENTER_MANIFEST, find_segmenter
+
+    folder = find_segmenter(settings.weights_dir, default_weights_dir())
+    if folder is None:
+        return ""
+    try:
+        m = json.loads((folder / SEGMENTER_MANIFEST).read_text(encoding="utf-8"))
+        return str(m.get("files", {}).get(SEGMENTER_FILE, ""))
+    except (OSError, ValueError):
+        return "unreadable"
 
 
 def model_version_of(weights_dir: Path) -> str:

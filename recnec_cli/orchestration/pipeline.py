@@ -76,6 +76,9 @@ class Resources:
     rules: Any = None
     hdbet: Any = None
     ensemble: Any = None
+    #: the lesion segmenter (:class:`recnec_cli.stages.segment.Segmenter`); ``None`` with the
+    #: heuristic detector or when the weights hold none
+    segmenter: Any = None
     spec: InputSpec = field(default_factory=InputSpec)
     decoders: dict[str, bool] = field(default_factory=dict)
 
@@ -119,8 +122,31 @@ class Resources:
                               device=resolve_hdbet_device(settings.device, settings.hdbet_backend),
                               tta=settings.hdbet_tta, backend=settings.hdbet_backend, threads=settings.threads,
                               cache_dir=settings.cache_dir)
-        return cls(settings=settings, rules=rules, hdbet=hdbet, ensemble=ensemble,
+        segmenter = load_segmenter(settings) if need_hdbet else None
+        return cls(settings=settings, rules=rules, hdbet=hdbet, ensemble=ensemble, segmenter=segmenter,
                    spec=spec or InputSpec(), decoders=decoders)
+
+
+def load_segmenter(settings: Settings) -> Any:
+    """The lesion segmenter of ``settings.weights_dir`` (else the shipped one), or ``None`` with
+    ``--lesion-detector heuristic`` or when neither folder has one (WARNING: the heuristic is used).
+
+    Raises
+    ------
+    InferenceError
+        ``WEIGHTS_CHECKSUM_MISMATCH`` when ``segmenter.onnx`` differs from ``segmenter.json``.
+    """
+    if settings.lesion_detector != "segmenter":
+        return None
+    from ..config import default_weights_dir
+    from ..stages.segment import Segmenter, find_segmenter
+
+    folder = find_segmenter(settings.weights_dir, default_weights_dir())
+    if folder is None:
+        log.warning("no lesion segmenter (segmenter.json) in %s or the shipped weights: lesions come from the "
+                    "heuristic detector", settings.weights_dir)
+        return None
+    return Segmenter.load(folder, device=settings.device, threads=settings.threads)
 
 
 @dataclass
@@ -157,11 +183,27 @@ class StudyContext:
     #: halved when the brain mask had to be grown across its edge)
     lesion_confidence: float = float("nan")
     brain_volume_ml: float = float("nan")
+    #: the segmenter's compartments of the chosen lesion (mL): enhancing, necrotic, oedema
+    lesion_volumes: dict[str, float] = field(default_factory=dict)
+    #: the segmenter's labels on the common grid (:class:`recnec_cli.stages.segment.Segmentation`)
+    segmentation: Any = None
     brain: np.ndarray | None = None
     lesion: Any = None
     model_input: np.ndarray | None = None
     flags: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+
+    def measured(self) -> dict[str, Any]:
+        """The report columns known so far (for a failed study's row): brain mask source and volume,
+        and the segmenter's oedema volume when it ran."""
+        out: dict[str, Any] = {}
+        if self.brain_mask_source:
+            out["brain_mask_source"] = self.brain_mask_source
+        if self.brain_volume_ml == self.brain_volume_ml:  # not NaN
+            out["brain_volume_ml"] = round(self.brain_volume_ml, 1)
+        if "oedema" in self.lesion_volumes:
+            out["oedema_volume_ml"] = round(self.lesion_volumes["oedema"], 3)
+        return out
 
     def preprocessed(self) -> Preprocessed:
         """The finished study (after the last step)."""
@@ -173,7 +215,10 @@ class StudyContext:
                                     float(les.centroid_ras_mm[2])),
             lesion_volume_ml=les.volume_ml, brain_volume_ml=self.brain_volume_ml,
             registration=self.registration, flags=tuple(self.flags), timings=self.timings,
-            brain_mask_source=self.brain_mask_source, lesion_confidence=self.lesion_confidence)
+            brain_mask_source=self.brain_mask_source, lesion_confidence=self.lesion_confidence,
+            enhancing_volume_ml=self.lesion_volumes.get("enhancing", float("nan")),
+            necrotic_volume_ml=self.lesion_volumes.get("necrotic", float("nan")),
+            oedema_volume_ml=self.lesion_volumes.get("oedema", float("nan")))
 
 
 @dataclass(frozen=True)
@@ -216,6 +261,15 @@ def _convert(ctx: StudyContext) -> None:
             raise
         ctx.volumes[role] = vol
         ctx.flags.extend(f"{role.value}:{f}" for f in vol.flags)
+    flair = ctx.assignment.chosen.get(SeriesRole.FLAIR)
+    if flair is not None:  # optional: a FLAIR that cannot be read is left out, never a failure
+        try:
+            ctx.volumes[SeriesRole.FLAIR] = ctx.images.volume(
+                flair, lambda s: convert.convert_series(s, settings=ctx.settings))
+        except RecnecError as exc:
+            log.warning("study %s: FLAIR series %s left out (%s: %s)", study_key(ctx.study),
+                        _short_id(flair.series_id), exc.code, exc.message)
+            ctx.flags.append("FLAIR_UNUSED")
 
 
 def _check_user_mask(ctx: StudyContext) -> None:
@@ -256,6 +310,21 @@ def _register(ctx: StudyContext) -> None:
                                         "metric": round(res.metric, 5), "initialisation": res.initialisation}
         ctx.on_grid[role] = register.resample_to_grid(ctx.volumes[role], ctx.grid_shape, ctx.grid_affine,
                                                       res.transform)
+    if SeriesRole.FLAIR in ctx.volumes:  # optional: a FLAIR that does not register is left out
+        try:
+            res = register.register_rigid(fixed, ctx.volumes[SeriesRole.FLAIR],
+                                          max_translation_mm=s.registration_max_translation_mm,
+                                          max_rotation_deg=s.registration_max_rotation_deg)
+        except RecnecError as exc:
+            log.warning("study %s: FLAIR left out, it does not register onto the T1ce (%s)",
+                        study_key(ctx.study), exc.code)
+            ctx.flags.append("FLAIR_UNUSED")
+            return
+        ctx.registration["FLAIR"] = {"translation_mm": round(res.translation_mm, 3),
+                                     "rotation_deg": round(res.rotation_deg, 3), "metric": round(res.metric, 5),
+                                     "initialisation": res.initialisation}
+        ctx.on_grid[SeriesRole.FLAIR] = register.resample_to_grid(
+            ctx.volumes[SeriesRole.FLAIR], ctx.grid_shape, ctx.grid_affine, res.transform)
 
 
 def _skullstrip(ctx: StudyContext) -> None:
@@ -308,8 +377,29 @@ def _check_coverage(ctx: StudyContext) -> None:
                                     f"(need {MIN_BRAIN_COVERAGE:.0%})", code="INCOMPLETE_COVERAGE")
 
 
+#: factor on the segmenter's confidence when the heuristic detector chose another place (or nothing)
+DISAGREEMENT_FACTOR = 0.75
+#: factor on any detector's confidence when the brain mask had to be grown across its edge
+EDGE_FACTOR = 0.5
+DISAGREE_FLAG = "LESION_DETECTORS_DISAGREE"
+
+
+def lesion_confidence_of(found: Any, *, heuristic_agrees: bool, grown_edge: bool) -> float:
+    """``lesion_confidence`` of a segmented lesion (:class:`recnec_cli.stages.segment.SegmentedLesion`):
+    the segmenter's mean probability over the lesion's voxels, times :data:`DISAGREEMENT_FACTOR`
+    when the heuristic detector's lesion centroid does not fall inside it, times :data:`EDGE_FACTOR`
+    when the brain mask was grown across its edge (the lesion lies partly outside HD-BET's brain)."""
+    return float(found.confidence * (1.0 if heuristic_agrees else DISAGREEMENT_FACTOR)
+                 * (EDGE_FACTOR if grown_edge else 1.0))
+
+
 def _find_lesion(ctx: StudyContext) -> None:
-    from ..stages import lesion, register
+    """The user's mask; else the segmenter's lesion, compared with the heuristic detector's; else
+    (``--lesion-detector heuristic`` or no segmenter) the heuristic's."""
+    from scipy import ndimage
+
+    from ..stages import lesion, register, segment
+    from ..stages.brainmask import EDGE_FLAG
 
     brain = ctx.brain
     if ctx.user_mask is not None:
@@ -323,23 +413,60 @@ def _find_lesion(ctx: StudyContext) -> None:
                 f"the brain (need {lesion.MIN_MASK_IN_BRAIN:.0%}); is it on this study's grid?",
                 code="LESION_MASK_OUTSIDE_BRAIN")
         return
-    ctx.lesion = lesion.detect_enhancing_lesion(
-        ctx.on_grid[SeriesRole.T1CE], brain, ctx.grid_affine, t1=ctx.on_grid[SeriesRole.T1],
-        t2=ctx.on_grid[SeriesRole.T2], min_volume_ml=ctx.settings.lesion_min_volume_ml)
-    # a lesion the brain mask had to be grown for lies partly outside HD-BET's brain: half as sure
-    edge = 0.5 if brainmask_edge_flag() in ctx.flags else 1.0
-    ctx.lesion_confidence = ctx.lesion.confidence * edge
-    if ctx.lesion.ambiguous:
-        ctx.flags.append(lesion.AMBIGUOUS_FLAG)
+    grown_edge = EDGE_FLAG in ctx.flags
+    seg = ctx.resources.segmenter
+    heuristic = None
+    try:
+        heuristic = lesion.detect_enhancing_lesion(
+            ctx.on_grid[SeriesRole.T1CE], brain, ctx.grid_affine, t1=ctx.on_grid[SeriesRole.T1],
+            t2=ctx.on_grid[SeriesRole.T2], min_volume_ml=ctx.settings.lesion_min_volume_ml)
+    except LesionError:
+        if seg is None:
+            raise
+    if seg is None:
+        ctx.lesion = heuristic
+        ctx.lesion_confidence = heuristic.confidence * (EDGE_FACTOR if grown_edge else 1.0)
+        if heuristic.ambiguous:
+            ctx.flags.append(lesion.AMBIGUOUS_FLAG)
+    else:
+        images = {r.value: ctx.on_grid.get(r) for r in (*SeriesRole.model_roles(), SeriesRole.FLAIR)}
+        ctx.segmentation = seg.segment(images, brain, ctx.grid_affine)
+        try:
+            shell = lesion.ShellEvidence(brain, ctx.grid_affine, t1=ctx.on_grid[SeriesRole.T1],
+                                         t2=ctx.on_grid[SeriesRole.T2])
+            found = segment.lesion_from_segmentation(
+                ctx.segmentation, ctx.grid_affine, min_volume_ml=ctx.settings.lesion_min_volume_ml,
+                not_a_lesion=lambda m: lesion.normal_structure(m, ctx.grid_affine, shell))
+        except LesionError as exc:
+            voxel_ml = abs(float(np.linalg.det(np.asarray(ctx.grid_affine)[:3, :3]))) / 1000.0
+            oedema_ml = float(np.count_nonzero(ctx.segmentation.labels == segment.OEDEMA)) * voxel_ml
+            ctx.lesion_volumes = {"oedema": oedema_ml}
+            other = (f"; the heuristic detector would have chosen {heuristic.volume_ml:.2f} mL"
+                     if heuristic is not None else "; the heuristic detector found none either")
+            t2 = (f"; T2/FLAIR hyperintensity without enhancement: {oedema_ml:.1f} mL (a non-enhancing tumour "
+                  "or oedema is not what the model was made for)" if oedema_ml >= 1.0 else "")
+            raise LesionError(exc.message + other + t2, code="NO_ENHANCING_LESION") from None
+        agrees = heuristic is not None and _inside(found.mask, heuristic.centroid_ras_mm, ctx.grid_affine)
+        centroid = (np.asarray(ctx.grid_affine) @ np.append(ndimage.center_of_mass(found.mask), 1.0))[:3]
+        ctx.lesion = lesion.Lesion(found.mask, centroid, found.enhancing_ml + found.core_ml, "segmenter",
+                                   runner_up_ratio=found.runner_up_ratio)
+        ctx.lesion_volumes = {"enhancing": found.enhancing_ml, "necrotic": found.core_ml,
+                              "oedema": found.oedema_ml}
+        ctx.lesion_confidence = lesion_confidence_of(found, heuristic_agrees=agrees, grown_edge=grown_edge)
+        if ctx.lesion.ambiguous:
+            ctx.flags.append(lesion.AMBIGUOUS_FLAG)
+        if not agrees:
+            ctx.flags.append(DISAGREE_FLAG)
+        log.debug("study %s: segmenter %.1f s, %d lesion(s), heuristic %s", study_key(ctx.study),
+                  ctx.segmentation.seconds, found.n_lesions, "agrees" if agrees else "disagrees")
     if ctx.lesion_confidence < lesion.LOW_CONFIDENCE:
         ctx.flags.append(lesion.LOW_CONFIDENCE_FLAG)
 
 
-def brainmask_edge_flag() -> str:
-    """The brain-mask stage's ``LESION_AT_MASK_EDGE`` flag (imported when needed)."""
-    from ..stages.brainmask import EDGE_FLAG
-
-    return EDGE_FLAG
+def _inside(mask: np.ndarray, point_ras_mm: np.ndarray, affine: np.ndarray) -> bool:
+    """Whether the world point (mm, RAS+) falls on a True voxel of ``mask`` (grid ``affine``)."""
+    ijk = np.round(np.linalg.solve(np.asarray(affine), np.append(point_ras_mm, 1.0))[:3]).astype(int)
+    return bool(all(0 <= v < n for v, n in zip(ijk, mask.shape)) and mask[tuple(ijk)])
 
 
 def _model_input(ctx: StudyContext) -> None:
@@ -477,18 +604,21 @@ def study_key(study: Study) -> str:
 def _write_intermediate(root: Path, ctx: StudyContext) -> None:
     """Write co-registered volumes, brain and lesion masks and the model box as NIfTI for review.
 
-    Files in ``root/<study key>/``: ``t1_coreg``, ``t2_coreg``, ``t1ce_coreg`` (common grid),
-    ``brain_mask`` and ``lesion_mask`` (common grid), ``brain_mask_t1ce_native`` (HD-BET's mask on the
-    T1ce's own grid) and ``model_input_box`` (the model tensor, channels last, on the box grid).
+    Files in ``root/<study key>/``: ``t1_coreg``, ``t2_coreg``, ``t1ce_coreg`` and ``flair_coreg``
+    when the study has a FLAIR (common grid), ``brain_mask`` and ``lesion_mask`` (common grid),
+    ``segmentation`` (the segmenter's labels on the common grid: 1 enhancing, 2 core, 3 oedema),
+    ``brain_mask_t1ce_native`` (HD-BET's mask on the T1ce's own grid) and ``model_input_box`` (the
+    model tensor, channels last, on the box grid).
     """
     import nibabel as nib
 
     out = Path(root) / study_key(ctx.study)
     out.mkdir(parents=True, exist_ok=True)
     affine = ctx.grid_affine
-    names = {SeriesRole.T1: "t1", SeriesRole.T2: "t2", SeriesRole.T1CE: "t1ce"}
     for role, arr in ctx.on_grid.items():
-        nib.save(nib.Nifti1Image(arr.astype(np.float32), affine), str(out / f"{names[role]}_coreg.nii.gz"))
+        nib.save(nib.Nifti1Image(arr.astype(np.float32), affine), str(out / f"{role.value.lower()}_coreg.nii.gz"))
+    if ctx.segmentation is not None:
+        nib.save(nib.Nifti1Image(ctx.segmentation.labels.astype(np.uint8), affine), str(out / "segmentation.nii.gz"))
     nib.save(nib.Nifti1Image(ctx.brain.astype(np.uint8), affine), str(out / "brain_mask.nii.gz"))
     nib.save(nib.Nifti1Image(ctx.lesion.mask.astype(np.uint8), affine), str(out / "lesion_mask.nii.gz"))
     nib.save(nib.Nifti1Image(np.asarray(ctx.native_brain_mask, dtype=np.uint8), ctx.volumes[SeriesRole.T1CE].affine),
@@ -541,6 +671,7 @@ def process_study(study: Study, *, settings: Settings, resources: Resources,
         r.assignment = exc.assignment
         r.timings.update(exc.timings)
         r.fail(exc.stage, exc.code, exc.message)
+        r.measured = ctx.measured()
         log.info("study %s failed at %s (step %s): %s", study_key(study), exc.stage, exc.step, exc.code)
     else:
         r.preprocessed = ctx.preprocessed()

@@ -9,12 +9,16 @@ Columns (one row per study; empty where a stage did not run):
 (HMAC-SHA256 of the PatientID with the site key, see :mod:`recnec_cli.pseudonym`), ``source``,
 ``location`` (NIfTI/NRRD folders; DICOM folders only with ``--dicom-locations``, since export
 folder names may hold patient names), ``status`` (``OK`` or the error code), ``error_code``,
-``error_message``, ``failed_stage``, ``t1_series`` / ``t2_series`` / ``t1ce_series``
-(SeriesInstanceUID or file), ``*_confidence`` and ``*_reasons`` (classifier evidence, ``; ``
-separated), ``flags``, ``lesion_source`` (``mask`` or ``auto``), ``lesion_r_mm`` /
-``lesion_a_mm`` / ``lesion_s_mm`` (centroid, world RAS+), ``lesion_volume_ml``,
-``lesion_confidence`` (0-1: :attr:`recnec_cli.stages.lesion.Lesion.confidence`, halved when the
-brain mask was grown across its edge; below 0.5 also the flag ``LESION_LOW_CONFIDENCE``),
+``error_message``, ``failed_stage``, ``t1_series`` / ``t2_series`` / ``t1ce_series`` /
+``flair_series`` (SeriesInstanceUID or file; FLAIR is optional and only helps find the lesion),
+``*_confidence`` and ``*_reasons`` (classifier evidence, ``; `` separated), ``flags``,
+``lesion_source`` (``user`` for a user mask, ``segmenter`` for the shipped segmenter,
+``heuristic`` for the enhancement-map detector), ``lesion_r_mm`` / ``lesion_a_mm`` /
+``lesion_s_mm`` (centroid, world RAS+), ``lesion_volume_ml`` (enhancing + core, holes filled),
+``enhancing_volume_ml`` / ``necrotic_volume_ml`` / ``oedema_volume_ml`` (the segmenter's
+compartments of the chosen lesion; empty for the other sources), ``lesion_confidence`` (0-1:
+:func:`recnec_cli.orchestration.pipeline.lesion_confidence_of`; below 0.5 also the flag
+``LESION_LOW_CONFIDENCE``),
 ``brain_volume_ml``, ``brain_mask_source`` (``hdbet``; ``hdbet+input`` when a skull-stripped
 input's own foreground was added; ``+edge`` when the mask grew along enhancing tissue cut at its
 edge, flag ``LESION_AT_MASK_EDGE``: :mod:`recnec_cli.stages.brainmask`),
@@ -49,16 +53,17 @@ from ..stages.applicability import OOD_FLAG
 from ..study import SeriesRole
 from .pipeline import report_threshold_of
 
-ROLE_PREFIX = {SeriesRole.T1: "t1", SeriesRole.T2: "t2", SeriesRole.T1CE: "t1ce"}
+ROLE_PREFIX = {SeriesRole.T1: "t1", SeriesRole.T2: "t2", SeriesRole.T1CE: "t1ce", SeriesRole.FLAIR: "flair"}
 #: seconds spent on the QC pictures (``--qc``) and the explanation map (``--explain``), per study
 QC_TIMINGS = ("qc", "explain")
 
 COLUMNS = (
     ["study_id", "patient_pseudonym", "source", "location", "status", "error_code", "error_message",
      "failed_stage"]
-    + [f"{p}_{k}" for p in ("t1", "t2", "t1ce") for k in ("series", "confidence", "reasons")]
+    + [f"{p}_{k}" for p in ("t1", "t2", "t1ce", "flair") for k in ("series", "confidence", "reasons")]
     + ["flags", "lesion_source", "lesion_r_mm", "lesion_a_mm", "lesion_s_mm", "lesion_volume_ml",
-       "lesion_confidence", "brain_volume_ml", "brain_mask_source"]
+       "enhancing_volume_ml", "necrotic_volume_ml", "oedema_volume_ml", "lesion_confidence", "brain_volume_ml",
+       "brain_mask_source"]
     + [f"{p}_reg_{k}" for p in ("t1", "t2") for k in ("translation_mm", "rotation_deg")]
     + ["p_recurrence", "p_recurrence_raw", "ensemble_spread", "label", "threshold", "applicability",
        "applicability_distance", "model_version"]
@@ -103,6 +108,9 @@ def result_row(r: StudyResult, *, threshold: float | None, model_version: str,
         row["lesion_source"] = p.lesion_source
         row["lesion_r_mm"], row["lesion_a_mm"], row["lesion_s_mm"] = (round(v, 2) for v in p.lesion_centroid_ras_mm)
         row["lesion_volume_ml"] = _r(p.lesion_volume_ml, 3)
+        for k in ("enhancing_volume_ml", "necrotic_volume_ml", "oedema_volume_ml"):
+            v = getattr(p, k)
+            row[k] = "" if v != v else _r(v, 3)  # NaN: not measured by this source
         row["brain_volume_ml"] = _r(p.brain_volume_ml, 1)
         row["brain_mask_source"] = p.brain_mask_source
         row["lesion_confidence"] = _r(p.lesion_confidence, 3)
@@ -110,6 +118,8 @@ def result_row(r: StudyResult, *, threshold: float | None, model_version: str,
             info = p.registration.get(role, {})
             row[f"{role.lower()}_reg_translation_mm"] = info.get("translation_mm", "")
             row[f"{role.lower()}_reg_rotation_deg"] = info.get("rotation_deg", "")
+    elif r.measured:  # a failed study: what was measured before the failure
+        row.update({k: v for k, v in r.measured.items() if k in row})
     if r.probability is not None:
         row["p_recurrence"] = _r(r.probability, 6)
         row["ensemble_spread"] = _r(r.spread, 6)

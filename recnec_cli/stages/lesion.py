@@ -106,7 +106,8 @@ class Lesion:
     """Where the lesion is.
 
     ``mask`` is bool ``(X, Y, Z)`` on the common grid; ``centroid_ras_mm`` world mm RAS+;
-    ``volume_ml`` in mL; ``source`` is ``"mask"`` (user file) or ``"auto"``; ``enhancement``
+    ``volume_ml`` in mL; ``source`` is ``"user"`` (user file), ``"heuristic"``
+    (:func:`detect_enhancing_lesion`) or ``"segmenter"`` (:mod:`recnec_cli.stages.segment`); ``enhancement``
     the mean enhancement z of the component, ``oedema_fraction`` / ``csf_fraction`` the T2
     evidence of its shell (``nan`` for user masks or without a T2), ``runner_up_ratio`` the
     second-best candidate's score over the chosen one's (0 when there was one candidate; ``nan``
@@ -128,7 +129,7 @@ class Lesion:
         """``lesion_confidence`` in [0, 1]: 1 for a user mask; for a detected lesion
         ``(1 - runner_up_ratio) * min(1, roundness / 0.5)``: low when another candidate scored
         almost as high, or when the chosen one is barely rounder than a vessel."""
-        if self.source == "mask":
+        if self.source == "user":
             return 1.0
         sep = 1.0 - min(max(self.runner_up_ratio, 0.0), 1.0) if np.isfinite(self.runner_up_ratio) else 1.0
         shape = min(1.0, self.roundness / 0.5) if np.isfinite(self.roundness) else 1.0
@@ -175,7 +176,7 @@ def lesion_from_mask(mask: np.ndarray, affine: Affine, *, min_volume_ml: float =
     if mask.sum() == 0 or vol < min_volume_ml:
         raise LesionError(f"user lesion mask is empty on the co-registered grid ({vol:.3f} mL)",
                           code="LESION_MASK_EMPTY")
-    return Lesion(mask, _centroid_world(mask, affine), vol, "mask")
+    return Lesion(mask, _centroid_world(mask, affine), vol, "user")
 
 
 def _ball(radius_mm: float, spacing: np.ndarray) -> np.ndarray:
@@ -217,6 +218,52 @@ def _shell_evidence(filled: np.ndarray, sl: tuple[slice, ...], core: np.ndarray,
         return float(bright.mean()), 0.0
     dark = zt1[big][shell] <= CSF_T1_Z
     return float((bright & ~dark).mean()), float((bright & dark).mean())
+
+
+class ShellEvidence:
+    """The T2 evidence of :func:`detect_enhancing_lesion` for any candidate mask on a study's grid:
+    ``(oedema fraction, CSF fraction)`` of the :data:`SHELL_MM` shell around it, inside the brain
+    eroded by :data:`BORDER_EROSION_MM` (module docstring, step 5). Z-scores are computed once, in
+    the constructor, from ``t1`` and ``t2`` (float ``(X, Y, Z)``) inside ``brain`` (bool).
+
+    The segmenter's lesions pass the same CSF test as the heuristic's candidates: more than
+    :data:`MAX_LESION_CSF_FRACTION` of the shell in CSF is the choroid plexus, not a lesion.
+    """
+
+    def __init__(self, brain: MaskRAS, affine: Affine, *, t1: VolumeRAS, t2: VolumeRAS) -> None:
+        brain = np.asarray(brain, dtype=bool)
+        self.spacing = voxel_sizes(affine)
+        iters = max(1, int(round(BORDER_EROSION_MM / float(self.spacing.min()))))
+        self.core = ndimage.binary_erosion(brain, ndimage.generate_binary_structure(3, 1), iterations=iters)
+        inside = self.core if self.core.any() else brain
+        self.zt1 = robust_zscore(np.asarray(t1, dtype=np.float32), inside)
+        self.zt2 = robust_zscore(np.asarray(t2, dtype=np.float32), inside)
+
+    def __call__(self, mask: MaskRAS) -> tuple[float, float]:
+        """``(oedema fraction, CSF fraction)`` of the shell around ``mask`` (bool, the grid's shape)."""
+        mask = np.asarray(mask, dtype=bool)
+        found = ndimage.find_objects(mask.astype(np.int8))
+        if not found or found[0] is None:
+            return 0.0, 0.0
+        sl = found[0]
+        return _shell_evidence(mask[sl], sl, self.core, self.zt2, self.zt1, self.spacing)
+
+    def is_choroid_like(self, mask: MaskRAS) -> bool:
+        """More than :data:`MAX_LESION_CSF_FRACTION` of the shell around ``mask`` is CSF."""
+        return self(mask)[1] > MAX_LESION_CSF_FRACTION
+
+
+def normal_structure(mask: MaskRAS, affine: Affine, shell: ShellEvidence | None = None) -> str:
+    """Why ``mask`` (bool, one enhancing component with holes filled) is a normally enhancing
+    structure rather than a lesion, ``""`` when it may be a lesion: ``"vessel- or sheet-shaped"``
+    (:func:`roundness` below :data:`MIN_LESION_ROUNDNESS`: veins, dural sinuses, falx) or, with a
+    ``shell`` (needs T1 and T2), ``"surrounded by CSF (choroid plexus)"``. The heuristic detector's
+    credibility tests, applied to the segmenter's components too."""
+    if roundness(np.asarray(mask, dtype=bool), voxel_sizes(affine)) < MIN_LESION_ROUNDNESS:
+        return "vessel- or sheet-shaped"
+    if shell is not None and shell.is_choroid_like(mask):
+        return "surrounded by CSF (choroid plexus)"
+    return ""
 
 
 def detect_enhancing_lesion(t1ce: VolumeRAS, brain_mask: MaskRAS, affine: Affine, *,
@@ -302,7 +349,7 @@ def detect_enhancing_lesion(t1ce: VolumeRAS, brain_mask: MaskRAS, affine: Affine
     full = np.zeros(brain.shape, dtype=bool)
     full[sl] = filled
     vol = float(full.sum()) * voxel_ml
-    return Lesion(full, _centroid_world(full, affine), vol, "auto", mean_enh, oedema, csf, float(runner_up),
+    return Lesion(full, _centroid_world(full, affine), vol, "heuristic", mean_enh, oedema, csf, float(runner_up),
                   float(rnd))
 
 

@@ -219,7 +219,7 @@ def cache_key(study_id: str, spec: InputSpec, settings: Any, *,
         k: str(os.path.abspath(v) if isinstance(v := getattr(settings, k, None), Path) else v)
         for k in ("grid_spacing_mm", "hdbet_mode", "hdbet_tta", "hdbet_backend", "lesion_masks_dir", "rules_file",
                   "allow_derived", "anisotropy_limit", "role_confidence_threshold",
-                  "lesion_min_volume_ml")
+                  "lesion_min_volume_ml", "lesion_detector")
     }
     blob = json.dumps({"id": study_id, "spec": spec.to_dict(), "settings": relevant,
                        "recnec": __version__, "inputs": [_file_state(Path(p)) for p in inputs]},

@@ -119,7 +119,7 @@ def check_out_dir(out: Path) -> list[Path]:
     out = Path(out)
     if not out.exists():
         return []
-    entries = [p for p in out.iterdir() if not p.name.startswith(".")]
+    entries = [p for p in out.iterdir() if not p.name.startswith(".") and p.name not in _segmenter_files(out)]
     if not entries:
         return []
     ours: set[str] = set()
@@ -137,6 +137,20 @@ def check_out_dir(out: Path) -> list[Path]:
             code="OUT_NOT_EMPTY",
         )
     return entries
+
+
+def _segmenter_files(out: Path) -> set[str]:
+    """The lesion segmenter's files in ``out`` (``segmenter.json`` and what it lists), which an
+    ensemble shares its folder with and never replaces (``recnec train-segmenter`` writes them)."""
+    from ..stages.segment import SEGMENTER_FORMAT, SEGMENTER_MANIFEST
+
+    try:
+        m = json.loads((Path(out) / SEGMENTER_MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(m, dict) or m.get("format") != SEGMENTER_FORMAT:
+        return set()
+    return {SEGMENTER_MANIFEST, *m.get("files", {})}
 
 
 def prepare_out_dir(out: Path) -> None:

@@ -166,7 +166,8 @@ def _not_candidate(s: Series, settings: Settings) -> str | None:
 def assign_roles(study: Study, *, settings: Settings, rules: Rules | None = None,
                  use_image_evidence: bool = True, images: StudyImages | None = None,
                  hdbet: Any = None) -> RoleAssignment:
-    """Pick the T1, T2 and T1ce series of one study.
+    """Pick the T1, T2 and T1ce series of one study, and its FLAIR when it has one (optional: a
+    study without FLAIR is complete).
 
     Per-series header evidence (:func:`classify_series`), then study-level acquisition order for
     T1-weighted series silent about contrast, then (``use_image_evidence=True``; for each
@@ -180,7 +181,7 @@ def assign_roles(study: Study, *, settings: Settings, rules: Rules | None = None
     every candidate it was preferred over and the deciding criterion; each other candidate's
     reasons say which series was preferred and why (docs/failure-kinds.md kind 15). Two candidates are never
     a failure: both passed the role evidence, so either is a valid input, and the choice is
-    reported. Localizers, derived, DWI/ADC, SWI, FLAIR, PD, perfusion, 4D and series of fewer
+    reported. Localizers, derived, DWI/ADC, SWI, PD, perfusion, 4D and series of fewer
     than 10 slices are never candidates (the reason is added to their decision).
 
     ``images`` (the study's :class:`~recnec_cli.study.StudyImages`) receives the volumes and
@@ -236,7 +237,7 @@ def _assign(study: Study, *, settings: Settings, rules: Rules | None, use_image_
     conf = {d.series_id: d.confidence for d in decisions}
     extra: dict[str, list[str]] = {}
     chosen: dict[SeriesRole, Series] = {}
-    for role in SeriesRole.model_roles():
+    for role in (*SeriesRole.model_roles(), *SeriesRole.optional_roles()):
         cands = []
         for d in decisions:
             if d.role is not role:

@@ -1,0 +1,251 @@
+"""Lesion segmentation with recnec's ONNX segmenter, trained on synthetic images only.
+
+The segmenter (:mod:`recnec_cli.train.segmenter`; SynthSeg-style training, Billot et al. 2023,
+Medical Image Analysis 86:102789) labels every voxel of a skull-stripped, co-registered study as
+background, **enhancing** tissue, non-enhancing **core** (necrosis, cyst, resection cavity) or
+perilesional T2/FLAIR hyperintensity (**oedema**). It reads T1, T2, T1ce and, when the study has
+one, FLAIR; a missing channel is zeros, as in training.
+
+Geometry: the common grid's images (axis-aligned RAS+, any spacing) are resampled trilinearly
+onto the segmenter's grid (:data:`recnec_cli.synth.segdata.GRID_SHAPE` voxels of 2 mm, centred
+on the brain mask's centroid), and the four class probabilities are resampled back trilinearly
+onto the brain's bounding box of the common grid, where the label is their argmax.
+
+The lesion (:func:`lesion_from_segmentation`) is the connected component of enhancing + core
+voxels (26-connectivity) with the most enhancing tissue, holes filled; its oedema is the oedema
+connected to it. Components with less enhancing tissue than ``min_volume_ml`` do not count, nor
+(in the scan, with a T1 and a T2) components whose surrounding shell is mostly CSF: the choroid
+plexus enhances normally and is what the shipped segmenter mistakes most often on synthetic heads
+(the heuristic detector's test, :class:`recnec_cli.stages.lesion.ShellEvidence`). A study with
+none gets ``NO_ENHANCING_LESION``. Confidence is the mean probability of the chosen
+class over the component's voxels (how sure the network is of its own outline).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+from scipy import ndimage
+
+from ..errors import EnvironmentBroken, LesionError
+from ..types import Affine, MaskRAS
+
+log = logging.getLogger(__name__)
+
+SEGMENTER_FILE = "segmenter.onnx"
+SEGMENTER_MANIFEST = "segmenter.json"
+SEGMENTER_FORMAT = "recnec-segmenter/1"
+SEGMENTER_INPUT = "image"
+SEGMENTER_OUTPUT = "probabilities"
+#: class indices of the output
+BACKGROUND, ENHANCING, CORE, OEDEMA = 0, 1, 2, 3
+
+
+@dataclass(frozen=True, eq=False)
+class Segmentation:
+    """Labels on the common grid: ``labels`` uint8 ``(X, Y, Z)`` (0 background, 1 enhancing,
+    2 core, 3 oedema); ``confidence`` float32 ``(X, Y, Z)``, the probability of each voxel's label;
+    ``seconds`` the time taken (resampling included)."""
+
+    labels: np.ndarray
+    confidence: np.ndarray
+    seconds: float
+
+
+@dataclass(frozen=True, eq=False)
+class SegmentedLesion:
+    """The chosen lesion: ``mask`` bool ``(X, Y, Z)`` (enhancing + core, holes filled);
+    ``enhancing_ml``, ``core_ml``, ``oedema_ml`` its compartments (mL); ``confidence`` in [0, 1];
+    ``n_lesions`` the number of components with at least ``min_volume_ml`` of enhancing tissue;
+    ``runner_up_ratio`` the second-largest component's enhancing volume over the chosen one's (0
+    for one lesion); ``oedema`` bool the oedema connected to it."""
+
+    mask: MaskRAS
+    enhancing_ml: float
+    core_ml: float
+    oedema_ml: float
+    confidence: float
+    n_lesions: int
+    runner_up_ratio: float
+    oedema: np.ndarray
+
+
+def find_segmenter(weights_dir: Path, fallback_dir: Path | None = None) -> Path | None:
+    """The folder holding ``segmenter.json``: ``weights_dir`` or else ``fallback_dir`` (the
+    shipped weights), ``None`` when neither has one."""
+    for d in (weights_dir, fallback_dir):
+        if d is not None and (Path(d) / SEGMENTER_MANIFEST).is_file():
+            return Path(d)
+    return None
+
+
+class Segmenter:
+    """The ONNX segmenter of a weights folder, loaded once per process (:meth:`load`)."""
+
+    def __init__(self, session: Any, manifest: dict[str, Any], folder: Path, cuda: bool) -> None:
+        self.session = session
+        self.manifest = manifest
+        self.folder = folder
+        self.cuda = cuda
+        self.shape = tuple(int(v) for v in manifest["input"]["shape"][2:])
+        self.spacing_mm = float(manifest["input"]["spacing_mm"])
+        self.channels = tuple(manifest["input"]["channels"])
+
+    @property
+    def version(self) -> str:
+        """The SHA-256 of the ONNX file, first 12 hex digits (the segmenter's identity)."""
+        return str(self.manifest["files"][SEGMENTER_FILE])[:12]
+
+    @classmethod
+    def load(cls, folder: Path, *, device: str = "auto", threads: int = 0) -> "Segmenter":
+        """Read ``folder/segmenter.json``, verify the ONNX file's SHA-256 and open it in ONNX Runtime
+        (CUDA provider when ``device`` asks for it and this onnxruntime has it, else CPU).
+
+        Raises
+        ------
+        EnvironmentBroken
+            ``WEIGHTS_MISSING`` / ``WEIGHTS_MANIFEST_INVALID`` for a missing or unreadable manifest.
+        InferenceError
+            ``WEIGHTS_CHECKSUM_MISMATCH`` when the file differs from its manifest.
+        """
+        from .infer import import_ort, resolve_providers, session_options, verify_checksums
+
+        folder = Path(folder)
+        mpath = folder / SEGMENTER_MANIFEST
+        try:
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise EnvironmentBroken(f"no {SEGMENTER_MANIFEST} in {folder}", code="WEIGHTS_MISSING") from None
+        except (OSError, ValueError) as exc:
+            raise EnvironmentBroken(f"cannot read {mpath}: {exc}", code="WEIGHTS_MANIFEST_INVALID") from None
+        if manifest.get("format") != SEGMENTER_FORMAT or SEGMENTER_FILE not in manifest.get("files", {}):
+            raise EnvironmentBroken(f"{mpath} is not a recnec segmenter manifest ({SEGMENTER_FORMAT})",
+                                    code="WEIGHTS_MANIFEST_INVALID")
+        verify_checksums(folder, {SEGMENTER_FILE: manifest["files"][SEGMENTER_FILE]})
+        ort = import_ort()
+        providers, _ = resolve_providers(device, ort.get_available_providers())
+        sess = ort.InferenceSession(str(folder / SEGMENTER_FILE), sess_options=session_options(ort, threads),
+                                    providers=providers)
+        cuda = "CUDAExecutionProvider" in sess.get_providers()
+        return cls(sess, manifest, folder, cuda)
+
+    def segment(self, images: Mapping[str, np.ndarray | None], brain: np.ndarray, affine: Affine) -> Segmentation:
+        """Segment one study on its common grid.
+
+        Parameters
+        ----------
+        images:
+            role name (``T1``, ``T2``, ``T1ce``, ``FLAIR``) -> float32 ``(X, Y, Z)`` on the common
+            grid, or ``None`` / absent when the study has no such series. ``T1ce`` is required.
+        brain:
+            bool ``(X, Y, Z)`` brain mask on that grid (it should keep the tumour).
+        affine:
+            (4, 4) voxel -> RAS mm of the common grid; axis-aligned (a diagonal 3 x 3 part).
+
+        Raises
+        ------
+        LesionError
+            ``NO_ENHANCING_LESION`` for an empty brain mask.
+        """
+        from ..synth.segdata import normalise
+
+        t0 = time.perf_counter()
+        brain = np.asarray(brain, dtype=bool)
+        if not brain.any():
+            raise LesionError("empty brain mask: nothing to segment", code="NO_ENHANCING_LESION")
+        aff = np.asarray(affine, dtype=np.float64)
+        centre = (aff @ np.append(ndimage.center_of_mass(brain), 1.0))[:3]
+        seg_aff = np.diag([self.spacing_mm] * 3 + [1.0])
+        seg_aff[:3, 3] = centre - self.spacing_mm * (np.asarray(self.shape) - 1) / 2.0
+        # segmenter grid -> common-grid voxel coordinates (axis-aligned: per axis)
+        to_common = [(seg_aff[a, 3] + self.spacing_mm * np.arange(self.shape[a]) - aff[a, 3]) / aff[a, a]
+                     for a in range(3)]
+        coords = np.meshgrid(*to_common, indexing="ij")
+        mask = ndimage.map_coordinates(brain.astype(np.float32), coords, order=1, cval=0.0) > 0.5
+        if not mask.any():
+            raise LesionError("the brain mask falls outside the segmenter's field", code="NO_ENHANCING_LESION")
+        sampled: dict[str, np.ndarray | None] = {}
+        for name in self.channels:
+            img = images.get(name)
+            sampled[name] = None if img is None else ndimage.map_coordinates(
+                np.asarray(img, dtype=np.float32), coords, order=1, cval=0.0)
+        x = normalise(sampled, mask)[None]
+        prob = self.session.run([SEGMENTER_OUTPUT], {SEGMENTER_INPUT: x})[0][0]  # (4, *shape)
+        # back onto the brain's bounding box of the common grid
+        labels = np.zeros(brain.shape, dtype=np.uint8)
+        conf = np.zeros(brain.shape, dtype=np.float32)
+        box = ndimage.find_objects(brain.astype(np.int8))[0]
+        back = [((aff[a, 3] + aff[a, a] * np.arange(box[a].start, box[a].stop)) - seg_aff[a, 3]) / self.spacing_mm
+                for a in range(3)]
+        bcoords = np.meshgrid(*back, indexing="ij")
+        p_box = np.stack([ndimage.map_coordinates(prob[c], bcoords, order=1, cval=1.0 if c == 0 else 0.0)
+                          for c in range(prob.shape[0])])
+        lab_box = np.argmax(p_box, axis=0).astype(np.uint8)
+        lab_box[~brain[box]] = BACKGROUND
+        labels[box] = lab_box
+        conf[box] = np.take_along_axis(p_box, lab_box[None].astype(np.int64), axis=0)[0]
+        return Segmentation(labels=labels, confidence=conf, seconds=time.perf_counter() - t0)
+
+
+def lesion_from_segmentation(seg: Segmentation, affine: Affine, *, min_volume_ml: float = 0.1,
+                             not_a_lesion: Callable[[np.ndarray], str] | None = None) -> SegmentedLesion:
+    """The lesion of a segmentation (module docstring).
+
+    ``not_a_lesion(mask)`` (optional; ``mask`` bool on the grid, one component with holes filled)
+    returns why a component is a normally enhancing structure (``""`` when it may be a lesion) and
+    rejects it whatever the network says: the scan passes
+    :func:`recnec_cli.stages.lesion.normal_structure` (tubes and sheets: vessels, sinuses, falx; a
+    blob surrounded by CSF: the choroid plexus), the heuristic detector's own tests.
+
+    Raises
+    ------
+    LesionError
+        ``NO_ENHANCING_LESION`` when no component holds ``min_volume_ml`` of enhancing tissue (and
+        passes ``not_a_lesion``).
+    """
+    voxel_ml = abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
+    lab = seg.labels
+    enh = lab == ENHANCING
+    tumour = enh | (lab == CORE)
+    comps, n = ndimage.label(tumour, structure=np.ones((3, 3, 3)))
+    if n == 0:
+        raise LesionError("the segmenter found no enhancing tissue", code="NO_ENHANCING_LESION")
+    enh_ml = ndimage.sum(enh, comps, range(1, n + 1)) * voxel_ml
+    ok = np.nonzero(enh_ml >= max(min_volume_ml, 1e-9))[0]
+    if len(ok) == 0:
+        raise LesionError(f"the segmenter's largest enhancing region is {float(enh_ml.max()):.2f} mL "
+                          f"(minimum {min_volume_ml} mL)", code="NO_ENHANCING_LESION")
+    order = ok[np.argsort(enh_ml[ok])[::-1]]
+    if not_a_lesion is not None:
+        kept, why = [], []
+        for i in order:
+            reason = not_a_lesion(ndimage.binary_fill_holes(comps == i + 1))
+            if reason:
+                why.append(reason)
+            else:
+                kept.append(i)
+        order = np.asarray(kept, dtype=int)
+        if len(order) == 0:
+            counts = ", ".join(f"{why.count(w)} {w}" for w in sorted(set(why)))
+            raise LesionError(f"the segmenter found only normally enhancing structures ({counts})",
+                              code="NO_ENHANCING_LESION")
+    best = int(order[0]) + 1
+    runner_up = float(enh_ml[order[1]] / enh_ml[order[0]]) if len(order) > 1 else 0.0
+    comp = comps == best
+    filled = ndimage.binary_fill_holes(comp)
+    oed = lab == OEDEMA
+    grown, _ = ndimage.label(oed | filled, structure=np.ones((3, 3, 3)))
+    ids = np.unique(grown[filled])
+    oedema = oed & np.isin(grown, ids[ids > 0])
+    return SegmentedLesion(
+        mask=filled, enhancing_ml=float(np.count_nonzero(comp & enh)) * voxel_ml,
+        core_ml=float(np.count_nonzero(filled & ~enh)) * voxel_ml,
+        oedema_ml=float(np.count_nonzero(oedema)) * voxel_ml,
+        confidence=float(np.mean(seg.confidence[comp])), n_lesions=len(order), runner_up_ratio=runner_up,
+        oedema=oedema)

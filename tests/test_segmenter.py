@@ -1,0 +1,265 @@
+"""The lesion segmenter (issue 19): trained on synthetic images only, shipped as ONNX with its
+checksum, reproducible byte for byte, and the source of the lesion in the scan.
+
+Images come from :mod:`recnec_cli.synth.segdata` with seeds never used in training (the shipped
+segmenter trained on seed 0 and validated on seed 1): real MNI152 anatomy, random contrasts,
+and the normally enhancing structures (sinuses, cortical veins, falx, choroid plexus) on every
+image. What real scans show is in ``benchmarks/bench_lesion_localisation.py``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from recnec_cli.config import default_weights_dir, resolve_settings
+from recnec_cli.errors import InferenceError, LesionError
+from recnec_cli.stages import segment
+from recnec_cli.synth import segdata
+
+SHIPPED = default_weights_dir()
+TEST_SEED = 4242  # never a training or validation seed
+
+@pytest.fixture(scope="module")
+def shipped() -> segment.Segmenter:
+    return segment.Segmenter.load(SHIPPED, device="cpu", threads=1)
+
+
+def _images(lm: segdata.LabelMap, index: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Raw per-channel images of ``lm`` (skull-stripped: zero outside brain + lesion) and the mask."""
+    rng = np.random.default_rng([TEST_SEED, index])
+    imgs = segdata.render_images(rng, lm.labels, lm.t1_texture)
+    mask = lm.brain | (segdata.TARGET_OF[lm.labels] > 0) & (lm.labels != segdata.OEDEMA)
+    return {k: np.where(mask, v, 0.0).astype(np.float32) for k, v in imgs.items()}, mask
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / max(1.0, float(a.sum() + b.sum()))
+
+
+def test_a_large_cystic_lesion_touching_the_brain_surface_is_found_whole(shipped):
+    """A 23 mL rim-enhancing lesion with a cystic core that reaches the brain surface, on a
+    skull-stripped head: the chosen lesion is the true one, nearly whole. (Head 1 of the test seed;
+    over heads 0-7 of this kind, 5 are found with Dice >= 0.84 and 3 only in part or not at all:
+    ``benchmarks/bench_lesion_localisation.py`` gives the distribution.)"""
+    from scipy import ndimage
+
+    lm = segdata.draw_label_map(TEST_SEED, 1, kind="large_cystic")
+    truth = np.isin(segdata.TARGET_OF[lm.labels], (1, 2))
+    assert truth.sum() * 8e-3 > 20.0 and (ndimage.binary_dilation(truth) & ~lm.brain).sum() > 100  # reaches out
+    images, mask = _images(lm, 1)
+    aff = segdata.grid_affine()
+    found = segment.lesion_from_segmentation(shipped.segment(images, mask, aff), aff)
+    assert _dice(found.mask, truth) >= 0.75, _dice(found.mask, truth)
+    assert float((found.mask & truth).sum()) >= 0.85 * float(truth.sum())  # found whole, not a fragment
+    enh_truth = float((segdata.TARGET_OF[lm.labels] == 1).sum()) * 8e-3  # 2 mm voxels, mL
+    # a 2-5 mm rim on a 2 mm grid: partial volume makes the enhancing part up to ~1.6x too large
+    assert 0.7 * enh_truth <= found.enhancing_ml <= 2.0 * enh_truth, (found.enhancing_ml, enh_truth)
+
+
+def _tube(shape, axis_point, direction, radius_vox):
+    idx = np.indices(shape).reshape(3, -1).T.astype(float) - np.asarray(axis_point)
+    d = np.asarray(direction, float) / np.linalg.norm(direction)
+    along = idx @ d
+    return (np.linalg.norm(idx - along[:, None] * d, axis=1) <= radius_vox).reshape(shape)
+
+
+def test_normally_enhancing_structures_are_never_the_lesion():
+    """What the segmenter labels enhancing passes the heuristic's credibility tests before it can
+    be the lesion: a tube (vein, sinus) and a blob surrounded by CSF (choroid plexus) are rejected,
+    and a study with only such regions is NO_ENHANCING_LESION, its message counting them; a round
+    lesion in parenchyma passes. Constructed label maps on a 2 mm grid (no network)."""
+    from recnec_cli.stages.lesion import ShellEvidence, normal_structure
+
+    shape, aff = (60, 60, 60), np.diag([2.0, 2.0, 2.0, 1.0])
+    idx = np.indices(shape)
+    r = np.sqrt(((idx - 30.0) ** 2).sum(0))
+    brain = r <= 28
+    ventricle = np.sqrt(((idx - np.array([20.0, 30, 30]).reshape(3, 1, 1, 1)) ** 2).sum(0)) <= 7
+    plexus = np.sqrt(((idx - np.array([20.0, 30, 30]).reshape(3, 1, 1, 1)) ** 2).sum(0)) <= 2.5
+    vein = _tube(shape, (40, 30, 30), (0, 1, 0.2), 1.2) & brain
+    lesion = np.sqrt(((idx - np.array([40.0, 22, 40]).reshape(3, 1, 1, 1)) ** 2).sum(0)) <= 4
+    t1 = np.where(brain, 1.0, 0.0) - 0.8 * ventricle
+    t2 = np.where(brain, 0.5, 0.0) + 1.5 * ventricle
+    rng = np.random.default_rng(0)
+    t1, t2 = t1 + 0.02 * rng.normal(size=shape), t2 + 0.02 * rng.normal(size=shape)
+    shell = ShellEvidence(brain, aff, t1=t1, t2=t2)
+    assert normal_structure(vein, aff, shell) == "vessel- or sheet-shaped"
+    assert normal_structure(plexus, aff, shell) == "surrounded by CSF (choroid plexus)"
+    assert normal_structure(lesion, aff, shell) == ""
+
+    def seg_of(*parts):
+        labels = np.zeros(shape, np.uint8)
+        for m in parts:
+            labels[m] = segment.ENHANCING
+        return segment.Segmentation(labels=labels, confidence=np.full(shape, 0.9, np.float32), seconds=0.0)
+
+    def reject(m):
+        return normal_structure(m, aff, shell)
+
+    with pytest.raises(LesionError) as err:
+        segment.lesion_from_segmentation(seg_of(vein, plexus), aff, not_a_lesion=reject)
+    assert err.value.code == "NO_ENHANCING_LESION"
+    assert "1 vessel- or sheet-shaped" in err.value.message and "1 surrounded by CSF" in err.value.message
+    found = segment.lesion_from_segmentation(seg_of(vein, plexus, lesion), aff, not_a_lesion=reject)
+    assert (found.mask == lesion).all() and found.n_lesions == 1
+    # without the tests, the vein (larger than the lesion here) would have been chosen
+    assert not (segment.lesion_from_segmentation(seg_of(vein, plexus, lesion), aff).mask == lesion).all()
+
+
+def test_flair_is_used_when_present_and_optional(shipped):
+    """The same head with and without its FLAIR: both find the lesion; the FLAIR changes the
+    labels (it is read), and leaving it out is not an error."""
+    lm = segdata.draw_label_map(TEST_SEED, 200, kind="deep")
+    truth = np.isin(segdata.TARGET_OF[lm.labels], (1, 2))
+    images, mask = _images(lm, 200)
+    aff = segdata.grid_affine()
+    with_flair = shipped.segment(images, mask, aff)
+    without = shipped.segment({k: v for k, v in images.items() if k != "FLAIR"}, mask, aff)
+    assert (with_flair.labels != without.labels).any()
+    for seg in (with_flair, without):
+        found = segment.lesion_from_segmentation(seg, aff)
+        assert _dice(found.mask, truth) >= 0.5
+
+
+def test_segmentation_lands_on_the_lesion_on_another_grid(shipped):
+    """Resampling both ways: the same head on a 1.2 mm grid shifted off the segmenter's centre
+    gives the lesion in the same world position (within 3 mm)."""
+    lm = segdata.draw_label_map(TEST_SEED, 300, kind="deep")
+    images, mask = _images(lm, 300)
+    aff = segdata.grid_affine()
+    ref = segment.lesion_from_segmentation(shipped.segment(images, mask, aff), aff)
+    from scipy import ndimage
+
+    fine = np.diag([1.2, 1.2, 1.2, 1.0])
+    fine[:3, 3] = aff[:3, 3] + np.array([7.0, -5.0, 3.0])
+    shape = tuple(int(n * 2.0 / 1.2) - 10 for n in segdata.GRID_SHAPE)
+    coords = np.meshgrid(*[(fine[a, 3] + 1.2 * np.arange(shape[a]) - aff[a, 3]) / 2.0 for a in range(3)],
+                         indexing="ij")
+    imgs2 = {k: ndimage.map_coordinates(v, coords, order=1) for k, v in images.items()}
+    mask2 = ndimage.map_coordinates(mask.astype(np.float32), coords, order=1) > 0.5
+    other = segment.lesion_from_segmentation(shipped.segment(imgs2, mask2, fine), fine)
+
+    def centroid(m, a):
+        return (a @ np.append(ndimage.center_of_mass(m), 1.0))[:3]
+
+    assert np.linalg.norm(centroid(ref.mask, aff) - centroid(other.mask, fine)) <= 3.0
+
+
+def test_shipped_segmenter_checksum_is_verified(tmp_path):
+    """Like the ensemble's: a changed byte in segmenter.onnx refuses to load."""
+    d = tmp_path / "w"
+    d.mkdir()
+    for name in (segment.SEGMENTER_FILE, segment.SEGMENTER_MANIFEST):
+        shutil.copy2(SHIPPED / name, d / name)
+    segment.Segmenter.load(d, device="cpu", threads=1)  # intact: loads
+    data = bytearray((d / segment.SEGMENTER_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (d / segment.SEGMENTER_FILE).write_bytes(bytes(data))
+    with pytest.raises(InferenceError) as err:
+        segment.Segmenter.load(d, device="cpu", threads=1)
+    assert err.value.code == "WEIGHTS_CHECKSUM_MISMATCH"
+    # the scan's loader reads the weights folder's segmenter first, so the scan refuses it too
+    from recnec_cli.orchestration.pipeline import load_segmenter
+
+    with pytest.raises(InferenceError):
+        load_segmenter(resolve_settings({"weights_dir": d}, environ={}))
+
+
+def test_heuristic_detector_needs_no_segmenter():
+    from recnec_cli.orchestration.pipeline import load_segmenter
+
+    assert load_segmenter(resolve_settings({"lesion_detector": "heuristic"}, environ={})) is None
+
+
+@pytest.mark.slow  # three short trainings (about 30 s)
+def test_training_reproduces_the_same_bytes_and_resumes(tmp_path):
+    """Same configuration, same ``segmenter.onnx`` bytes; a run interrupted after its checkpoint
+    and started again resumes there and ends with the same bytes. (A tiny network and 4 steps: the
+    shipped run differs only in size.)"""
+    from dataclasses import replace
+
+    from recnec_cli.stages.infer import sha256_file
+    from recnec_cli.train.segmenter import SHIPPED as CFG
+    from recnec_cli.train.segmenter import train_segmenter
+
+    cfg = replace(CFG, steps=4, n_maps=2, n_validation=1, checkpoint_every=2, channels=(4, 8, 8, 8, 8))
+    a = train_segmenter(tmp_path / "a", cfg)
+    b = train_segmenter(tmp_path / "b", cfg)
+    assert a["files"] == b["files"]
+    assert a["files"][segment.SEGMENTER_FILE] == sha256_file(tmp_path / "a" / segment.SEGMENTER_FILE)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(step: int, total: int, loss: float) -> None:
+        if step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_segmenter(tmp_path / "c", cfg, progress=stop_at_3)
+    assert not (tmp_path / "c" / segment.SEGMENTER_FILE).exists()
+    resumed = []
+    c = train_segmenter(tmp_path / "c", cfg, progress=lambda s, t, loss: resumed.append(s))
+    assert resumed == [3, 4]  # steps 1-2 came from the checkpoint
+    assert c["files"] == a["files"]
+    segment.Segmenter.load(tmp_path / "c", device="cpu", threads=1)
+
+
+class ForegroundHdBet:
+    """HD-BET stand-in for skull-stripped inputs: the brain is where the image is not zero."""
+
+    def check_networks(self) -> None:
+        """Nothing to check."""
+
+    def brain_mask(self, volume) -> np.ndarray:
+        return np.asarray(volume.data) > 0
+
+
+def _write_study(folder: Path, index: int, *, flair: bool) -> tuple[Path, np.ndarray]:
+    """A skull-stripped NIfTI study (BIDS names) drawn from a segdata head with a cortical
+    lesion; returns the folder and the true lesion (enhancing + core) on the segdata grid."""
+    lm = segdata.draw_label_map(TEST_SEED, index, kind="cortical")
+    images, _ = _images(lm, index)
+    folder.mkdir(parents=True)
+    names = {"T1": "T1w", "T2": "T2w", "T1ce": "ce-gadolinium_T1w", "FLAIR": "FLAIR"}
+    for role, suffix in names.items():
+        if role == "FLAIR" and not flair:
+            continue
+        nib.save(nib.Nifti1Image(images[role] * 1000.0, segdata.grid_affine()),
+                 str(folder / f"{folder.name}_{suffix}.nii.gz"))
+    return folder, np.isin(segdata.TARGET_OF[lm.labels], (1, 2))
+
+
+@pytest.mark.slow  # registration of two or three series per study
+@pytest.mark.parametrize("flair", [True, False])
+def test_scan_pipeline_takes_the_lesion_from_the_segmenter_with_or_without_flair(tmp_path, flair):
+    from recnec_cli.orchestration.pipeline import Resources, process_study
+    from recnec_cli.orchestration.report import result_row
+    from recnec_cli.stages.discover import discover
+    from recnec_cli.study import SeriesRole
+
+    folder, truth = _write_study(tmp_path / "s" / "sub-seg01", 400, flair=flair)
+    settings = resolve_settings({"device": "cpu", "threads": 1, "grid_spacing_mm": 2.0}, environ={})
+    study = discover(folder.parent, settings=settings)[0]
+    res = Resources.load(settings, need_model=False, need_hdbet=False)
+    res.hdbet = ForegroundHdBet()
+    from recnec_cli.orchestration.pipeline import load_segmenter
+
+    res.segmenter = load_segmenter(settings)
+    r = process_study(study, settings=settings, resources=res)
+    assert r.ok, (r.status, r.error_message)
+    assert (SeriesRole.FLAIR in r.assignment.chosen) is flair
+    p = r.preprocessed
+    assert p.lesion_source == "segmenter"
+    ijk = np.round(np.linalg.solve(segdata.grid_affine(), np.append(p.lesion_centroid_ras_mm, 1.0))[:3]).astype(int)
+    assert truth[tuple(ijk)], p.lesion_centroid_ras_mm  # the centroid lies in the true lesion
+    assert p.enhancing_volume_ml > 0 and p.oedema_volume_ml >= 0 and p.necrotic_volume_ml >= 0
+    assert p.lesion_volume_ml == pytest.approx(float(truth.sum()) * 8e-3, rel=0.5)
+    row = result_row(r, threshold=None, model_version="")
+    assert bool(row["flair_series"]) is flair
+    assert row["lesion_source"] == "segmenter" and row["enhancing_volume_ml"] != ""
