@@ -1,31 +1,40 @@
-"""Lesion localisation on every case with a reference lesion: where the detector looks (issue 12).
+"""Lesion localisation on every case with a reference lesion: the segmenter against the heuristic.
 
-The model box is centred on the automatically detected lesion, so a wrong lesion gives a
-confident answer about the wrong tissue. This prints, per case, how far the detected lesion's
-centroid lies from the reference lesion, whether it lies inside it, the Dice overlap and the
-volumes, for the scan's detector (T1ce - T1 enhancement + T2 evidence) and, in the same run, the
-same detector without the T2 evidence (ablation: what the perilesional-T2 term buys).
+The model box is centred on the lesion, so a wrong lesion gives a confident answer about the
+wrong tissue. This prints, per case and for both detectors in one run, how far the chosen
+lesion's centroid lies from the reference lesion, whether it lies inside it, the Dice overlap
+(whole lesion, and the enhancing part for the segmenter) and the volumes:
+
+- **segmenter**: the shipped ONNX segmenter (``weights/segmenter.onnx``, the scan's default);
+- **heuristic**: the enhancement-map detector with T2 evidence (``--lesion-detector heuristic``).
 
 Cases:
 
-- ``--n`` fresh synthetic NIfTI studies (seed ``--seed``, never used in training): reference =
-  the true lesion mask ``recnec synth`` draws (enhancing part, necrotic core and all);
-- TCGA-FG-6692 (real untreated lower-grade glioma; T1, T2, T1ce, FLAIR): there is **no expert
-  label**; the reference is the FLAIR-hyperintense region (robust z > 2.5 inside the scan's
-  HD-BET brain mask, largest connected component, on the scan's grid), which ``SOURCE.md``
-  describes as a left frontal lesion. Reported as a proxy, not as ground truth;
-- pyradiomics brain1 and brain2 (real GBM, T1 post-Gd only, 6.5 mm slices, with enhancing-lesion
-  labels): no T1 or T2, so the detector runs on the T1ce alone (HD-BET on the T1ce, 1 mm grid)
-  and the T2 term cannot help; brain2's label is a small non-enhancing region.
+- ``--n-heads`` synthetic heads drawn with the distractors (:mod:`recnec_cli.synth.segdata`,
+  seed ``--seed``, never a training seed; lesion kinds in turn: deep, cortical at the surface,
+  periventricular, large cystic, multifocal, resection cavity; dural sinuses, cortical veins,
+  falx and choroid plexus enhance on every T1ce), skull-stripped, on the segmenter's 2 mm grid:
+  both detectors on the same images (no registration: the images are co-registered by
+  construction). Reference: the true enhancing + core label;
+- ``--n-free`` lesion-free synthetic heads (only the normally enhancing structures): how often
+  each detector reports a lesion that is not there;
+- ``--n`` ``recnec synth`` studies (NIfTI, with skull) through the library ``scan()``: reference
+  = the true lesion mask; the heuristic runs on the scan's kept co-registered volumes;
+- TCGA-FG-6692 (real untreated lower-grade glioma; T1, T2, T1ce and FLAIR, which the scan now
+  uses): **no expert label**; the reference is the FLAIR-hyperintense region (robust z > 2.5 in
+  the brain mask, largest component) of the FLAIR **registered onto the T1ce** by the scan. Until
+  2026-12-04 this benchmark took the FLAIR through world coordinates, assuming one frame for the
+  session: the FLAIR's header frame is 17 mm / 13 degrees off the T1ce's (the registration and a
+  picture of both agree), so that reference lay 94 mm from the tumour and every earlier "TCGA
+  missed" figure measured against the wrong place;
+- pyradiomics brain1 and brain2 (real GBM, T1 post-Gd only, 6.5 mm slices, with lesion labels):
+  T1ce alone (HD-BET on the T1ce, 1 mm grid); brain2's label is a small non-enhancing region.
 
-Synthetic and TCGA studies go through the library ``scan()`` (``--keep-intermediate`` writes the
-co-registered volumes, brain and lesion masks that the ablation reuses).
+    OMP_NUM_THREADS=1 python benchmarks/bench_lesion_localisation.py [--n-heads 24] [--n 6]
+        [--seed 9002] [--workers 1] [--json out.json]
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_lesion_localisation.py [--n 6] [--seed 9002]
-        [--workers 1] [--json out.json]
-
-Cost: about 35 s per scanned study plus 20-30 s of HD-BET per pyradiomics case (6 + 1 + 2 cases:
-about 6 min on 2 cores).
+Cost: about 3 s per synthetic head, 35 s per scanned study, 30 s per pyradiomics case (24 + 7 + 2
+cases: about 7 min on 2 cores).
 """
 
 from __future__ import annotations
@@ -50,20 +59,25 @@ def _centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return (affine @ np.append(ndimage.center_of_mass(mask), 1.0))[:3]
 
 
-def _figures(found: np.ndarray, centroid: np.ndarray, ambiguous: bool, ref: np.ndarray,
-             affine: np.ndarray) -> dict:
-    """Distance (mm), centroid inside the reference, Dice, volumes (mL) of one detection."""
+def _figures(found: np.ndarray, centroid: np.ndarray, flags: str, ref: np.ndarray, affine: np.ndarray,
+             found_enh: np.ndarray | None = None, ref_enh: np.ndarray | None = None) -> dict:
+    """Distance (mm), centroid inside the reference, Dice (lesion; enhancing part), volumes (mL)."""
     voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
     ijk = np.round(np.linalg.solve(affine, np.append(centroid, 1.0))[:3]).astype(int)
     inside = bool(all(0 <= v < s for v, s in zip(ijk, ref.shape)) and ref[tuple(ijk)])
-    inter = float((found & ref).sum())
-    return {"distance_mm": float(np.linalg.norm(centroid - _centroid(ref, affine))), "inside": inside,
-            "dice": 2 * inter / max(1.0, float(found.sum() + ref.sum())),
-            "found_ml": float(found.sum()) * voxel_ml, "reference_ml": float(ref.sum()) * voxel_ml,
-            "ambiguous": bool(ambiguous)}
+    out = {"distance_mm": float(np.linalg.norm(centroid - _centroid(ref, affine))), "inside": inside,
+           "dice": _dice(found, ref), "found_ml": float(found.sum()) * voxel_ml,
+           "reference_ml": float(ref.sum()) * voxel_ml, "flags": flags}
+    if found_enh is not None and ref_enh is not None:
+        out["dice_enhancing"] = _dice(found_enh, ref_enh)
+    return out
 
 
-def _detect(t1ce, brain, affine, **kw) -> tuple[np.ndarray, np.ndarray, bool] | None:
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / max(1.0, float(a.sum() + b.sum()))
+
+
+def _heuristic(t1ce, brain, affine, ref, **kw) -> dict | None:
     from recnec_cli.errors import LesionError
     from recnec_cli.stages.lesion import detect_enhancing_lesion
 
@@ -71,16 +85,67 @@ def _detect(t1ce, brain, affine, **kw) -> tuple[np.ndarray, np.ndarray, bool] | 
         les = detect_enhancing_lesion(t1ce, brain, affine, **kw)
     except LesionError:
         return None
-    return les.mask, np.asarray(les.centroid_ras_mm), les.ambiguous
+    if ref is None:
+        return {"false_lesion_ml": les.volume_ml}
+    return _figures(les.mask, np.asarray(les.centroid_ras_mm), "A" if les.ambiguous else "", ref, affine)
 
 
-def _load(p: Path) -> tuple[np.ndarray, np.ndarray]:
-    img = nib.load(str(p))
-    return np.asarray(img.dataobj, dtype=np.float32), np.asarray(img.affine)
+def _segmenter(seg, images, brain, affine, ref, ref_enh=None) -> tuple[dict | None, float]:
+    """The scan's lesion stage with the segmenter: segmentation, then the normal-structure tests
+    (roundness; the CSF shell when a T1 and a T2 are there), as in ``pipeline._find_lesion``."""
+    from recnec_cli.errors import LesionError
+    from recnec_cli.stages.lesion import ShellEvidence, normal_structure
+    from recnec_cli.stages.segment import ENHANCING, lesion_from_segmentation
+
+    t0 = time.perf_counter()
+    s = seg.segment(images, brain, affine)
+    seconds = time.perf_counter() - t0
+    shell = (ShellEvidence(brain, affine, t1=images["T1"], t2=images["T2"])
+             if images.get("T1") is not None and images.get("T2") is not None else None)
+    try:
+        les = lesion_from_segmentation(s, affine, not_a_lesion=lambda m: normal_structure(m, affine, shell))
+    except LesionError:
+        return None, seconds
+    if ref is None:  # a lesion-free head: any lesion is a false one
+        return {"false_lesion_ml": float(les.mask.sum()) * abs(float(np.linalg.det(affine[:3, :3]))) / 1000}, seconds
+    enh = les.mask & (s.labels == ENHANCING)
+    return _figures(les.mask, _centroid(les.mask, affine), "A" if les.runner_up_ratio >= 0.5 else "", ref, affine,
+                    enh, ref_enh), seconds
+
+
+def synthetic_heads(args, seg) -> list[dict]:
+    """Segdata heads with distractors: both detectors on the same skull-stripped images."""
+    from recnec_cli.synth import segdata
+
+    aff = segdata.grid_affine()
+    out = []
+    for i in range(args.n_heads):
+        kind = segdata.LESION_KINDS[i % len(segdata.LESION_KINDS)]
+        lm = segdata.draw_label_map(args.seed, i, kind=kind)
+        target = segdata.TARGET_OF[lm.labels]
+        ref, ref_enh = np.isin(target, (1, 2)), target == 1
+        if not ref.any():
+            continue
+        imgs = segdata.render_images(np.random.default_rng([args.seed, i]), lm.labels, lm.t1_texture)
+        brain = ndimage.binary_fill_holes(lm.brain | (ref & (lm.labels != segdata.OEDEMA)))
+        imgs = {k: np.where(brain, v, 0.0).astype(np.float32) for k, v in imgs.items()}
+        s, sec = _segmenter(seg, imgs, brain, aff, ref, ref_enh)
+        h = _heuristic(imgs["T1ce"], brain, aff, ref, t1=imgs["T1"], t2=imgs["T2"])
+        out.append({"case": f"head {i:02d}", "kind": f"synthetic head ({kind})", "status": "OK",
+                    "segmenter": s, "heuristic": h, "segmenter_seconds": sec})
+    for i in range(args.n_free):  # lesion-free heads: only the normally enhancing structures
+        lm = segdata.draw_label_map(args.seed, 1000 + i, kind="none")
+        imgs = segdata.render_images(np.random.default_rng([args.seed, 1000 + i]), lm.labels, lm.t1_texture)
+        imgs = {k: np.where(lm.brain, v, 0.0).astype(np.float32) for k, v in imgs.items()}
+        s, sec = _segmenter(seg, imgs, lm.brain, aff, None)
+        h = _heuristic(imgs["T1ce"], lm.brain, aff, None, t1=imgs["T1"], t2=imgs["T2"])
+        out.append({"case": f"free {i:02d}", "kind": "lesion-free head", "status": "FREE", "segmenter": s,
+                    "heuristic": h})
+    return out
 
 
 def scanned_cases(args, tmp: Path) -> list[dict]:
-    """Synthetic + TCGA through scan(); reference masks on the scan grid; both detector variants."""
+    """``recnec synth`` studies + TCGA through scan() (segmenter); the heuristic on kept volumes."""
     from recnec_cli.config import resolve_settings
     from recnec_cli.orchestration.scan import scan
     from recnec_cli.stages import convert, register
@@ -93,12 +158,12 @@ def scanned_cases(args, tmp: Path) -> list[dict]:
     if args.n:
         info = write_cohort(studies, n=args.n, seed=args.seed, fmt="nifti")
         for sid, label in zip(info.study_ids, info.labels):
-            refs[sid] = (f"synthetic ({label})", studies / "masks" / f"{sid}_lesion_mask.nii.gz")
+            refs[sid] = (f"synthetic study ({label})", studies / "masks" / f"{sid}_lesion_mask.nii.gz")
     tcga = shared_real() / "nifti_tcga_fg_6692_lgg_siemens"
     if tcga.is_dir():
         dest = studies / "TCGA-FG-6692"
         dest.mkdir()
-        for f in tcga.glob("*.nii.gz"):  # the images (a copy in the temporary tree; the FLAIR is not a model role)
+        for f in tcga.glob("*.nii.gz"):  # the images, FLAIR included (a copy in the temporary tree)
             if "mask" not in f.name.lower():
                 shutil.copy2(f, dest / f.name)
         refs["TCGA-FG-6692"] = ("real LGG (FLAIR proxy)", None)
@@ -113,8 +178,10 @@ def scanned_cases(args, tmp: Path) -> list[dict]:
     out = []
     for sid, (kind, ref_path) in refs.items():
         d = keep / sid
-        if rows.get(sid, {}).get("status") != "OK" or not (d / "t1ce_coreg.nii.gz").is_file():
-            out.append({"case": sid, "kind": kind, "status": rows.get(sid, {}).get("status", "missing")})
+        row = rows.get(sid, {})
+        if not (d / "t1ce_coreg.nii.gz").is_file():
+            out.append({"case": sid, "kind": kind, "status": row.get("status", "missing"),
+                        "message": row.get("error_message", "")})
             continue
         t1ce, aff = _load(d / "t1ce_coreg.nii.gz")
         t1, _ = _load(d / "t1_coreg.nii.gz")
@@ -122,23 +189,30 @@ def scanned_cases(args, tmp: Path) -> list[dict]:
         brain = _load(d / "brain_mask.nii.gz")[0] > 0
         if ref_path is not None:
             ref = register.resample_to_grid(convert.read_image_file(ref_path), t1ce.shape, aff, order=0) > 0.5
-        else:  # FLAIR proxy, on the scan grid through world coordinates (same session, same frame)
-            flair_file = sorted(f for f in tcga.glob("*.nii.gz") if "flair" in f.name.lower())[0]
-            flair = register.resample_to_grid(convert.read_image_file(flair_file), t1ce.shape, aff)
+        else:  # FLAIR proxy: the scan's FLAIR registered onto the T1ce (its world frame is ~17 mm / 13 deg off)
+            flair, _ = _load(d / "flair_coreg.nii.gz")
             hyper = brain & (robust_zscore(flair, brain) > 2.5)
             lab, n = ndimage.label(hyper)
             ref = lab == (1 + int(np.argmax(ndimage.sum(hyper, lab, range(1, n + 1))))) if n else hyper
-        scan_mask = _load(d / "lesion_mask.nii.gz")[0] > 0
-        c_scan = np.array([float(rows[sid][f"lesion_{a}_mm"]) for a in "ras"])
-        res = {"case": sid, "kind": kind, "status": "OK",
-               "with_t2": _figures(scan_mask, c_scan, "LESION_AMBIGUOUS" in rows[sid]["flags"], ref, aff)}
-        no_t2 = _detect(t1ce, brain, aff, t1=t1)
-        res["without_t2"] = _figures(*no_t2, ref, aff) if no_t2 else None
+        res = {"case": sid, "kind": kind, "status": row.get("status", "missing"),
+               "message": row.get("error_message", ""), "flair": bool(row.get("flair_series")),
+               "segmenter": None, "reference_ml": float(ref.sum()) * abs(float(np.linalg.det(aff[:3, :3]))) / 1000}
+        if row.get("status") == "OK":
+            scan_mask = _load(d / "lesion_mask.nii.gz")[0] > 0
+            c_scan = np.array([float(row[f"lesion_{a}_mm"]) for a in "ras"])
+            res["segmenter"] = _figures(scan_mask, c_scan, row["flags"], ref, aff)
+            res["lesion_confidence"] = row.get("lesion_confidence")
+        res["heuristic"] = _heuristic(t1ce, brain, aff, ref, t1=t1, t2=t2)
         out.append(res)
     return out
 
 
-def pyradiomics_cases() -> list[dict]:
+def _load(p: Path) -> tuple[np.ndarray, np.ndarray]:
+    img = nib.load(str(p))
+    return np.asarray(img.dataobj, dtype=np.float32), np.asarray(img.affine)
+
+
+def pyradiomics_cases(seg) -> list[dict]:
     """brain1 / brain2: T1ce only, HD-BET on the T1ce, 1 mm grid, labelled lesion."""
     import SimpleITK as sitk
 
@@ -159,50 +233,78 @@ def pyradiomics_cases() -> list[dict]:
         t1ce = register.resample_to_grid(vol, shape, gaff)
         brain = register.resample_to_grid(Volume(hdbet.brain_mask(vol).astype(np.float32), aff), shape, gaff) > 0.5
         ref = register.resample_to_grid(Volume(lab, laff), shape, gaff, order=0) > 0.5
-        found = _detect(t1ce, brain, gaff)
+        s, sec = _segmenter(seg, {"T1ce": t1ce}, brain, gaff, ref)
         out.append({"case": f"pyradiomics {name}", "kind": "real GBM (label; T1ce only)", "status": "OK",
-                    "with_t2": None, "without_t2": _figures(*found, ref, gaff) if found else None})
+                    "segmenter": s, "heuristic": _heuristic(t1ce, brain, gaff, ref), "segmenter_seconds": sec})
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=6, help="fresh synthetic studies")
-    ap.add_argument("--seed", type=int, default=9002, help="synthetic cohort seed (never a training seed)")
+    ap.add_argument("--n-heads", type=int, default=24, help="synthetic heads with distractors (segdata)")
+    ap.add_argument("--n-free", type=int, default=8, help="lesion-free synthetic heads (false lesions)")
+    ap.add_argument("--n", type=int, default=6, help="recnec synth studies through scan()")
+    ap.add_argument("--seed", type=int, default=9002, help="synthetic seed (never a training seed)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    from recnec_cli.config import default_weights_dir
+    from recnec_cli.stages.segment import Segmenter
+
+    seg = Segmenter.load(default_weights_dir(), device="cpu", threads=1)
+    t0 = time.perf_counter()
+    cases = synthetic_heads(args, seg)
+    print(f"{len(cases)} synthetic heads in {time.perf_counter() - t0:.0f} s", flush=True)
     with tempfile.TemporaryDirectory() as tmpd:
-        cases = scanned_cases(args, Path(tmpd)) + pyradiomics_cases()
+        cases += scanned_cases(args, Path(tmpd))
+    cases += pyradiomics_cases(seg)
 
     def cell(f: dict | None) -> str:
         if f is None:
-            return f"{'no lesion found':<28}"
-        return (f"{f['distance_mm']:6.1f} {'yes' if f['inside'] else 'no':>4} {f['dice']:5.2f} {f['found_ml']:7.2f}"
-                f"{' A' if f['ambiguous'] else '  '}")
+            return f"{'no lesion':<27}"
+        de = f"{f['dice_enhancing']:5.2f}" if "dice_enhancing" in f else f"{'':5}"
+        return (f"{f['distance_mm']:6.1f} {'yes' if f['inside'] else 'no':>3} {f['dice']:5.2f} {de} "
+                f"{f['found_ml']:6.1f}")
 
-    print(f"\n{'case':<22} {'kind':<30} {'ref mL':>7} | {'scan detector (T2 evidence)':^26} | "
-          f"{'without T2 evidence':^26}")
-    print(f"{'':<22} {'':<30} {'':>7} | {'mm':>6} {'in':>4} {'Dice':>5} {'mL':>7}  | "
-          f"{'mm':>6} {'in':>4} {'Dice':>5} {'mL':>7}")
+    print(f"\n{'case':<16} {'kind':<32} {'ref mL':>7} | {'segmenter (scan default)':^33} | {'heuristic':^27}")
+    print(f"{'':<16} {'':<32} {'':>7} | {'mm':>6} {'in':>3} {'Dice':>5} {'enh':>5} {'mL':>6}       | "
+          f"{'mm':>6} {'in':>3} {'Dice':>5} {'':>5} {'mL':>6}")
     for c in cases:
-        if c["status"] != "OK":
-            print(f"{c['case']:<22} {c['kind']:<30} scan status {c['status']}")
+        if c["status"] == "FREE":
             continue
-        ref_ml = (c["with_t2"] or c["without_t2"] or {}).get("reference_ml", float("nan"))
-        left = cell(c["with_t2"]) if c["with_t2"] is not None or c["kind"].startswith("synthetic") or \
-            "FLAIR" in c["kind"] else f"{'n/a (no T1/T2)':<28}"
-        print(f"{c['case']:<22} {c['kind']:<30} {ref_ml:7.2f} | {left} | {cell(c['without_t2'])}")
-    print("A = flagged LESION_AMBIGUOUS (a second candidate scored at least half as high)")
-    syn = [c for c in cases if c["kind"].startswith("synthetic") and c["status"] == "OK"]
-    for key in ("with_t2", "without_t2"):
-        f = [c[key] for c in syn if c[key] is not None]
+        ref_ml = c.get("reference_ml") or next((f["reference_ml"] for f in (c.get("segmenter"), c.get("heuristic"))
+                                                if f), float("nan"))
+        seg_cell = cell(c.get("segmenter"))
+        if c["status"] != "OK":
+            seg_cell = f"{c['status'][:27]:<27}"
+        extra = ""
+        if c.get("segmenter") and c["segmenter"].get("flags"):
+            extra = " " + c["segmenter"]["flags"][:60]
+        print(f"{c['case']:<16} {c['kind']:<32} {ref_ml:7.2f} | {seg_cell}       | {cell(c.get('heuristic'))}{extra}")
+    heads = [c for c in cases if c["kind"].startswith("synthetic head")]
+    for key in ("segmenter", "heuristic"):
+        f = [c[key] for c in heads]
+        found = [x for x in f if x is not None]
         if f:
-            d = np.array([x["distance_mm"] for x in f])
-            print(f"synthetic {key}: median distance {np.median(d):.1f} mm (max {d.max():.1f}), centroid inside "
-                  f"{sum(x['inside'] for x in f)}/{len(syn)}, median Dice {np.median([x['dice'] for x in f]):.2f}")
+            line = (f"synthetic heads, {key}: centroid inside {sum(x['inside'] for x in found)}/{len(f)}, "
+                    f"median distance {np.median([x['distance_mm'] if x else np.inf for x in f]):.1f} mm, "
+                    f"median Dice {np.median([x['dice'] if x else 0.0 for x in f]):.2f}")
+            if key == "segmenter":
+                de = np.median([x.get("dice_enhancing", 0.0) if x else 0.0 for x in f])
+                line += f", median Dice of the enhancing part {de:.2f}"
+            print(line)
+    free = [c for c in cases if c["status"] == "FREE"]
+    for key in ("segmenter", "heuristic"):
+        if free:
+            fl = [c[key]["false_lesion_ml"] for c in free if c[key]]
+            print(f"lesion-free heads, {key}: a false lesion on {len(fl)}/{len(free)}"
+                  + (f" (median {np.median(fl):.2f} mL)" if fl else "") + "; the rest NO_ENHANCING_LESION")
+    secs = [c["segmenter_seconds"] for c in cases if "segmenter_seconds" in c]
+    if secs:
+        print(f"segmenter seconds per study (resampling included, 1 thread): median {np.median(secs):.2f}, "
+              f"max {max(secs):.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"seed": args.seed, "n": args.n, "cases": cases}, indent=1))
+        args.json.write_text(json.dumps({"seed": args.seed, "n": args.n, "cases": cases}, indent=1, default=str))
 
 
 if __name__ == "__main__":
