@@ -73,6 +73,7 @@ def test_installed_wheel_scans_the_readme_example(tmp_path):
     assert module.is_relative_to(site) and not module.is_relative_to(REPO)
     assert weights == site / "recnec_cli" / "weights"
     assert (weights / "manifest.json").is_file() and len(list(weights.glob("fold*.onnx"))) == 5
+    assert (weights / "segmenter.json").is_file() and (weights / "segmenter.onnx").is_file()
 
     recnec = str(site / "bin" / "recnec")  # the wheel's console script
     _run([recnec, "synth", "example", "--n", "2", "--format", "dicom"], cwd=work, env=env)
@@ -83,6 +84,7 @@ def test_installed_wheel_scans_the_readme_example(tmp_path):
     assert len(rows) == 2
     for row in rows:
         assert row["status"] == "OK", row
+        assert row["lesion_source"] == "segmenter", row  # the wheel's own segmenter, not the heuristic fallback
         assert 0.0 <= float(row["p_recurrence"]) <= 1.0
     manifest = json.loads((work / "report.manifest.json").read_text(encoding="utf-8"))
     assert "synthetic" in manifest["disclaimer"]
