@@ -72,6 +72,10 @@ class Settings:
     scheduler: str = ""  # scheduler address, e.g. tcp://HOST:8786; "" = local worker processes
     scheduler_file: Path | None = None  # JSON file written by `dask scheduler --scheduler-file`
     dask_resources: str = ""  # Dask resources each task needs, e.g. "GPU=1"; "" = any worker
+    # results as DICOM objects (recnec_cli.pacs): SEG, SR and secondary capture per DICOM study
+    dicom_out: Path | None = None  # folder for <StudyInstanceUID>/{SEG,SR,SC}.dcm; None = none
+    send: str = ""  # PACS to C-STORE them to, AE@HOST:PORT; "" = none
+    calling_ae: str = "RECNEC"  # our AE title when sending
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,9 +133,28 @@ class Settings:
         if self.lesion_detector not in ("segmenter", "heuristic"):
             raise UsageError(f"lesion detector (--lesion-detector / RECNEC_LESION_DETECTOR) must be 'segmenter' or "
                              f"'heuristic', got {self.lesion_detector!r}")
+        if self.send:
+            from .pacs.send import parse_destination
+
+            parse_destination(self.send, option=self._name("send", "--send"))
+        if not _valid_ae_title(self.calling_ae):
+            raise UsageError(f"{self._name('calling_ae', '--calling-ae')} must be 1-16 characters of printable "
+                             f"ASCII without backslash (PS3.5 6.2, AE), got {self.calling_ae!r}")
         if not (0.3 <= self.grid_spacing_mm <= 3.0):
             raise UsageError(f"grid spacing must be within 0.3-3.0 mm, got {self.grid_spacing_mm}")
         return self
+
+
+    def _name(self, field_: str, option: str) -> str:
+        """How a setting arrived, for an error message: the option and its variable, or the variable
+        alone when it came from the environment."""
+        env = "RECNEC_" + field_.upper()
+        return f"{env} (environment)" if self.sources.get(field_) == "env" else f"{option} / {env}"
+
+
+def _valid_ae_title(text: str) -> bool:
+    """An Application Entity title: 1-16 characters, printable ASCII, no backslash, not all blank."""
+    return 0 < len(text) <= 16 and text.strip() != "" and all(32 <= ord(c) < 127 and c != "\\" for c in text)
 
 
 #: a Dask scheduler address: optional protocol, host (name, IPv4 or [IPv6]) and a port
@@ -171,6 +194,9 @@ def parse_resources(text: str) -> dict[str, float]:
     return out
 
 
+#: Path settings whose names end neither in _dir nor _file
+_PATH_FIELDS = frozenset({"dicom_out"})
+
 _CASTS = {bool: lambda s: s.strip().lower() in ("1", "true", "yes", "on")}
 
 
@@ -204,7 +230,8 @@ def resolve_settings(overrides: Mapping[str, Any] | None = None,
                     values[f.name] = int(raw)
                 elif isinstance(current, float):
                     values[f.name] = float(raw)
-                elif isinstance(current, Path) or f.name.endswith("_dir") or f.name.endswith("_file"):
+                elif (isinstance(current, Path) or f.name.endswith("_dir") or f.name.endswith("_file")
+                      or f.name in _PATH_FIELDS):
                     values[f.name] = Path(raw)
                 else:
                     values[f.name] = raw

@@ -78,6 +78,11 @@ class StudyResult:
     #: ``oedema_volume_ml``): a NO_ENHANCING_LESION row still says what the brain mask and the
     #: segmenter saw
     measured: dict[str, Any] = field(default_factory=dict)
+    #: with ``--dicom-out``, a DICOM study's lesion on its T1ce's own frames
+    #: (:class:`recnec_cli.pacs.objects.SourceLabels`), made where the volumes are; ``dicom_note``
+    #: why there is none (empty when not asked for)
+    source_labels: Any = None
+    dicom_note: str = ""
 
     @property
     def ok(self) -> bool:

@@ -43,7 +43,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-COMMAND_MODULES = ("scan", "status_cmd", "inspect_cmd", "synth_cmd", "train_cmd", "segmenter_cmd")
+COMMAND_MODULES = ("scan", "status_cmd", "send_cmd", "inspect_cmd", "synth_cmd", "train_cmd", "segmenter_cmd")
 
 
 def _version(value: bool) -> None:

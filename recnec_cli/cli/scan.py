@@ -173,6 +173,18 @@ def scan(
                                       "index.html overview of every study here "
                                       + setting_help("qc_dir", default="none"),
                                       show_default=False),
+    dicom_out: Optional[Path] = typer.Option(None, "--dicom-out", help="For each DICOM study: write a DICOM SEG "
+                                             "of the lesion on the T1ce's own frames, a TID 1500 structured report "
+                                             "and the QC picture as a secondary capture to "
+                                             "DIR/<StudyInstanceUID>/ (they carry the patient's identity, to file "
+                                             "under the source study) " + setting_help("dicom_out", default="none"),
+                                             show_default=False),
+    send: Optional[str] = typer.Option(None, "--send", help="C-STORE the DICOM objects to this PACS, "
+                                       "AE@HOST:PORT (needs --dicom-out); a PACS that is down leaves them queued "
+                                       "for the next run or `recnec send` " + setting_help("send", default="none"),
+                                       show_default=False),
+    calling_ae: Optional[str] = typer.Option(None, "--calling-ae", help="Our AE title when sending "
+                                             + setting_help("calling_ae"), show_default=False),
     explain: Optional[bool] = typer.Option(None, "--explain/--no-explain", help="With --qc: also draw where the "
                                            "model looked (occlusion sensitivity through the ONNX ensemble, about 15 s "
                                            "per study) " + setting_help("explain"),
@@ -206,6 +218,7 @@ def scan(
             "lesion_masks_dir": lesion_masks, "lesion_detector": lesion_detector,
             "keep_intermediate_dir": keep_intermediate,
             "qc_dir": qc, "explain": explain,
+            "dicom_out": dicom_out, "send": send, "calling_ae": calling_ae,
             "rules_file": rules, "grid_spacing_mm": grid_spacing, "threads": threads,
             "state_file": state, "settle_minutes": settle_minutes, "pseudonym_key_file": pseudonym_key_file,
             "workers": workers, "study_timeout_s": study_timeout, "max_memory_mb": max_memory,

@@ -15,10 +15,10 @@ from .common import error_boundary, results_console
 STATUS_HELP = """Show what a scan state (the SQLite file beside a report) holds.
 
 Counts by status of the studies still in the tree, the last runs (start, finish, counts, exit
-code; a run without a finish time was killed or is still running), and every failed study with
-its error code and message. Reads the file only; safe while a scan runs. With --qc DIR, also
-(re)writes DIR/index.html, the QC overview of every study in the state, linking the pictures a
-`recnec scan --qc DIR` drew there.
+code; a run without a finish time was killed or is still running), the DICOM objects sent to each
+PACS (sent, pending, failed), and every failed study with its error code and message. Reads the
+file only; safe while a scan runs. With --qc DIR, also (re)writes DIR/index.html, the QC
+overview of every study in the state, linking the pictures a `recnec scan --qc DIR` drew there.
 
 Examples:
 
@@ -68,8 +68,11 @@ def status(
         failed = [{"study_id": s.study_id, "status": s.status, "error_message": s.row.get("error_message", ""),
                    "failed_stage": s.row.get("failed_stage", ""), "run_id": s.run_id, "present": s.present}
                   for s in studies if s.status not in ("OK", "DEFERRED")]
+        with ScanState(state) as st:
+            sends = st.send_counts()
         info = {"state": str(state), "studies": len(studies), "not_present": sum(not s.present for s in studies),
-                "status_counts": dict(iter_status_counts(studies)), "runs": recent, "failed": failed}
+                "status_counts": dict(iter_status_counts(studies)), "runs": recent, "failed": failed,
+                "sends": sends}
         if fmt is StatusFormat.json:
             typer.echo(json.dumps(info, indent=2))
         else:
@@ -99,6 +102,14 @@ def _tables(info: dict) -> None:
                   "" if run["exit_code"] is None else str(run["exit_code"]) + (f" {run['stop_reason']}" if run[
                       "stop_reason"] else ""))
     console.print(r)
+    if info["sends"]:
+        p = Table(title="DICOM objects sent to PACS (pending: queued; failed: tried, retried by the next run or "
+                  "`recnec send`)", title_justify="left")
+        for col in ("PACS", "status", "objects", "last attempt (UTC)"):
+            p.add_column(col)
+        for x in info["sends"]:
+            p.add_row(x["destination"], x["status"], str(x["objects"]), x["last_attempt_utc"] or "")
+        console.print(p)
     if info["failed"]:
         f = Table(title="failed studies", title_justify="left")
         for col in ("study", "status", "stage", "message", "in tree"):

@@ -105,8 +105,9 @@ def study_fingerprint(study: Study, files: Sequence[tuple[str, int, int]], *, se
     """Hex SHA-256 of what a study's result depends on: its series (SeriesInstanceUIDs or file
     paths) with each file's size and mtime, the user lesion mask, the weights' model version,
     the result-changing settings (:data:`RESULT_SETTINGS`, rules file content included), the
-    pseudonym key id, the lesion segmenter's checksum and the recnec version. Same fingerprint, same
-    row: the study is skipped."""
+    pseudonym key id, the lesion segmenter's checksum, the recnec version and, for a DICOM study,
+    whether DICOM objects are asked for (``--dicom-out``). Same fingerprint, same row: the study is
+    skipped."""
     rules_sha = ""
     if settings.rules_file is not None:
         from ..stages.infer import sha256_file
@@ -117,7 +118,9 @@ def study_fingerprint(study: Study, files: Sequence[tuple[str, int, int]], *, se
             rules_sha = "unreadable"
     return digest([study.study_id, [s.series_id for s in study.series], sorted(files), model_version,
                    {k: str(getattr(settings, k)) for k in RESULT_SETTINGS}, rules_sha, key_id, __version__,
-                   segmenter_version_of(settings)])
+                   segmenter_version_of(settings)]
+                  # asking for DICOM objects reprocesses a study once (its lesion on the T1ce frames)
+                  + (["dicom-out"] if settings.dicom_out is not None and study.source == "dicom" else []))
 
 
 def segmenter_version_of(settings: Settings) -> str:

@@ -26,7 +26,8 @@ def check_scan_paths(studies: Path, *, out: Path, settings: Settings) -> None:
     Raises
     ------
     UsageError
-        STUDIES not a folder; a report, state, ``keep_intermediate_dir`` or ``qc_dir`` inside the input tree
+        STUDIES not a folder; a report, state, ``keep_intermediate_dir``, ``qc_dir`` or ``dicom_out``
+        inside the input tree
         (recnec never writes there) or not writable as a file / folder; ``lesion_masks_dir`` or
         ``weights_dir`` not a folder; ``rules_file``, ``scheduler_file`` or ``pseudonym_key_file``
         not a file.
@@ -46,6 +47,8 @@ def check_scan_paths(studies: Path, *, out: Path, settings: Settings) -> None:
         outputs.append((name("keep_intermediate_dir", "--keep-intermediate"), Path(settings.keep_intermediate_dir)))
     if settings.qc_dir is not None:
         outputs.append((name("qc_dir", "--qc"), Path(settings.qc_dir)))
+    if settings.dicom_out is not None:
+        outputs.append((name("dicom_out", "--dicom-out"), Path(settings.dicom_out)))
     for what, p in outputs:
         if is_inside(p, studies):
             raise UsageError(f"{what} {p} lies inside the input tree {studies}; recnec never writes there")
@@ -61,6 +64,14 @@ def check_scan_paths(studies: Path, *, out: Path, settings: Settings) -> None:
         if qd.exists() and not qd.is_dir():
             raise UsageError(f"{name('qc_dir', '--qc')} {qd} is a file, not a folder")
         _check_writable_file(qd / "index.html", name("qc_dir", "--qc"))
+    if settings.send and settings.dicom_out is None:
+        raise UsageError(f"{name('send', '--send')} needs a folder for the DICOM objects first: give "
+                         "--dicom-out DIR / RECNEC_DICOM_OUT as well")
+    if settings.dicom_out is not None:
+        dd = Path(settings.dicom_out)
+        if dd.exists() and not dd.is_dir():
+            raise UsageError(f"{name('dicom_out', '--dicom-out')} {dd} is a file, not a folder")
+        _check_writable_file(dd / "x", name("dicom_out", "--dicom-out"))
     for field_, option in (("lesion_masks_dir", "--lesion-masks"), ("weights_dir", "--weights")):
         p = getattr(settings, field_)
         if p is not None and not Path(p).is_dir():

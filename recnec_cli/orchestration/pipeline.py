@@ -54,6 +54,7 @@ from ..qc.captions import qc_header, qc_result_line
 from ..results import STAGES, Preprocessed, StudyFailure, StudyResult
 from ..stages.modelinput import InputSpec, box_affine, make_model_input
 from ..study import RoleAssignment, SeriesRole, Study, StudyImages, Volume
+from . import dicom_export
 
 __all__ = ["STAGES", "STEPS", "Preprocessed", "Resources", "Step", "StudyContext", "StudyFailure", "StudyResult",
            "finish_qc", "infer_batch", "preprocess_study", "process_study", "qc_name_of", "report_threshold_of",
@@ -187,6 +188,9 @@ class StudyContext:
     lesion_volumes: dict[str, float] = field(default_factory=dict)
     #: the segmenter's labels on the common grid (:class:`recnec_cli.stages.segment.Segmentation`)
     segmentation: Any = None
+    #: the chosen lesion's compartments, uint8 ``(X, Y, Z)`` on the common grid: 1 enhancing, 2 core,
+    #: 3 oedema (segmenter); ``None`` for a user mask or the heuristic (``lesion.mask`` is all there is)
+    lesion_labels: np.ndarray | None = None
     brain: np.ndarray | None = None
     lesion: Any = None
     model_input: np.ndarray | None = None
@@ -452,6 +456,11 @@ def _find_lesion(ctx: StudyContext) -> None:
                                    runner_up_ratio=found.runner_up_ratio)
         ctx.lesion_volumes = {"enhancing": found.enhancing_ml, "necrotic": found.core_ml,
                               "oedema": found.oedema_ml}
+        labels = np.zeros(found.mask.shape, dtype=np.uint8)
+        labels[found.oedema] = 3
+        labels[found.mask] = 2
+        labels[found.mask & found.enhancing] = 1
+        ctx.lesion_labels = labels
         ctx.lesion_confidence = lesion_confidence_of(found, heuristic_agrees=agrees, grown_edge=grown_edge)
         if ctx.lesion.ambiguous:
             ctx.flags.append(lesion.AMBIGUOUS_FLAG)
@@ -677,11 +686,33 @@ def process_study(study: Study, *, settings: Settings, resources: Resources,
         r.preprocessed = ctx.preprocessed()
         r.assignment = ctx.assignment
         r.timings.update(ctx.timings)
+        if dicom_export.wanted(settings, study.source):
+            _lesion_on_source(r, ctx)
     if settings.qc_dir is not None:
         _draw_study_picture(r, snapshot_of(ctx), settings=settings, qc_name=qc_name)
+    elif r.source_labels is not None:  # the Secondary Capture needs the picture: drawn aside
+        _draw_study_picture(r, snapshot_of(ctx), settings=settings, qc_name=qc_name,
+                            folder=dicom_export.work_dir(settings), key="sc_png")
     if not r.ok:
         r.timings["total"] = sum(v for k, v in r.timings.items() if k != "total")
     return r
+
+
+def _lesion_on_source(r: StudyResult, ctx: StudyContext) -> None:
+    """``r.source_labels`` for ``--dicom-out`` (or ``r.dicom_note``, why not); never fails the study."""
+    from ..pacs.objects import DicomExportError
+
+    t0 = time.perf_counter()
+    try:
+        r.source_labels = dicom_export.source_labels_of(ctx)
+    except DicomExportError as exc:
+        r.dicom_note = str(exc)
+        log.warning("study %s: no DICOM objects: %s", study_key(ctx.study), exc)
+    except Exception as exc:  # noqa: BLE001 - the objects are a view of the result, not part of it
+        r.dicom_note = f"lesion not mapped onto the T1ce frames ({type(exc).__name__})"
+        log.warning("study %s: %s", study_key(ctx.study), r.dicom_note)
+        log.debug("source labels error:\n%s", traceback.format_exc())
+    r.timings["dicom"] = time.perf_counter() - t0
 
 
 def qc_name_of(study: Study, settings: Settings, key: Any = None) -> str:
@@ -697,9 +728,11 @@ def qc_name_of(study: Study, settings: Settings, key: Any = None) -> str:
     return qc_stem(study.study_id, study.source, key)
 
 
-def _draw_study_picture(r: StudyResult, snap: Any, *, settings: Settings, qc_name: str | None) -> None:
-    """Write the study picture of ``r`` into ``settings.qc_dir``; a drawing error is logged and
-    never changes the study's row (the picture is a view of the result, not part of it)."""
+def _draw_study_picture(r: StudyResult, snap: Any, *, settings: Settings, qc_name: str | None,
+                        folder: Path | None = None, key: str = "png") -> None:
+    """Write the study picture of ``r`` into ``folder`` (default ``settings.qc_dir``) and its file
+    name into ``r.qc[key]`` (``sc_png``: drawn only for the Secondary Capture); a drawing error is
+    logged and never changes the study's row (the picture is a view of the result, not part of it)."""
     from ..qc.figures import render_study
     from ..qc.files import thumb_name
 
@@ -707,11 +740,11 @@ def _draw_study_picture(r: StudyResult, snap: Any, *, settings: Settings, qc_nam
     try:
         name = qc_name or qc_name_of(r.study, settings)
         r.qc["name"] = name
-        qc_dir = Path(settings.qc_dir)
+        qc_dir = Path(folder if folder is not None else str(settings.qc_dir))
         pic = render_study(snap, qc_dir / f"{name}.png", header=[qc_header(r, name), qc_result_line(r, None)],
-                           name=name, thumb=qc_dir / thumb_name(f"{name}.png"))
+                           name=name, thumb=qc_dir / thumb_name(f"{name}.png") if key == "png" else None)
         if pic is not None:
-            r.qc["png"] = pic.path.name
+            r.qc[key] = pic.path.name
             if pic.thumb is not None:
                 r.qc["thumb"] = pic.thumb.name
     except Exception as exc:  # noqa: BLE001 - a picture must never fail a study; logged, not hidden
@@ -727,20 +760,24 @@ def finish_qc(r: StudyResult, *, ensemble: Any, settings: Settings) -> None:
     ensemble (:func:`recnec_cli.qc.explain.occlusion_sensitivity` on the model input) and drawn
     over the model-input T1ce (``<name>.explain.png``). Seconds go to ``timings["qc"]`` /
     ``timings["explain"]``; errors are logged and never change the study's row."""
-    if settings.qc_dir is None:
+    if settings.qc_dir is None and not r.qc.get("sc_png"):
         return
-    qc_dir = Path(settings.qc_dir)
     threshold = report_threshold_of(ensemble)
     t_start = t0 = time.perf_counter()
     try:
-        if r.qc.get("png"):
-            from ..qc.figures import stamp_result
+        from ..qc.figures import stamp_result
 
-            stamp_result(qc_dir / r.qc["png"], qc_result_line(r, threshold))
+        if r.qc.get("png"):
+            stamp_result(Path(str(settings.qc_dir)) / r.qc["png"], qc_result_line(r, threshold))
+        if r.qc.get("sc_png"):
+            stamp_result(dicom_export.work_dir(settings) / r.qc["sc_png"], qc_result_line(r, threshold))
     except Exception as exc:  # noqa: BLE001 - see _draw_study_picture
         log.warning("study %s: QC result line not drawn (%s)", study_key(r.study), type(exc).__name__)
         log.debug("QC stamp error:\n%s", traceback.format_exc())
     r.timings["qc"] = r.timings.get("qc", 0.0) + time.perf_counter() - t0
+    if settings.qc_dir is None:
+        r.timings["total"] = r.timings.get("total", 0.0) + time.perf_counter() - t_start
+        return
     if settings.explain and r.ok and r.preprocessed is not None and ensemble is not None:
         t0 = time.perf_counter()
         try:

@@ -30,10 +30,11 @@ scale), ``label`` (``recurrence`` if ``p_recurrence >= threshold`` else ``necros
 ``threshold`` (on the calibrated scale), ``applicability`` (``in_distribution``,
 ``OUT_OF_DISTRIBUTION`` (also in ``flags``) or ``unknown`` for weights without an applicability
 model) and ``applicability_distance`` (:mod:`recnec_cli.stages.applicability`), ``model_version``,
-``seconds_<stage>`` (and ``seconds_qc`` /
-``seconds_explain`` for the QC pictures), ``seconds_total``, ``qc_png`` / ``explain_png`` (file
-names in the ``--qc`` folder) and ``disclaimer`` (research use only, synthetic-cohort weights, not
-clinically validated).
+``seconds_<stage>`` (and ``seconds_qc`` / ``seconds_explain`` for the QC pictures),
+``seconds_total``, ``qc_png`` / ``explain_png`` (file names in the ``--qc`` folder),
+``pacs_send`` (with ``--dicom-out`` / ``--send``: per PACS, ``sent``, ``pending`` or
+``failed: <reason>`` for the study's DICOM objects) and ``disclaimer`` (research use only,
+synthetic-cohort weights, not clinically validated).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ COLUMNS = (
     + ["p_recurrence", "p_recurrence_raw", "ensemble_spread", "label", "threshold", "applicability",
        "applicability_distance", "model_version"]
     + [f"seconds_{s}" for s in (*STAGES, *QC_TIMINGS)]
-    + ["seconds_total", "qc_png", "explain_png", "run_id", "processed_utc", "present_in_tree", "disclaimer"]
+    + ["seconds_total", "qc_png", "explain_png", "pacs_send", "run_id", "processed_utc", "present_in_tree",
+       "disclaimer"]
 )
 
 #: written in every row so that no copy of a report travels without it

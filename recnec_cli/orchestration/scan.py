@@ -339,6 +339,11 @@ def _run(studies: Path, *, paths: dict[str, Path], settings: Settings, fmt: str,
         raise
     finally:
         stop.restore()
+    if settings.send and not stop:  # a stopped run leaves its objects queued for the next one
+        from .dicom_export import deliver
+
+        sent = deliver(state, settings.send, calling_ae=settings.calling_ae)
+        counts["objects_sent"], counts["objects_not_sent"] = sent["sent"], sent["failed"]
     present = {s.study_id for s in found}
     counts["failed_in_report"] = sum(s.present and s.study_id in present and s.status not in NOT_FAILED
                                      for s in state.all())
@@ -397,6 +402,7 @@ class _RunContext:
     self_test_s: Mapping[str, float] = field(default_factory=dict)
     hdbet_provider: str = ""  # where HD-BET ran (ONNX Runtime provider or torch-*), from the self-test
     execution: Mapping[str, Any] = field(default_factory=dict)
+    said_not_dicom: bool = False  # the "--dicom-out: NIfTI studies get none" line is logged once
 
     last_write: float = 0.0
 
@@ -408,6 +414,10 @@ class _RunContext:
         self.last_write = time.monotonic()
         stored = self.state.all()
         rows = [report_row(s) for s in stored]
+        if self.settings.dicom_out is not None or self.settings.send:
+            sends = self.state.send_status()
+            for row in rows:
+                row["pacs_send"] = "; ".join(f"{d}: {t}" for d, t in sorted(sends.get(row["study_id"], {}).items()))
         write_report(self.paths["report"], rows, fmt=self.fmt)
         manifest = run_manifest(settings_dict=self.settings.to_dict(), ensemble=self.ensemble, rows=rows,
                                 started=self.started, finished=datetime.now(timezone.utc), input_root=self.root,
@@ -448,6 +458,29 @@ def report_row(s: StoredStudy) -> dict[str, Any]:
     row["present_in_tree"] = "yes" if s.present else "no"
     row["disclaimer"] = ROW_DISCLAIMER
     return row
+
+
+def _export_dicom(r: StudyResult, row: Mapping[str, Any], *, ctx: _RunContext, model_version: str) -> None:
+    """The study's DICOM objects (``--dicom-out``), after its row is committed; the picture drawn
+    only for the Secondary Capture is removed once used."""
+    from . import dicom_export
+
+    s = ctx.settings
+    if r.study.source != "dicom":
+        if not ctx.said_not_dicom:
+            log.info("--dicom-out: %s studies get no DICOM objects (no DICOM study to file them under); "
+                     "only DICOM studies do", r.study.source.upper())
+            ctx.said_not_dicom = True
+        return
+    if not r.ok:
+        return
+    work_png = dicom_export.work_dir(s) / r.qc["sc_png"] if r.qc.get("sc_png") else None
+    png = Path(s.qc_dir) / r.qc["png"] if (s.qc_dir is not None and r.qc.get("png")) else work_png
+    try:
+        dicom_export.export_study(r, row, state=ctx.state, settings=s, model_version=model_version, qc_png=png)
+    finally:
+        if work_png is not None:
+            work_png.unlink(missing_ok=True)
 
 
 def _process(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dict[str, int],
@@ -494,6 +527,8 @@ def _process(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dic
                              dicom_locations=dicom_locations)
             ctx.state.put(r.study.study_id, fingerprint=fingerprints[r.study.study_id], status=r.status, row=row,
                           run_id=ctx.run_id, processed_utc=_iso(datetime.now(timezone.utc)))
+            if s.dicom_out is not None:
+                _export_dicom(r, row, ctx=ctx, model_version=ens.model_version)
             counts["processed"] += 1
             if not r.ok:
                 counts["failed"] += 1

@@ -14,6 +14,13 @@ Layout (schema version :data:`SCHEMA_VERSION`):
 ``runs``
     one row per run: start / finish (UTC, ISO 8601), input root, report path, the run's summary
     counts and its exit code (``NULL`` while running or when the run was killed).
+``dicom_objects``
+    the DICOM objects (``--dicom-out``) of each study: kind (``SEG``, ``SR``, ``SC``), SOP Class
+    and Instance UIDs, path, the digest of their content and when they were written.
+``sends``
+    one row per (PACS, SOP Instance UID): ``pending`` (queued, never tried), ``sent`` or
+    ``failed`` (tried; ``message`` says why), the number of attempts and the last one (UTC). A
+    run delivers every current object that is not ``sent`` to its ``--send`` destination.
 ``discovery``
     the last discovery of each input root: the stat listing of the tree (path, size, mtime) and the
     studies found in it, so a run over an unchanged tree opens no input file at all.
@@ -58,6 +65,27 @@ CREATE TABLE IF NOT EXISTS runs (
     summary TEXT,
     exit_code INTEGER,
     stop_reason TEXT
+);
+CREATE TABLE IF NOT EXISTS dicom_objects (
+    study_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    written_utc TEXT NOT NULL,
+    PRIMARY KEY (study_id, kind)
+);
+CREATE TABLE IF NOT EXISTS sends (
+    destination TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    study_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_utc TEXT,
+    message TEXT,
+    PRIMARY KEY (destination, sop_instance_uid)
 );
 CREATE TABLE IF NOT EXISTS discovery (
     input_root TEXT PRIMARY KEY,
@@ -204,6 +232,74 @@ class ScanState:
         with self._transaction():
             self._db.execute("INSERT OR REPLACE INTO discovery VALUES (?, ?, ?, ?)",
                              (input_root, listing_sha256, blob, recnec_version))
+
+    # ---- DICOM objects and sends -------------------------------------------------------------
+    def objects_of(self, study_id: str) -> dict[str, dict[str, str]]:
+        """kind -> ``{sop_class_uid, sop_instance_uid, path, digest, written_utc}`` of one study."""
+        cur = self._db.execute("SELECT kind, sop_class_uid, sop_instance_uid, path, digest, written_utc "
+                               "FROM dicom_objects WHERE study_id=?", (study_id,))
+        return {r[0]: dict(zip(("sop_class_uid", "sop_instance_uid", "path", "digest", "written_utc"), r[1:]))
+                for r in cur.fetchall()}
+
+    def record_objects(self, study_id: str, objects: Sequence[Any], *, written_utc: str,
+                       destination: str = "") -> None:
+        """Make ``objects`` (:class:`recnec_cli.pacs.objects.WrittenObject`) the study's current
+        ones (kinds not among them are dropped) and, with ``destination``, queue each one not yet
+        sent there (``pending``)."""
+        with self._transaction():
+            self._db.execute("DELETE FROM dicom_objects WHERE study_id=?", (study_id,))
+            for o in objects:
+                self._db.execute("INSERT INTO dicom_objects VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                 (study_id, o.kind, o.sop_class_uid, o.sop_instance_uid, str(o.path), o.digest,
+                                  written_utc))
+                if destination:
+                    self._db.execute("INSERT OR IGNORE INTO sends (destination, sop_instance_uid, study_id, kind, "
+                                     "status) VALUES (?, ?, ?, ?, 'pending')",
+                                     (destination, o.sop_instance_uid, study_id, o.kind))
+
+    def unsent(self, destination: str) -> list[dict[str, str]]:
+        """The current objects not yet ``sent`` to ``destination`` (pending, failed or never queued),
+        as ``{study_id, kind, sop_instance_uid, path}``, oldest study first."""
+        cur = self._db.execute(
+            "SELECT o.study_id, o.kind, o.sop_instance_uid, o.path FROM dicom_objects o "
+            "LEFT JOIN sends s ON s.destination=? AND s.sop_instance_uid=o.sop_instance_uid "
+            "WHERE s.status IS NULL OR s.status != 'sent' ORDER BY o.written_utc, o.study_id, o.kind",
+            (destination,))
+        return [dict(zip(("study_id", "kind", "sop_instance_uid", "path"), r)) for r in cur.fetchall()]
+
+    def record_send(self, destination: str, obj: Mapping[str, str], *, ok: bool, message: str,
+                    when_utc: str) -> None:
+        """The outcome of one C-STORE attempt of ``obj`` (a row of :meth:`unsent`)."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO sends VALUES (?, ?, ?, ?, ?, 1, ?, ?) ON CONFLICT (destination, sop_instance_uid) "
+                "DO UPDATE SET status=excluded.status, attempts=attempts+1, last_utc=excluded.last_utc, "
+                "message=excluded.message",
+                (destination, obj["sop_instance_uid"], obj["study_id"], obj["kind"], "sent" if ok else "failed",
+                 when_utc, message))
+
+    def send_status(self) -> dict[str, dict[str, str]]:
+        """study_id -> destination -> ``sent``, ``pending`` or ``failed: <reason>``: the worst of
+        the study's current objects (failed over pending over sent)."""
+        cur = self._db.execute(
+            "SELECT s.study_id, s.destination, s.status, s.message FROM sends s JOIN dicom_objects o "
+            "ON o.study_id=s.study_id AND o.sop_instance_uid=s.sop_instance_uid")
+        rank = {"sent": 0, "pending": 1, "failed": 2}
+        out: dict[str, dict[str, str]] = {}
+        for study_id, dest, status, message in cur.fetchall():
+            text = f"failed: {message}" if status == "failed" else status
+            have = out.setdefault(study_id, {}).get(dest)
+            if have is None or rank[status] > rank[have.split(":")[0]]:
+                out[study_id][dest] = text
+        return out
+
+    def send_counts(self) -> list[dict[str, Any]]:
+        """Per destination and status: how many current objects, and the last attempt (UTC)."""
+        cur = self._db.execute(
+            "SELECT s.destination, s.status, COUNT(*), MAX(s.last_utc) FROM sends s JOIN dicom_objects o "
+            "ON o.study_id=s.study_id AND o.sop_instance_uid=s.sop_instance_uid "
+            "GROUP BY s.destination, s.status ORDER BY s.destination, s.status")
+        return [dict(zip(("destination", "status", "objects", "last_attempt_utc"), r)) for r in cur.fetchall()]
 
     # ---- helpers -----------------------------------------------------------------------------
     def _transaction(self):

@@ -74,6 +74,8 @@ class SegmentedLesion:
     n_lesions: int
     runner_up_ratio: float
     oedema: np.ndarray
+    #: bool ``(X, Y, Z)``: the enhancing voxels of the chosen component (``mask & ~enhancing`` is its core)
+    enhancing: np.ndarray | None = None
 
 
 def find_segmenter(weights_dir: Path, fallback_dir: Path | None = None) -> Path | None:
@@ -248,4 +250,4 @@ def lesion_from_segmentation(seg: Segmentation, affine: Affine, *, min_volume_ml
         core_ml=float(np.count_nonzero(filled & ~enh)) * voxel_ml,
         oedema_ml=float(np.count_nonzero(oedema)) * voxel_ml,
         confidence=float(np.mean(seg.confidence[comp])), n_lesions=len(order), runner_up_ratio=runner_up,
-        oedema=oedema)
+        oedema=oedema, enhancing=comp & enh)
