@@ -96,9 +96,8 @@ def test_scan_writes_three_objects_and_survives_a_pacs_that_is_down(dicom_scan):
     assert row["pacs_send"].startswith(f"{dicom_scan['dest']}: failed"), row["pacs_send"]
     folder = dicom_scan["dout"] / dicom_scan["uid"]
     assert sorted(p.name for p in folder.iterdir()) == ["SC.dcm", "SEG.dcm", "SR.dcm"]
-    assert not list((dicom_scan["dout"] / ".work").glob("*.png"))  # the SC's picture is not left behind
-    # NIfTI studies get none, said once in the log
-    assert len(list(dicom_scan["dout"].iterdir())) == 2  # the DICOM study's folder and .work
+    # the SC's picture is not left behind; NIfTI studies get none, said once in the log
+    assert [p.name for p in dicom_scan["dout"].iterdir()] == [dicom_scan["uid"]]
     log_text = dicom_scan["out"].with_suffix(".log").read_text()
     assert log_text.count("NIFTI studies get no DICOM objects") == 1
     assert "not delivered" in log_text and "the next run retries them" in log_text
@@ -398,7 +397,8 @@ def test_send_needs_dicom_out_and_a_valid_destination(tmp_path, how):
 
     res = run("PACS@127.0.0.1:104")
     assert res.exit_code == 2 and "needs a folder for the DICOM objects" in res.output
-    for bad in ("127.0.0.1:104", "PACS@host", "PACS@host:0", "AE_TITLE_TOO_LONG_X@host:104", "PA\\CS@host:104"):
+    for bad in ("127.0.0.1:104", "PACS@host", "PACS@host:0", "AE_TITLE_TOO_LONG_X@host:104", "PA\\CS@host:104",
+                "\u00c4E@host:104"):
         res = run(bad, ["--dicom-out", str(tmp_path / "d")])
         assert res.exit_code == 2 and "AE@HOST:PORT" in res.output, (bad, res.output)
     res = CliRunner().invoke(app, [*base, "--dicom-out", str(tmp_path / "d"), "--calling-ae", "X" * 17])
@@ -427,3 +427,24 @@ def test_asking_for_dicom_objects_reprocesses_dicom_studies_only(tmp_path):
         fps = [study_fingerprint(study, [], settings=s, model_version="m", key_id="k") for s in (plain, asked, via_env)]
         assert (fps[0] != fps[1]) == changes
         assert fps[1] == fps[2]  # where the folder is does not matter, nor how the setting arrived
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc (an unwritable folder even for root)")
+def test_an_unwritable_dicom_out_stops_the_run_before_any_study(tmp_path):
+    import nibabel as nib
+
+    studies = tmp_path / "studies"
+    (studies / "s1").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), str(studies / "s1" / "s1_T1w.nii.gz"))
+    res = CliRunner().invoke(app, ["scan", str(studies), "--out", str(tmp_path / "r.csv"),
+                                   "--dicom-out", "/proc/recnec-test"])
+    assert res.exit_code == 2
+    assert "cannot be written" in res.output
+
+
+def test_an_ipv6_destination_prints_as_it_is_given():
+    from recnec_cli.pacs.send import parse_destination
+
+    d = parse_destination("PACS@[::1]:104")
+    assert (d.host, d.port) == ("::1", 104)
+    assert str(d) == "PACS@[::1]:104" and parse_destination(str(d)) == d

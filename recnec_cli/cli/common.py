@@ -124,8 +124,10 @@ def setup_logging(*, verbose: int = 0, quiet: bool = False, log_file: Path | Non
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         _INSTALLED.add(fh)
         root.addHandler(fh)
-    for noisy in ("dicom2nifti", "pydicom", "matplotlib", "PIL", "numba", "openjpeg"):
+    for noisy in ("dicom2nifti", "pydicom", "matplotlib", "PIL", "numba", "openjpeg", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # pynetdicom logs a PACS that is down as ERROR; recnec says it once per PACS and run (a warning)
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose > 0 else logging.CRITICAL)
 
 
 @contextmanager

@@ -37,8 +37,8 @@ def register(app: typer.Typer) -> None:
 
 def send(
     state: Path = typer.Option(..., "--state", help="The .state.sqlite file of a report.", show_default=False),
-    to: Optional[str] = typer.Option(None, "--to", help="The PACS, AE@HOST:PORT " + setting_help("send"),
-                                     show_default=False),
+    to: Optional[str] = typer.Option(None, "--to", show_default=False,
+                                     help="The PACS, AE@HOST:PORT " + setting_help("send", default="none")),
     calling_ae: Optional[str] = typer.Option(None, "--calling-ae", help="Our AE title "
                                              + setting_help("calling_ae"), show_default=False),
     quiet: QuietOpt = False,

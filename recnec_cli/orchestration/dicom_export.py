@@ -27,6 +27,10 @@ from ..study import SeriesRole
 
 log = logging.getLogger(__name__)
 
+#: what :func:`export_study` returns when the objects could not be written (the scan then clears the
+#: study's fingerprint so that the next run makes them)
+RETRY = "retry"
+
 #: where study pictures for the Secondary Capture wait without ``--qc`` (inside --dicom-out)
 WORK_FOLDER = ".work"
 
@@ -67,8 +71,9 @@ def source_labels_of(ctx: Any) -> Any:
 def export_study(r: StudyResult, row: Mapping[str, Any], *, state: Any, settings: Settings, model_version: str,
                  qc_png: Path | None) -> str:
     """Write the SEG, SR and SC of one finished study and record them in ``state`` (queued for
-    ``settings.send``). Returns a short status for the log: ``written``, ``unchanged`` or why none
-    were written. Never raises for a study's own problem (logged as a warning)."""
+    ``settings.send``). Returns a short status: ``written``, ``unchanged``, :data:`RETRY` (an I/O
+    error: try again next run) or why this study gets none. Never raises for a study's own problem
+    (logged as a warning)."""
     from ..pacs.objects import DicomExportError, write_objects
 
     sid = r.study.study_id
@@ -82,10 +87,11 @@ def export_study(r: StudyResult, row: Mapping[str, Any], *, state: Any, settings
     except DicomExportError as exc:
         log.warning("study %s: no DICOM objects: %s", _short(sid), exc)
         return str(exc)
-    except Exception as exc:
-        log.warning("study %s: DICOM objects not written (%s)", _short(sid), type(exc).__name__)
+    except Exception as exc:  # an I/O problem of --dicom-out: the study is processed again next run
+        log.warning("study %s: DICOM objects not written (%s: %s); the next run processes the study again",
+                    _short(sid), type(exc).__name__, getattr(exc, "strerror", "") or "see the log with -v")
         log.debug("DICOM export error", exc_info=True)
-        return f"not written ({type(exc).__name__})"
+        return RETRY
     unchanged = all(previous.get(o.kind) == o.digest for o in objects) and len(previous) == len(objects)
     state.record_objects(sid, objects, written_utc=_now(), destination=settings.send)
     log.info("study %s: DICOM %s %s", _short(sid), "+".join(o.kind for o in objects),

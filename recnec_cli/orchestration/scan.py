@@ -327,6 +327,15 @@ def _run(studies: Path, *, paths: dict[str, Path], settings: Settings, fmt: str,
         remove_stale_qc_files(Path(settings.qc_dir))  # each removed file is logged
     stop = _Stop(handle_signals)
     try:
+        if settings.dicom_out is not None:
+            try:
+                Path(settings.dicom_out).mkdir(parents=True, exist_ok=True)
+                probe = Path(settings.dicom_out) / f".recnec-write-test-{run_id}"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as exc:
+                raise UsageError(f"--dicom-out / RECNEC_DICOM_OUT {settings.dicom_out} cannot be written "
+                                 f"({exc.strerror or type(exc).__name__}); nothing was processed") from None
         if todo:
             _process(todo, ctx=ctx, counts=counts, executor=executor, stop=stop, on_study_done=on_study_done,
                      on_progress=on_progress, dicom_locations=dicom_locations, run_self_test=run_self_test,
@@ -477,10 +486,20 @@ def _export_dicom(r: StudyResult, row: Mapping[str, Any], *, ctx: _RunContext, m
     work_png = dicom_export.work_dir(s) / r.qc["sc_png"] if r.qc.get("sc_png") else None
     png = Path(s.qc_dir) / r.qc["png"] if (s.qc_dir is not None and r.qc.get("png")) else work_png
     try:
-        dicom_export.export_study(r, row, state=ctx.state, settings=s, model_version=model_version, qc_png=png)
+        done = dicom_export.export_study(r, row, state=ctx.state, settings=s, model_version=model_version,
+                                         qc_png=png)
     finally:
         if work_png is not None:
             work_png.unlink(missing_ok=True)
+            try:
+                work_png.parent.rmdir()  # only when empty
+            except OSError:
+                pass
+    if done == dicom_export.RETRY:  # the row stands; the study is processed again by the next run
+        stored = ctx.state.get(r.study.study_id)
+        if stored is not None:
+            ctx.state.put(stored.study_id, fingerprint=None, status=stored.status, row=stored.row,
+                          run_id=stored.run_id, processed_utc=stored.processed_utc)
 
 
 def _process(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dict[str, int],

@@ -34,7 +34,8 @@ class Destination:
     port: int
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6, as --send takes it
+        return f"{self.ae_title}@{host}:{self.port}"
 
 
 def parse_destination(text: str, *, option: str = "--send") -> Destination:
@@ -43,11 +44,12 @@ def parse_destination(text: str, *, option: str = "--send") -> Destination:
     Raises
     ------
     UsageError
-        ``text`` is not ``AE@HOST:PORT`` with an AE title of 1-16 characters (no backslash) and a
-        port 1-65535.
+        ``text`` is not ``AE@HOST:PORT`` with an AE title of 1-16 printable ASCII characters (no
+        backslash; PS3.5 6.2) and a port 1-65535.
     """
     m = _DESTINATION.fullmatch(text.strip())
-    if m is None or "\\" in m["ae"] or not m["ae"].strip() or not (1 <= int(m["port"]) <= 65535):
+    if (m is None or not m["ae"].strip() or not all(32 <= ord(c) < 127 and c != "\\" for c in m["ae"])
+            or not (1 <= int(m["port"]) <= 65535)):
         raise UsageError(f"{option} must look like AE@HOST:PORT (the PACS's AE title, host and DICOM port), "
                          f"e.g. ORTHANC@pacs.example.org:4242, got {text!r}")
     return Destination(m["ae"].strip(), m["host"].strip("[]"), int(m["port"]))
@@ -92,16 +94,17 @@ def send_files(destination: Destination, files: Sequence[Path], *, calling_ae: s
             log.debug("association error", exc_info=True)
             reason = f"association failed ({type(exc).__name__})"
         else:
-            reason = ("association rejected" if assoc.is_rejected else "association aborted" if assoc.is_aborted
-                      else "" if assoc.is_established else f"{destination} not reachable")
+            reason = ("association rejected by the PACS" if assoc.is_rejected
+                      else "" if assoc.is_established
+                      else "no connection (PACS down, wrong host or port, or it dropped the association)")
     try:
-        for f, ds in datasets:
+        for msg_id, (f, ds) in enumerate(datasets, start=1):
             uid = str(ds.SOPInstanceUID)
             if assoc is None or not assoc.is_established:
                 outcomes[str(f)] = SendOutcome(uid, False, reason)
                 continue
             try:
-                status = assoc.send_c_store(ds)
+                status = assoc.send_c_store(ds, msg_id=msg_id)
             except Exception as exc:  # noqa: BLE001 - a broken association mid-way
                 outcomes[str(f)] = SendOutcome(uid, False, f"C-STORE failed ({type(exc).__name__})")
                 continue
