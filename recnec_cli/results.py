@@ -83,6 +83,9 @@ class StudyResult:
     #: why there is none (empty when not asked for)
     source_labels: Any = None
     dicom_note: str = ""
+    #: the study's :class:`recnec_cli.stages.followup.FollowUpMap` as bytes (T1ce and lesion at 2 mm),
+    #: for comparisons with the same patient's later scans; ``None`` when the study got no brain mask
+    follow_up_map: bytes | None = None
 
     @property
     def ok(self) -> bool:

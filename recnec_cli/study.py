@@ -117,7 +117,9 @@ class Study:
 
     ``study_id`` is the StudyInstanceUID for DICOM, or the study folder's path relative to the scan
     root for NIfTI/NRRD folders. ``patient_pseudonym`` is a pseudonym of the
-    PatientID (never the raw ID or name), empty when unknown: in ``recnec scan`` the keyed
+    PatientID, with IssuerOfPatientID when the header has one (the same PatientID text from two
+    issuers is two patients), or of a NIfTI / NRRD folder's BIDS ``sub-`` label (never the raw ID
+    or name), empty when unknown: in ``recnec scan`` the keyed
     HMAC-SHA256 of :mod:`recnec_cli.pseudonym`; where discovery runs without a key (inspect,
     train), an unkeyed hash prefix that is never written to a report.
     """
@@ -130,6 +132,12 @@ class Study:
     lesion_mask: Path | None = None  # user-supplied lesion mask, if any
     skipped_files: int = 0  # non-image files ignored during discovery (counted, not logged)
     issues: tuple[str, ...] = ()  # discovery-level warnings (duplicates dropped, scouts removed ...)
+    #: when the study was acquired, ISO 8601 (``YYYY-MM-DD[Thh:mm:ss]``; DICOM StudyDate/StudyTime,
+    #: NIfTI sidecar AcquisitionDateTime / AcquisitionDate); empty when unknown. Kept in the state
+    #: for the patient's timeline (:mod:`recnec_cli.timeline`), never written to a report or log.
+    acquired: str = ""
+    #: the BIDS ``ses-`` label of a NIfTI / NRRD study folder (empty when none)
+    session: str = ""
 
 
 @dataclass(frozen=True)

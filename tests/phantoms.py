@@ -42,8 +42,10 @@ def brain_ellipsoid(shape, affine) -> np.ndarray:
     return ((xyz / r) ** 2).sum(0) <= 1.0
 
 
-def write_phantom_study(folder: Path, name: str, *, lesion_ras_mm=(30.0, 10.0, 5.0), seed: int = 0) -> Path:
-    """Write one phantom study into ``folder/name`` and return that folder."""
+def write_phantom_study(folder: Path, name: str, *, lesion_ras_mm=(30.0, 10.0, 5.0), seed: int = 0,
+                        lesion_radius_mm: float = 9.0, sidecar: dict | None = None) -> Path:
+    """Write one phantom study into ``folder/name`` and return that folder (``sidecar``: JSON
+    written beside each image, e.g. ``{"AcquisitionDateTime": ...}``)."""
     import nibabel as nib
 
     rng = np.random.default_rng(seed)
@@ -53,7 +55,7 @@ def write_phantom_study(folder: Path, name: str, *, lesion_ras_mm=(30.0, 10.0, 5
     rho = np.sqrt(((xyz / r) ** 2).sum(0))
     brain = rho <= 1.0
     skull = (rho > 1.05) & (rho <= 1.18)
-    lesion = np.sqrt(((xyz - np.asarray(lesion_ras_mm).reshape(3, 1, 1, 1)) ** 2).sum(0)) <= 9.0
+    lesion = np.sqrt(((xyz - np.asarray(lesion_ras_mm).reshape(3, 1, 1, 1)) ** 2).sum(0)) <= lesion_radius_mm
     out = Path(folder) / name
     out.mkdir(parents=True, exist_ok=True)
     # grey / white texture so that registration has something to hold on to
@@ -69,6 +71,10 @@ def write_phantom_study(folder: Path, name: str, *, lesion_ras_mm=(30.0, 10.0, 5
         v = np.clip(v, 0, None)
         vols[role] = v
         nib.save(nib.Nifti1Image(v, aff), str(out / f"{name}_{role}.nii.gz"))
+        if sidecar is not None:
+            import json
+
+            (out / f"{name}_{role}.json").write_text(json.dumps(sidecar), encoding="utf-8")
     return out
 
 
@@ -137,10 +143,11 @@ sys.exit(summary.exit_code)
 
 def write_phantom_dicom_study(folder: Path, *, study_uid: str, patient_name: str = "Doe^John",
                               patient_id: str = "PID0001", file_prefix: str = "IM", seed: int = 0,
-                              series_description_suffix: str = "") -> list[Path]:
+                              series_description_suffix: str = "", **header) -> list[Path]:
     """The phantom as a DICOM study: axial T1 SE, T2 TSE and T1 SE after gadolinium
     (ContrastBolusAgent set), 48 slices of 72 x 72 each, files ``folder/<prefix>_<n>.dcm``.
 
+    ``header``: further attributes of every instance (e.g. ``StudyDate``, ``IssuerOfPatientID``).
     Header values are whatever the caller gives, hostile ones included (a StudyInstanceUID of
     ``..``, a patient's name in the file names): the point of the tests that use it.
     """
@@ -180,7 +187,7 @@ def write_phantom_dicom_study(folder: Path, *, study_uid: str, patient_name: str
                 AcquisitionTime=f"{10 + number:02d}0000",
                 ImagePositionPatient=[-(x0 + VOXEL_MM * (nx - 1)), -(y0 + VOXEL_MM * (ny - 1)), z0 + VOXEL_MM * k],
                 ImageOrientationPatient=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0], PixelSpacing=[VOXEL_MM, VOXEL_MM],
-                SliceThickness=VOXEL_MM)
+                SliceThickness=VOXEL_MM, **header)
             path = folder / f"{file_prefix}_{n:04d}.dcm"
             ds.save_as(path, enforce_file_format=True)
             files.append(path)

@@ -56,13 +56,19 @@ def status(
         with ScanState(state) as st:
             studies = st.all()
             recent = st.runs(limit=runs)
-        if qc is not None:
-            from ..orchestration.scan import report_row
+            rows = None
+            if qc is not None:
+                from ..orchestration.followups import annotate
+                from ..orchestration.scan import report_row
+
+                rows = [report_row(s) for s in studies]
+                annotate(st, rows)  # the timeline columns (the index groups by patient)
+        if qc is not None and rows is not None:
             from ..qc.index import write_index
 
             if qc.exists() and not qc.is_dir():
                 raise UsageError(f"--qc {qc} is a file, not a folder")
-            index = write_index(qc, [report_row(s) for s in studies], title=f"recnec status: {state.name}",
+            index = write_index(qc, rows, title=f"recnec status: {state.name}",
                                 run=recent[0] if recent else None)
             typer.echo(f"wrote {index}", err=True)
         failed = [{"study_id": s.study_id, "status": s.status, "error_message": s.row.get("error_message", ""),

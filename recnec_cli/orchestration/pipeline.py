@@ -688,6 +688,8 @@ def process_study(study: Study, *, settings: Settings, resources: Resources,
         r.timings.update(ctx.timings)
         if dicom_export.wanted(settings, study.source):
             _lesion_on_source(r, ctx)
+    if r.ok or r.status == "NO_ENHANCING_LESION":
+        r.follow_up_map = _follow_up_map(ctx)
     if settings.qc_dir is not None:
         _draw_study_picture(r, snapshot_of(ctx), settings=settings, qc_name=qc_name)
     elif r.source_labels is not None:  # the Secondary Capture needs the picture: drawn aside
@@ -696,6 +698,27 @@ def process_study(study: Study, *, settings: Settings, resources: Resources,
     if not r.ok:
         r.timings["total"] = sum(v for k, v in r.timings.items() if k != "total")
     return r
+
+
+def _follow_up_map(ctx: StudyContext) -> bytes | None:
+    """The study's follow-up map (:func:`recnec_cli.stages.followup.make_map`) as bytes, or
+    ``None`` when the steps did not get that far; never fails the study."""
+    from ..stages.followup import make_map
+
+    t1ce = ctx.on_grid.get(SeriesRole.T1CE)
+    if t1ce is None or ctx.brain is None or ctx.grid_affine is None:
+        return None
+    if ctx.lesion_labels is not None:
+        labels = ctx.lesion_labels
+    elif ctx.lesion is not None:
+        labels = np.asarray(ctx.lesion.mask, dtype=np.uint8)
+    else:
+        labels = np.zeros(t1ce.shape, dtype=np.uint8)
+    try:
+        return make_map(t1ce, ctx.brain, labels, ctx.grid_affine).to_bytes()
+    except (ValueError, MemoryError) as exc:
+        log.warning("study %s: no follow-up map (%s)", study_key(ctx.study), type(exc).__name__)
+        return None
 
 
 def _lesion_on_source(r: StudyResult, ctx: StudyContext) -> None:

@@ -32,7 +32,13 @@ scale), ``label`` (``recurrence`` if ``p_recurrence >= threshold`` else ``necros
 model) and ``applicability_distance`` (:mod:`recnec_cli.stages.applicability`), ``model_version``,
 ``seconds_<stage>`` (and ``seconds_qc`` / ``seconds_explain`` for the QC pictures),
 ``seconds_total``, ``qc_png`` / ``explain_png`` (file names in the ``--qc`` folder),
-``pacs_send`` (with ``--dicom-out`` / ``--send``: per PACS, ``sent``, ``pending`` or
+the patient's timeline (:data:`recnec_cli.timeline.COLUMNS`: ``timeline_index`` /
+``timeline_studies`` / ``days_since_first``; for the ``prior`` and the ``nadir``: their study id,
+days since, their enhancing / necrotic / oedema volumes, the change against them in mL and percent
+(``enhancing_change_vs_prior_ml`` ...), whether their lesion is this one (``prior_lesion_match``);
+``volumetric_suggestion`` and ``timeline_note``; intervals in days, never dates),
+``trajectory_png`` / ``follow_up_png`` (the patient's trajectory and the prior/current picture,
+with ``--qc``), ``pacs_send`` (with ``--dicom-out`` / ``--send``: per PACS, ``sent``, ``pending`` or
 ``failed: <reason>`` for the study's DICOM objects) and ``disclaimer`` (research use only,
 synthetic-cohort weights, not clinically validated).
 """
@@ -52,6 +58,8 @@ from ..provenance import SCAN_DISTRIBUTIONS, library_versions
 from ..results import STAGES, StudyResult
 from ..stages.applicability import OOD_FLAG
 from ..study import SeriesRole
+from ..timeline import COLUMNS as TIMELINE_COLUMNS
+from ..timeline import THRESHOLDS as TIMELINE_THRESHOLDS
 from .pipeline import report_threshold_of
 
 ROLE_PREFIX = {SeriesRole.T1: "t1", SeriesRole.T2: "t2", SeriesRole.T1CE: "t1ce", SeriesRole.FLAIR: "flair"}
@@ -68,8 +76,10 @@ COLUMNS = (
     + [f"{p}_reg_{k}" for p in ("t1", "t2") for k in ("translation_mm", "rotation_deg")]
     + ["p_recurrence", "p_recurrence_raw", "ensemble_spread", "label", "threshold", "applicability",
        "applicability_distance", "model_version"]
+    + list(TIMELINE_COLUMNS)
     + [f"seconds_{s}" for s in (*STAGES, *QC_TIMINGS)]
-    + ["seconds_total", "qc_png", "explain_png", "pacs_send", "run_id", "processed_utc", "present_in_tree",
+    + ["seconds_total", "qc_png", "explain_png", "trajectory_png", "follow_up_png", "pacs_send", "run_id",
+       "processed_utc", "present_in_tree",
        "disclaimer"]
 )
 
@@ -196,6 +206,7 @@ def run_manifest(*, settings_dict: dict[str, Any], ensemble: Any, rows: Iterable
         "pixel_decoders": dict(decoders or {}),
         "settings": settings_dict,
         "stage_seconds_total": stage_totals,
+        "timeline_thresholds": dict(TIMELINE_THRESHOLDS),
     }
 
 

@@ -73,6 +73,9 @@ log = logging.getLogger(__name__)
 
 #: statuses that are not failures (a DEFERRED study is scanned by a later run)
 NOT_FAILED = ("OK", "DEFERRED")
+#: what the discovery cache was written by: the recnec version and the format of its Study records
+#: (2: acquisition date-time, BIDS session, IssuerOfPatientID in the patient pseudonym)
+DISCOVERY_FORMAT = f"{__version__}/study-2"
 #: the report and manifest are regenerated from the state after a finished study at most this often
 #: (and always at the end of a run), so a first run over thousands of studies does not rewrite
 #: the whole report after each one; the state itself commits every study at once (seconds)
@@ -281,13 +284,14 @@ def _run(studies: Path, *, paths: dict[str, Path], settings: Settings, fmt: str,
     # ---- discovery (stat listing first: an unchanged tree opens no file)
     listing = tree_listing(studies)
     listing_sha = digest([sorted(listing.items()), key.key_id])
-    found = state.cached_discovery(root_key, listing_sha, __version__)
+    found = state.cached_discovery(root_key, listing_sha, DISCOVERY_FORMAT)
     if found is None:
         log.info("discovering studies under the input tree (%d files)", len(listing))
         found = discover(studies, pseudonym_key=key)
-        state.store_discovery(root_key, listing_sha, found, __version__)
+        state.store_discovery(root_key, listing_sha, found, DISCOVERY_FORMAT)
     else:
         log.info("input tree unchanged since the last run (%d files): discovery reused", len(listing))
+    state.record_timeline(found)
     log.info("found %d studies", len(found))
     state.start_run(run_id, started_utc=_iso(started), input_root=root_key, report=str(paths["report"].resolve()))
     n_absent = state.mark_presence([s.study_id for s in found], run_id)
@@ -364,12 +368,40 @@ def _run(studies: Path, *, paths: dict[str, Path], settings: Settings, fmt: str,
     state.finish_run(run_id, finished_utc=_iso(datetime.now(timezone.utc)),
                      summary={**counts, "seconds": round(seconds, 3)}, exit_code=code,
                      stop_reason=stop.reason + (" (twice)" if stop.hard else ""))
+    _match_timeline(ctx)
     rows = ctx.write_outputs()  # once, after the run is recorded (the manifest lists it)
     summary = ScanSummary(run_id=run_id, exit_code=code, counts=counts, seconds=seconds, report=paths["report"],
                           manifest=paths["manifest"], state=paths["state"], log_file=paths["log"], rows=rows,
                           stop_reason=stop.reason)
     (log.warning if stop.reason else log.info)("%s", summary.line())
     return summary
+
+
+def _match_timeline(ctx: "_RunContext") -> None:
+    """Lesion matches of the patients' timelines still missing (new, re-processed or late studies),
+    with the prior/current pictures under ``--qc``; never fails the run."""
+    from .followups import match_pending
+
+    def picture(study_id: str, source: str) -> Path | None:
+        if ctx.settings.qc_dir is None:
+            return None
+        return Path(ctx.settings.qc_dir) / _follow_up_png_name(ctx, study_id, source)
+
+    try:
+        rows = [report_row(s) for s in ctx.state.all()]
+        done = match_pending(ctx.state, rows, picture=picture)
+        if done["pairs"]:
+            log.info("timeline: %d lesion pair(s) matched in %.1f s", done["pairs"], done["seconds"])
+    except Exception as exc:  # the comparisons say "not checked"; the report stands
+        log.warning("timeline: lesion matching stopped (%s)", type(exc).__name__)
+        log.debug("timeline matching error", exc_info=True)
+
+
+def _follow_up_png_name(ctx: "_RunContext", study_id: str, source: str) -> str:
+    from ..qc.files import qc_stem
+    from ..qc.trajectory import follow_up_name
+
+    return follow_up_name(qc_stem(study_id, source, ctx.key))
 
 
 def _iso(t: datetime) -> str:
@@ -423,6 +455,7 @@ class _RunContext:
         self.last_write = time.monotonic()
         stored = self.state.all()
         rows = [report_row(s) for s in stored]
+        self.add_timeline(rows)
         if self.settings.dicom_out is not None or self.settings.send:
             sends = self.state.send_status()
             for row in rows:
@@ -444,6 +477,24 @@ class _RunContext:
         if self.settings.qc_dir is not None:
             self.write_index(rows)
         return rows
+
+    def add_timeline(self, rows: list[dict[str, Any]]) -> None:
+        """The timeline columns of every row, and with ``--qc`` the trajectory pictures and the
+        prior/current pictures' names; a failure is logged, the rows keep empty columns."""
+        from .followups import annotate, draw_trajectories
+
+        try:
+            points = annotate(self.state, rows)
+            if self.settings.qc_dir is not None:
+                qc = Path(self.settings.qc_dir)
+                draw_trajectories(qc, rows, points)
+                for row in rows:
+                    if row.get("prior_study_id"):
+                        name = _follow_up_png_name(self, str(row["study_id"]), str(row.get("source") or "dicom"))
+                        row["follow_up_png"] = name if (qc / name).is_file() else ""
+        except Exception as exc:  # the timeline is a view of the rows, never their end
+            log.warning("timeline columns not computed (%s)", type(exc).__name__)
+            log.debug("timeline error", exc_info=True)
 
     def write_index(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """``qc_dir/index.html`` from the report rows (the state); a failure is logged, the report stands."""
@@ -546,6 +597,7 @@ def _process(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dic
                              dicom_locations=dicom_locations)
             ctx.state.put(r.study.study_id, fingerprint=fingerprints[r.study.study_id], status=r.status, row=row,
                           run_id=ctx.run_id, processed_utc=_iso(datetime.now(timezone.utc)))
+            ctx.state.put_follow_up_map(r.study.study_id, r.follow_up_map)
             if s.dicom_out is not None:
                 _export_dicom(r, row, ctx=ctx, model_version=ens.model_version)
             counts["processed"] += 1

@@ -21,6 +21,17 @@ Layout (schema version :data:`SCHEMA_VERSION`):
     one row per (PACS, SOP Instance UID): ``pending`` (queued, never tried), ``sent`` or
     ``failed`` (tried; ``message`` says why), the number of attempts and the last one (UTC). A
     run delivers every current object that is not ``sent`` to its ``--send`` destination.
+``timeline``
+    per study id the keyed patient pseudonym, the acquisition date-time (ISO 8601) and the BIDS
+    session label found by discovery: the patient's timeline (:mod:`recnec_cli.timeline`). Dates
+    live here only; reports carry intervals in days.
+``follow_up_maps``
+    per processed study a small picture of its result for comparisons with later scans
+    (:class:`recnec_cli.stages.followup.FollowUpMap`: the T1ce and the lesion labels at 2 mm,
+    about 0.3 MB compressed) and the digest of those bytes.
+``lesion_matches``
+    per (study, earlier study) pair whether their lesions overlap after rigid registration, for
+    the map digests it was computed from (a re-processed study is matched again).
 ``discovery``
     the last discovery of each input root: the stat listing of the tree (path, size, mtime) and the
     studies found in it, so a run over an unchanged tree opens no input file at all.
@@ -86,6 +97,26 @@ CREATE TABLE IF NOT EXISTS sends (
     last_utc TEXT,
     message TEXT,
     PRIMARY KEY (destination, sop_instance_uid)
+);
+CREATE TABLE IF NOT EXISTS timeline (
+    study_id TEXT PRIMARY KEY,
+    patient TEXT NOT NULL,
+    acquired TEXT NOT NULL,
+    session TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS follow_up_maps (
+    study_id TEXT PRIMARY KEY,
+    digest TEXT NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS lesion_matches (
+    study_id TEXT NOT NULL,
+    ref_study_id TEXT NOT NULL,
+    digests TEXT NOT NULL,
+    status TEXT NOT NULL,
+    overlap REAL,
+    note TEXT NOT NULL,
+    PRIMARY KEY (study_id, ref_study_id)
 );
 CREATE TABLE IF NOT EXISTS discovery (
     input_root TEXT PRIMARY KEY,
@@ -300,6 +331,49 @@ class ScanState:
             "ON o.study_id=s.study_id AND o.sop_instance_uid=s.sop_instance_uid "
             "GROUP BY s.destination, s.status ORDER BY s.destination, s.status")
         return [dict(zip(("destination", "status", "objects", "last_attempt_utc"), r)) for r in cur.fetchall()]
+
+    # ---- the patient's timeline --------------------------------------------------------------
+    def record_timeline(self, studies: Iterable[Any]) -> None:
+        """Remember each discovered study's patient pseudonym, acquisition date-time and session
+        (:class:`recnec_cli.study.Study` ``patient_pseudonym``, ``acquired``, ``session``)."""
+        rows = [(s.study_id, s.patient_pseudonym, getattr(s, "acquired", ""), getattr(s, "session", ""))
+                for s in studies]
+        with self._transaction():
+            self._db.executemany("INSERT OR REPLACE INTO timeline VALUES (?, ?, ?, ?)", rows)
+
+    def timeline(self) -> dict[str, tuple[str, str, str]]:
+        """study_id -> (patient pseudonym, acquired, session) for every study discovery has seen."""
+        cur = self._db.execute("SELECT study_id, patient, acquired, session FROM timeline")
+        return {r[0]: (r[1], r[2], r[3]) for r in cur.fetchall()}
+
+    def put_follow_up_map(self, study_id: str, data: bytes | None) -> None:
+        """Store (or, with ``None``, drop) a study's follow-up map bytes."""
+        with self._transaction():
+            if data is None:
+                self._db.execute("DELETE FROM follow_up_maps WHERE study_id=?", (study_id,))
+            else:
+                self._db.execute("INSERT OR REPLACE INTO follow_up_maps VALUES (?, ?, ?)",
+                                 (study_id, hashlib.sha256(data).hexdigest()[:16], data))
+
+    def follow_up_map(self, study_id: str) -> bytes | None:
+        got = self._db.execute("SELECT data FROM follow_up_maps WHERE study_id=?", (study_id,)).fetchone()
+        return None if got is None else bytes(got[0])
+
+    def map_digests(self) -> dict[str, str]:
+        """study_id -> digest of its follow-up map."""
+        return {r[0]: r[1] for r in self._db.execute("SELECT study_id, digest FROM follow_up_maps").fetchall()}
+
+    def lesion_match(self, study_id: str, ref_study_id: str, digests: str) -> tuple[str, float | None, str] | None:
+        """(status, overlap, note) of a pair computed from maps with ``digests``, or ``None``."""
+        got = self._db.execute("SELECT status, overlap, note FROM lesion_matches WHERE study_id=? AND ref_study_id=? "
+                               "AND digests=?", (study_id, ref_study_id, digests)).fetchone()
+        return None if got is None else (got[0], got[1], got[2])
+
+    def record_lesion_match(self, study_id: str, ref_study_id: str, digests: str, status: str,
+                            overlap: float | None, note: str) -> None:
+        with self._transaction():
+            self._db.execute("INSERT OR REPLACE INTO lesion_matches VALUES (?, ?, ?, ?, ?, ?)",
+                             (study_id, ref_study_id, digests, status, overlap, note))
 
     # ---- helpers -----------------------------------------------------------------------------
     def _transaction(self):

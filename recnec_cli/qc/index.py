@@ -32,7 +32,7 @@ def _num(v: Any) -> float | None:
 
 def index_entries(qc_dir: Path, rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One entry per report row, with the pictures that exist in ``qc_dir`` (a row from a run
-    without ``--qc``, or whose pictures were deleted, has none)."""
+    without ``--qc``, or whose pictures were deleted, has none), in the order of :func:`grouped`."""
     qc_dir = Path(qc_dir)
     out = []
     for row in rows:
@@ -65,8 +65,39 @@ def index_entries(qc_dir: Path, rows: Iterable[Mapping[str, Any]]) -> list[dict[
             "processed_utc": str(row.get("processed_utc") or ""),
             "run_id": str(row.get("run_id") or ""),
             "present": str(row.get("present_in_tree") or "yes") != "no",
+            # the patient's timeline (recnec_cli.timeline): position, change against the prior
+            "visit": _int(row.get("timeline_index")), "visits": _int(row.get("timeline_studies")),
+            "days_since_prior": _num(row.get("days_since_prior")),
+            "change_pct": _num(row.get("enhancing_change_vs_prior_pct")),
+            "change_ml": _num(row.get("enhancing_change_vs_prior_ml")),
+            "match": str(row.get("prior_lesion_match") or ""),
+            "suggestion": str(row.get("volumetric_suggestion") or ""),
+            "trajectory": _existing(qc_dir, row.get("trajectory_png")),
+            "follow_up": _existing(qc_dir, row.get("follow_up_png")),
         })
-    return out
+    return grouped(out)
+
+
+def _int(v: Any) -> int | None:
+    f = _num(v)
+    return None if f is None else int(f)
+
+
+def _existing(qc_dir: Path, name: Any) -> str:
+    name = str(name or "")
+    return name if name and (qc_dir / name).is_file() else ""
+
+
+def grouped(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Entries grouped by patient, newest study first within a patient (timeline position); the
+    patient whose newest processing is most recent first; studies without a patient last."""
+    latest: dict[str, str] = {}
+    for e in entries:
+        if e["pseudonym"]:
+            latest[e["pseudonym"]] = max(latest.get(e["pseudonym"], ""), e["processed_utc"])
+    order = {p: i for i, p in enumerate(sorted(latest, key=lambda p: (latest[p], p), reverse=True))}
+    return sorted(entries, key=lambda e: (order.get(e["pseudonym"], len(order)), e["pseudonym"] == "",
+                                          -(e["visit"] or 0), e["study_id"]))
 
 
 def render_index(qc_dir: Path, rows: Iterable[Mapping[str, Any]], *, title: str = "recnec scan",
@@ -93,8 +124,11 @@ def render_index(qc_dir: Path, rows: Iterable[Mapping[str, Any]], *, title: str 
 def write_index(qc_dir: Path, rows: Iterable[Mapping[str, Any]], **kwargs: Any) -> Path:
     """Write ``qc_dir/index.html`` atomically from report ``rows`` and return its path.
 
-    One table row per report row: thumbnail (link to the study picture, and to the explanation
-    map when there is one), study id, patient pseudonym, status, p(recurrence), ensemble spread,
+    One table row per report row, grouped by patient (:func:`grouped`): thumbnail (link to the
+    study picture, and to the explanation map and the prior/current picture when there are),
+    study id, patient pseudonym with the patient's trajectory picture, visit (position on the
+    timeline), change of the enhancing volume against the prior, volumetric suggestion, status,
+    p(recurrence), ensemble spread,
     label, lesion volume (mL), error code and message, when it was processed. The table sorts by
     any column (click its header) and filters by status and label; the research-use disclaimer
     stands at the top. ``kwargs``: ``title``, ``run`` (the run's id / times / summary, shown in the

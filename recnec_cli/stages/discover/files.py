@@ -144,6 +144,38 @@ def _file_header(path: Path, sidecar: Path | None) -> SeriesHeader:
     )
 
 
+def bids_label(rel: str, entity: str) -> str:
+    """The label of a BIDS entity folder (``sub-<label>``, ``ses-<label>``) in the relative path
+    ``rel`` (``/``-separated), or ``""`` (BIDS 1.9, "Entities": labels are alphanumeric)."""
+    for part in rel.split("/"):
+        m = re.fullmatch(entity + r"-([A-Za-z0-9]+)", part)
+        if m:
+            return m.group(1)
+    return ""
+
+
+def sidecar_datetime(path: Path | None) -> str:
+    """ISO ``YYYY-MM-DD[Thh:mm:ss]`` from a JSON sidecar's ``AcquisitionDateTime`` (as dcm2niix
+    writes it) or ``AcquisitionDate`` (+ ``AcquisitionTime``); empty when absent or unreadable."""
+    if path is None:
+        return ""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return ""
+    if not isinstance(meta, dict):
+        return ""
+    dt = str(meta.get("AcquisitionDateTime") or "").strip()
+    m = re.match(r"(\d{4}-\d{2}-\d{2})(?:T(\d{2}:\d{2}(?::\d{2})?))?", dt)
+    if m:
+        return m.group(1) + (f"T{m.group(2)}" if m.group(2) else "")
+    d = str(meta.get("AcquisitionDate") or "").strip()
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", d):
+        t = str(meta.get("AcquisitionTime") or "").strip()
+        return d + (f"T{t[:8]}" if re.match(r"\d{2}:\d{2}:\d{2}", t) else "")
+    return ""
+
+
 def file_study(root: Path, folder: Path, names: list[str], skipped: int) -> Study | None:
     """The NIfTI / NRRD study of ``folder`` (its image files ``names``), or ``None`` without one."""
     images, sidecars, lesion = [], {}, []
@@ -184,8 +216,9 @@ def file_study(root: Path, folder: Path, names: list[str], skipped: int) -> Stud
     if rel == ".":  # the scan root is itself the study folder: name it by the folder
         rel = folder.resolve().name or "study"
     kinds = {s.source for s in series}
+    acquired = min((d for d in (sidecar_datetime(s.sidecar) for s in series) if d), default="")
     return Study(study_id=rel, patient_pseudonym="", source=kinds.pop() if len(kinds) == 1 else
                  "nifti", location=rel, series=tuple(series),
                  lesion_mask=lesion[0] if lesion else None, skipped_files=skipped,
-                 issues=tuple(issues))
+                 issues=tuple(issues), acquired=acquired, session=bids_label(rel, "ses"))
 

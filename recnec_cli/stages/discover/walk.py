@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 from collections import Counter, defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -14,7 +15,7 @@ from ...errors import DiscoveryError
 from ...study import Series, Study
 from .dicom_series import SeriesAcc, dedupe_units, header_from, merge_single_image_series, order_units, split_series
 from .dicom_units import IMAGE_SOP_CLASSES, units_from_dataset
-from .files import NIFTI_SUFFIXES, NRRD_SUFFIXES, SIDECAR_SUFFIX, file_study
+from .files import NIFTI_SUFFIXES, NRRD_SUFFIXES, SIDECAR_SUFFIX, bids_label, file_study
 from .values import as_int
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,30 @@ JUNK_NAMES = {"dicomdir", "thumbs.db", ".ds_store", "desktop.ini", "lockfile", "
 JUNK_SUFFIXES = {".txt", ".md", ".pdf", ".html", ".htm", ".xml", ".csv", ".jpg", ".jpeg",
                  ".png", ".gif", ".bmp", ".zip", ".exe", ".ini", ".log", ".py", ".sh", ".bat"}
 
+
+
+def patient_identity(ds: Any) -> str:
+    """The text a patient pseudonym is made from: PatientID, or ``PatientID`` + ``^^`` +
+    IssuerOfPatientID when the header names an issuer (PS3.3 C.7.1.1: a PatientID is unique only
+    within its issuer). Empty when the PatientID is empty."""
+    pid = str(ds.get("PatientID", "") or "").strip()
+    issuer = str(ds.get("IssuerOfPatientID", "") or "").strip()
+    return f"{pid}^^{issuer}" if pid and issuer else pid
+
+
+def study_datetime(ds: Any) -> str:
+    """ISO 8601 ``YYYY-MM-DD[Thh:mm:ss]`` from StudyDate / StudyTime (DA / TM, PS3.5 6.2), falling
+    back to SeriesDate / AcquisitionDate; empty when no valid date."""
+    for dk, tk in (("StudyDate", "StudyTime"), ("SeriesDate", "SeriesTime"), ("AcquisitionDate", "AcquisitionTime")):
+        d = str(ds.get(dk, "") or "").strip()
+        if len(d) == 8 and d.isdigit():
+            t = str(ds.get(tk, "") or "").strip().replace(":", "")
+            iso = f"{d[:4]}-{d[4:6]}-{d[6:8]}"
+            if len(t) >= 4 and t[:6].split(".")[0].isdigit():
+                t6 = (t.split(".")[0] + "0000")[:6]
+                iso += f"T{t6[:2]}:{t6[2:4]}:{t6[4:6]}"
+            return iso
+    return ""
 
 
 def pseudonym(patient_id: str | None) -> str:
@@ -132,7 +157,7 @@ def discover(root: Path, *, settings: Settings | None = None, pseudonym_key: Any
             if ds is None:
                 skipped_by_folder[rel] += 1
                 continue
-            pid = str(ds.get("PatientID", "") or "")
+            pid = patient_identity(ds)
             key = "\0".join((pid, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)))
             acc = accs.get(key)
             if acc is None:
@@ -178,6 +203,7 @@ def discover(root: Path, *, settings: Settings | None = None, pseudonym_key: Any
                 series.append(Series(series_id=sid, source="dicom", files=tuple(files),
                                      header=header_from(acc, units), frames=frames))
         pseud = pseudonym_key.pseudonym(pid) if pseudonym_key is not None else pseudonym(pid)
+        acquired = min((d for d in (study_datetime(a.first_ds) for a in accl) if d), default="")
         sid_ = study_uid
         if uid_patients[study_uid] > 1:
             sid_ = f"{study_uid}#patient={pseud or 'unknown'}"
@@ -187,7 +213,7 @@ def discover(root: Path, *, settings: Settings | None = None, pseudonym_key: Any
         skipped = sum(skipped_by_folder[f] for f in folders)
         studies.append(Study(study_id=sid_, patient_pseudonym=pseud, source="dicom",
                              location=";".join(sorted(folders)), series=tuple(series),
-                             skipped_files=skipped, issues=tuple(issues)))
+                             skipped_files=skipped, issues=tuple(issues), acquired=acquired))
         log.debug("study %s: %d series (patient %s)", sid_, len(series), pseud or "-")
 
     # ---- NIfTI / NRRD folder studies
@@ -195,6 +221,11 @@ def discover(root: Path, *, settings: Settings | None = None, pseudonym_key: Any
         rel = folder.relative_to(walk_root).as_posix()
         st = file_study(walk_root, folder, names, skipped_by_folder[rel])
         if st is not None:
+            sub = bids_label(rel, "sub")
+            if sub:  # a BIDS subject: its label names the patient (pseudonymised like a PatientID)
+                ident = "bids-sub-" + sub
+                st = replace(st, patient_pseudonym=pseudonym_key.pseudonym(ident) if pseudonym_key is not None
+                             else pseudonym(ident))
             studies.append(st)
             log.debug("study %s: %d file series", st.study_id, len(st.series))
     if not studies:
