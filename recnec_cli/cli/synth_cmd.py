@@ -49,6 +49,22 @@ Output (same seed, same bytes; subject i is the same for any --n):
   always                         OUT/labels.csv (study_id,label), OUT/truth.csv (drawn lesion
                                  signs: they reveal the label), OUT/cohort.json
 
+Follow-ups (--follow-ups K, --space study only): every subject gets K later studies besides its
+baseline, 56-120 days apart: same anatomy and label, the head repositioned in the scanner (up to
+6 degrees and 8 mm, the T1ce too), new bias field and noise; a recurrence grows (radii x
+1.08-1.30 per study, up to the baseline draw's largest semi-axis, 19.2 mm), a necrosis stays or
+shrinks (x 0.80-1.02). One row per study in labels.csv
+and truth.csv, and OUT/follow_ups.csv (subject, time_point, study_id, days_since_baseline,
+label, true enhancing/necrotic/oedema/lesion volumes in mL).
+
+\b
+  --format dicom                 follow-up k in OUT/dicom/<pseudonym>-fu<k>/, same PatientID,
+                                 new StudyInstanceUID, StudyDate shifted
+  --format nifti                 every time point BIDS-style: OUT/sub-synth0001/ses-00/
+                                 sub-synth0001_ses-00_{{T1w,T2w,ce-gadolinium_T1w}}.nii.gz, study
+                                 id sub-synth0001/ses-00, sidecars with AcquisitionDateTime; masks
+                                 OUT/masks/sub-synth0001_ses-00_lesion_mask.nii.gz
+
 Scan a study cohort with automatic lesion localisation, or pass --lesion-masks OUT/masks.
 
 Examples:
@@ -56,6 +72,7 @@ Examples:
 \b
   recnec synth cohort/ --space model            # 234 tensors for `recnec train` (~2-5 min)
   recnec synth demo/ --n 3 --format dicom       # three DICOM studies (~30 s)
+  recnec synth fu/ --n 20 --follow-ups 2 --format dicom   # 20 patients x 3 studies (~15 min)
 
 {DISCLAIMER}
 """
@@ -75,6 +92,10 @@ def register(app: typer.Typer) -> None:
                                     help="study: image files; model: model-input tensors."),
         ratio: str = typer.Option("192:42", "--ratio",
                                   help="recurrence:necrosis ratio (the paper's 192:42)."),
+        follow_ups: int = typer.Option(
+            0, "--follow-ups", min=0, metavar="K",
+            help="Later studies per subject besides the baseline (K+1 time points; --space "
+                 "study only). 0: none."),
         masks_in_study: bool = typer.Option(
             False, "--masks-in-study/--no-masks-in-study",
             help="Write each true lesion mask into its study folder (the scan then uses it) "
@@ -92,11 +113,19 @@ def register(app: typer.Typer) -> None:
                 raise UsageError(str(exc)) from None
             if space is Space.model and fmt is Fmt.dicom:
                 raise UsageError("--format applies to --space study only")
+            if space is Space.model and follow_ups:
+                raise UsageError("--follow-ups needs --space study: model-space tensors have no "
+                                 "follow-up studies")
             info = _run(write_cohort, out, n=n, seed=seed, fmt=fmt.value, space=space.value,
-                        ratio=ratio_t, masks_in_study=masks_in_study, quiet=quiet)
-            counts = {lab: info.labels.count(lab) for lab in ("recurrence", "necrosis")}
-            typer.echo(f"{info.n} studies ({counts['recurrence']} recurrence, "
-                       f"{counts['necrosis']} necrosis) written to {info.out} in "
+                        ratio=ratio_t, masks_in_study=masks_in_study, follow_ups=follow_ups,
+                        quiet=quiet)
+            per = info.follow_ups + 1  # studies per subject
+            counts = {lab: info.labels[::per].count(lab) for lab in ("recurrence", "necrosis")}
+            what = f"{info.n} studies" if per == 1 else (
+                f"{len(info.study_ids)} studies ({info.n} subjects x {per} time points)")
+            typer.echo(f"{what} ({counts['recurrence']} recurrence, "
+                       f"{counts['necrosis']} necrosis"
+                       f"{' subjects' if per > 1 else ''}) written to {info.out} in "
                        f"{info.seconds:.1f} s")
         raise typer.Exit(EXIT_OK)
 

@@ -54,9 +54,13 @@ class Acquisition:
     ``kind`` is ``T1_3D`` (MPRAGE / BRAVO / TFE), ``T1_SE`` (2D spin echo) or ``T2`` (2D/3D
     turbo spin echo). ``orientation`` is ``axial`` or ``sagittal``; ``pixel_mm`` the in-plane
     pixel size, ``slice_thickness_mm`` and ``slice_spacing_mm`` the slab profile and step.
-    ``motion_rot_deg`` / ``motion_trans_mm`` is the rigid head position of this series relative
-    to the T1ce (about the truth grid's world origin, RAS+): inter-sequence misregistration of
-    up to ~2 degrees and ~2 mm, as between series of one session.
+    ``motion_rot_deg`` / ``motion_trans_mm`` is the rigid head position of this series in the
+    scanner (rotation in degrees about :data:`~recnec_cli.synth.series.MOTION_CENTRE_MM` and
+    translation in mm, world RAS+, applied to the truth grid's content). At the baseline it is
+    relative to the T1ce (whose own is zero): inter-sequence misregistration of up to ~2 degrees
+    and ~2 mm, as between series of one session. A follow-up adds one repositioning of up to
+    6 degrees and 8 mm per axis to all three series
+    (:func:`recnec_cli.synth.subject.follow_up_plans`).
     """
 
     role: str

@@ -5,6 +5,7 @@ neither imports the other for them.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import uuid
 
@@ -17,6 +18,13 @@ def derived_uid(*parts: object) -> str:
     version 5 style: SHA-256 of the parts, version and variant bits set): same parts, same UID."""
     digest = hashlib.sha256("/".join(str(p) for p in ("recnec-synth", *parts)).encode()).digest()
     return f"2.25.{uuid.UUID(bytes=digest[:16], version=5).int}"
+
+
+def study_date(seed: int, index: int, *, days: int = 0) -> datetime.date:
+    """Date of subject ``index``'s study ``days`` after its baseline. The baseline falls on a day
+    derived from ``seed`` and ``index`` between 2019-01-01 and 2023-12-05 (never the clock)."""
+    return (datetime.date(2019, 1, 1)
+            + datetime.timedelta(days=(seed * 7919 + index * 37) % 1800 + int(days)))
 
 
 def time_of_day(seconds: float, *, colons: bool = False) -> str:

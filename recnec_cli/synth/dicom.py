@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .acquisition import Acquisition
-from .constants import STORE_GAIN, derived_uid, time_of_day
+from .constants import STORE_GAIN, derived_uid, study_date, time_of_day
 from .series import SeriesGrid
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -26,13 +26,6 @@ _LPS = np.diag([-1.0, -1.0, 1.0])
 def _ds_str(v: float) -> str:
     s = f"{v:.6g}"
     return s if len(s) <= 16 else f"{v:.8e}"[:16]
-
-
-def _study_date(seed: int, index: int) -> str:
-    import datetime as _dt
-
-    day = _dt.date(2019, 1, 1) + _dt.timedelta(days=(seed * 7919 + index * 37) % 1800)
-    return day.strftime("%Y%m%d")
 
 
 def mr_dataset(pixels: np.ndarray, *, sop_uid: str, implementation: tuple[str, str] | None = None,
@@ -79,10 +72,15 @@ def mr_dataset(pixels: np.ndarray, *, sop_uid: str, implementation: tuple[str, s
 
 
 def write_series(folder: Path, img: np.ndarray, grid: SeriesGrid, acq: Acquisition, *, seed: int,
-                 index: int, study_uid: str, series_uid: str, frame_uid: str) -> int:
+                 index: int, study_uid: str, series_uid: str, frame_uid: str,
+                 time_point: int = 0, days: int = 0) -> int:
     """Write ``img`` (grid.shape, relative intensities) as ``folder/IM<nnnnn>.dcm`` files.
 
     Stored pixels are uint16 ``round(img * 1000 / RescaleSlope)``. Returns the number of files.
+    ``time_point`` (0 = baseline) and ``days`` (after the baseline) date a follow-up study:
+    Study/Series/Acquisition/ContentDate are the baseline date plus ``days``, and the
+    AccessionNumber and StudyID gain ``F<time_point>`` / ``-<time_point>``; PatientID and
+    PatientName stay those of the subject.
     """
     folder.mkdir(parents=True, exist_ok=True)
     aff = grid.affine
@@ -92,7 +90,8 @@ def write_series(folder: Path, img: np.ndarray, grid: SeriesGrid, acq: Acquisiti
     step = float(np.linalg.norm(aff[:3, 2]))
     stored = np.clip(np.rint(img * STORE_GAIN / acq.rescale_slope), 0, 65535).astype(np.uint16)
     window = float(np.percentile(stored[::4, ::4, :], 99.5)) * acq.rescale_slope or 1000.0
-    date = _study_date(seed, index)
+    date = study_date(seed, index, days=days).strftime("%Y%m%d")
+    follow_up = f"F{time_point}" if time_point else ""
     t0 = acq.series_time_s
     nk = grid.shape[2]
     normal = np.cross(row_dir, col_dir)
@@ -108,7 +107,7 @@ def write_series(folder: Path, img: np.ndarray, grid: SeriesGrid, acq: Acquisiti
             StudyTime=time_of_day(t0 - 600 - (t0 % 600)),
             SeriesTime=time_of_day(t0), AcquisitionTime=time_of_day(t0),
             ContentTime=time_of_day(t0 + k * 0.5),
-            AccessionNumber=f"SYN{seed:03d}{index:06d}",
+            AccessionNumber=f"SYN{seed:03d}{index:06d}{follow_up}",
             Manufacturer=acq.manufacturer,
             ManufacturerModelName=acq.model,
             InstitutionName="recnec synthetic",
@@ -139,7 +138,7 @@ def write_series(folder: Path, img: np.ndarray, grid: SeriesGrid, acq: Acquisiti
             PatientPosition="HFS",
             StudyInstanceUID=study_uid,
             SeriesInstanceUID=series_uid,
-            StudyID=f"{index + 1}",
+            StudyID=f"{index + 1}-{time_point}" if time_point else f"{index + 1}",
             SeriesNumber=str(acq.series_number),
             AcquisitionNumber="1",
             InstanceNumber=str(k + 1),

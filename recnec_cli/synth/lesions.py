@@ -24,8 +24,8 @@ through ``z``, so no classifier can beat the binormal AUC ``Phi(DELTA / sqrt(2))
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable
 
 import numpy as np
 
@@ -37,6 +37,16 @@ DELTA = 3.0
 SIGN_NOISE = 0.5
 
 PATTERNS = ("solid", "rim", "bubbles")
+
+#: range of the drawn mean radius r0 (mm) and of each semi-axis as a multiple of r0
+R0_RANGE_MM = (7.0, 16.0)
+AXIS_FACTOR_RANGE = (0.75, 1.2)
+#: every semi-axis any lesion has (baseline or follow-up): [5.25, 19.2] mm, the bounds of the
+#: baseline draw; with the outline irregularity the lesion reaches <= ~28 mm from its centre,
+#: inside :data:`INFLUENCE_MM` and the model box (:data:`recnec_cli.synth.truth.MODEL_BOX_HALF_VOX`)
+RADIUS_BOUNDS_MM = (R0_RANGE_MM[0] * AXIS_FACTOR_RANGE[0], R0_RANGE_MM[1] * AXIS_FACTOR_RANGE[1])
+#: range of the oedema extent (mm beyond the outline) of the baseline draw; follow-ups stay in it
+OEDEMA_BOUNDS_MM = (3.0, 28.0)
 
 
 def _sigmoid(x: float) -> float:
@@ -87,8 +97,8 @@ def draw_lesion(rng: np.random.Generator, *, z: float, centre_mm: np.ndarray) ->
         return z + SIGN_NOISE * float(rng.normal())
 
     # nuisance (class-independent)
-    r0 = float(rng.uniform(7.0, 16.0))
-    radii = r0 * rng.uniform(0.75, 1.2, size=3)
+    r0 = float(rng.uniform(*R0_RANGE_MM))
+    radii = r0 * rng.uniform(*AXIS_FACTOR_RANGE, size=3)
     q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
     irregularity = float(rng.uniform(0.06, 0.2))
     enhancement = float(rng.uniform(0.6, 1.1))
@@ -115,7 +125,8 @@ def draw_lesion(rng: np.random.Generator, *, z: float, centre_mm: np.ndarray) ->
     lq = float(0.08 + 0.84 * _sigmoid(1.8 * noisy()))
     off = rng.normal(size=3)
     off = off / np.linalg.norm(off) * float(rng.uniform(0.0, 0.35)) * r0 * (1.0 - np.sqrt(lq))
-    oedema = float(3.0 + 25.0 * _sigmoid(-1.6 * noisy()))
+    oedema = float(OEDEMA_BOUNDS_MM[0] + (OEDEMA_BOUNDS_MM[1] - OEDEMA_BOUNDS_MM[0])
+                   * _sigmoid(-1.6 * noisy()))
     return LesionParams(
         z=z, centre_mm=tuple(float(v) for v in centre_mm),
         axes=tuple(tuple(float(v) for v in row) for row in q),
@@ -124,6 +135,58 @@ def draw_lesion(rng: np.random.Generator, *, z: float, centre_mm: np.ndarray) ->
         nodule_offset_mm=tuple(float(v) for v in off), oedema_mm=oedema,
         enhancement=enhancement, field_seed=int(rng.integers(0, 2**31 - 1)),
     )
+
+
+#: per-step factor on every radius of a lesion at a follow-up, by label (drawn uniformly): a
+#: recurrence grows, a radiation necrosis stays or shrinks (the usual course of either,
+#: Shah et al. 2012; Verma et al. 2013)
+GROWTH_PER_STEP = {"recurrence": (1.08, 1.30), "necrosis": (0.80, 1.02)}
+#: per-step factor on ``oedema_mm``: a little more around a recurrence, same or less around a necrosis
+OEDEMA_PER_STEP = {"recurrence": (1.00, 1.15), "necrosis": (0.85, 1.00)}
+#: largest shift (mm) of the lesion centre between consecutive studies
+CENTRE_JITTER_MM = 2.0
+
+
+def evolve_lesion(p: LesionParams, rng: np.random.Generator, *, label: str,
+                  inside: Callable[[np.ndarray], bool] | None = None) -> LesionParams:
+    """The lesion ``p`` one follow-up later (a new :class:`LesionParams`, ``p`` is unchanged).
+
+    Draws, in this order from ``rng``: a radius factor in :data:`GROWTH_PER_STEP` ``[label]``, an
+    oedema factor in :data:`OEDEMA_PER_STEP` ``[label]``, then up to 8 candidate centre shifts
+    (uniform in the ball of radius :data:`CENTRE_JITTER_MM`), keeping the first whose new centre
+    satisfies ``inside(centre (3,) mm RAS+)`` (no shift when none does; every candidate is
+    accepted without ``inside``). A shift of <= 2 mm keeps consecutive lesions overlapping.
+
+    The radius factor is clamped so that every semi-axis stays within :data:`RADIUS_BOUNDS_MM`
+    (a recurrence already at the upper bound stops growing); the lesion is scaled as a whole, so
+    the hole centres (relative to the lesion centre), hole radii and the T2-nodule offset scale
+    with it. ``oedema_mm`` stays within :data:`OEDEMA_BOUNDS_MM`. Pattern, rim, lesion quotient,
+    enhancement, orientation, latent ``z`` and ``field_seed`` (the outline's irregularity and
+    texture, which move with the centre) are those of ``p``: the same lesion, later.
+    """
+    if label not in GROWTH_PER_STEP:
+        raise ValueError(f"label must be one of {tuple(GROWTH_PER_STEP)}, got {label!r}")
+    radii = np.asarray(p.radii_mm, dtype=np.float64)
+    f = float(rng.uniform(*GROWTH_PER_STEP[label]))
+    f = min(max(f, RADIUS_BOUNDS_MM[0] / float(radii.min())), RADIUS_BOUNDS_MM[1] / float(radii.max()))
+    g = float(rng.uniform(*OEDEMA_PER_STEP[label]))
+    old = np.asarray(p.centre_mm, dtype=np.float64)
+    centre = old
+    for _ in range(8):
+        d = rng.normal(size=3)
+        cand = old + d / np.linalg.norm(d) * CENTRE_JITTER_MM * float(rng.uniform()) ** (1.0 / 3.0)
+        if inside is None or inside(cand):
+            centre = cand
+            break
+    holes = tuple((*_xyz(centre + f * (np.asarray(h[:3]) - old)), float(h[3] * f)) for h in p.holes)
+    return replace(
+        p, centre_mm=_xyz(centre), radii_mm=_xyz(radii * f), holes=holes,
+        nodule_offset_mm=_xyz(np.asarray(p.nodule_offset_mm) * f),
+        oedema_mm=float(np.clip(p.oedema_mm * g, *OEDEMA_BOUNDS_MM)))
+
+
+def _xyz(v: np.ndarray) -> tuple[float, float, float]:
+    return float(v[0]), float(v[1]), float(v[2])
 
 
 #: half-width (mm) of the cube around the centre outside which the lesion has no effect

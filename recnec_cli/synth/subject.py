@@ -4,12 +4,18 @@ Random streams are keyed by ``(seed, index, purpose)`` with :class:`numpy.random
 so subject ``index`` of seed ``seed`` never depends on the cohort size, and anatomy does not
 change when only the label changes. Labels of a cohort come from a seeded permutation of blocks
 of ``sum(ratio)`` subjects, so the first ``sum(ratio)`` subjects have exactly the ratio.
+
+Follow-ups (:func:`follow_up_plans`): time point ``k >= 1`` of a subject is the same plan (same
+anatomy, label, scanner and protocol) with the lesion evolved one step further
+(:func:`~recnec_cli.synth.lesions.evolve_lesion`), the head repositioned in the scanner, a new
+bias field and new noise, 56-120 days after time point ``k - 1``; its draws come from streams
+keyed by ``(seed, index, purpose, k)``, so the baseline (``k = 0``) is exactly :func:`plan_subject`.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 import numpy as np
@@ -23,11 +29,12 @@ from .anatomy import (
     draw_deformation,
     draw_envelope,
     load_template,
+    sample_template,
     tissue_probabilities,
     truth_grid,
 )
 from .contrast import ENHANCEMENT, INTENSITY, LESION_INTENSITY, ContrastParams, draw_contrast, family, noise_tiles
-from .lesions import INFLUENCE_MM, LesionParams, draw_latent, draw_lesion, lesion_fields
+from .lesions import INFLUENCE_MM, LesionParams, draw_latent, draw_lesion, evolve_lesion, lesion_fields
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +44,18 @@ LABELS = ("recurrence", "necrosis")
 DEFAULT_RATIO = (192, 42)  # recurrence : necrosis, Frontiers in Oncology 2025 (PubMed 40548110)
 _TAG = 0x5EC0EC  # stream domain tag
 _STREAMS = {"label": 1, "anatomy": 2, "lesion": 3, "session": 4, "contrast": 5, "noise": 6,
-            "latent": 7, "site": 8}
+            "latent": 7, "site": 8, "follow_up": 9}
 ROLES = ("T1", "T2", "T1ce")
+#: days between consecutive studies of a subject, drawn uniformly (both ends included)
+FOLLOW_UP_INTERVAL_DAYS = (56, 120)
+#: head repositioning at each follow-up, common to its three series, drawn uniformly per axis in
+#: +-these bounds: rotation (degrees about the motion centre) and translation (mm)
+REPOSITION_ROT_DEG = 6.0
+REPOSITION_TRANS_MM = 8.0
+#: a follow-up's lesion centre stays at least this deep (mm) inside the template brain surface and
+#: this far (mm) off the template midline (the baseline centre: >= 12 mm deep, > 10 mm off midline)
+FOLLOW_UP_MIN_DEPTH_MM = 10.0
+FOLLOW_UP_MIN_MIDLINE_MM = 8.0
 
 
 def _rng(seed: int, index: int, purpose: str, *extra: int) -> np.random.Generator:
@@ -56,7 +73,9 @@ def cohort_label(*, seed: int, index: int, ratio: tuple[int, int] = DEFAULT_RATI
 
 @dataclass(frozen=True, eq=False)
 class SubjectPlan:
-    """Every random draw of one subject; rendering is a deterministic function of it."""
+    """Every random draw of one subject at one time point; rendering is a deterministic function
+    of it. ``time_point`` is 0 for the baseline (:func:`plan_subject`) and ``k`` for the k-th
+    follow-up (:func:`follow_up_plans`), ``days_since_baseline`` its distance from the baseline."""
 
     seed: int
     index: int
@@ -70,6 +89,8 @@ class SubjectPlan:
     tissue_jitter: Mapping[str, float]
     choroid_mm: tuple[tuple[float, float, float], tuple[float, float, float]] = field(
         default=((-28.0, -40.0, 14.0), (28.0, -40.0, 14.0)))
+    time_point: int = 0
+    days_since_baseline: int = 0
 
 
 def plan_subject(*, seed: int, index: int, label: str | None = None) -> SubjectPlan:
@@ -99,6 +120,67 @@ def plan_subject(*, seed: int, index: int, label: str | None = None) -> SubjectP
                        acquisitions=acq, contrasts=contrasts, tissue_jitter=jitter)
 
 
+def follow_up_plans(plan: SubjectPlan, follow_ups: int) -> tuple[SubjectPlan, ...]:
+    """The time points ``0..follow_ups`` of the subject whose baseline is ``plan``.
+
+    Element 0 is ``plan`` itself; element ``k`` (a :func:`dataclasses.replace` of element
+    ``k - 1``) has, drawn from the stream ``(seed, index, "follow_up", k)`` in this order:
+
+    * ``days_since_baseline`` = that of ``k - 1`` + an interval in :data:`FOLLOW_UP_INTERVAL_DAYS`;
+    * a head repositioning common to the three series, rotation in +-:data:`REPOSITION_ROT_DEG`
+      degrees and translation in +-:data:`REPOSITION_TRANS_MM` mm per axis, added to each series'
+      own baseline ``motion_rot_deg`` / ``motion_trans_mm`` (so the T1ce moves too, and the small
+      inter-sequence motion stays on top); scanner, protocol and header text are unchanged;
+    * the lesion of ``k - 1`` evolved one step (:func:`~recnec_cli.synth.lesions.evolve_lesion`:
+      a recurrence grows, a necrosis stays or shrinks, the centre moves <= 2 mm and stays
+      >= :data:`FOLLOW_UP_MIN_DEPTH_MM` deep in the brain);
+
+    and per series a new bias field (stream ``(seed, index, "contrast", series, k)``; tissue
+    scaling and noise level stay: same scanner) and, in :func:`render`, new noise.
+
+    Raises
+    ------
+    ValueError
+        When ``plan`` is not a baseline (``time_point != 0``) or ``follow_ups < 0``.
+    """
+    if plan.time_point != 0:
+        raise ValueError(f"follow_up_plans needs a baseline plan, got time point {plan.time_point}")
+    if follow_ups < 0:
+        raise ValueError(f"follow_ups must be >= 0, got {follow_ups}")
+    out = [plan]
+    for k in range(1, follow_ups + 1):
+        prev = out[-1]
+        rng = _rng(plan.seed, plan.index, "follow_up", k)
+        days = int(rng.integers(FOLLOW_UP_INTERVAL_DAYS[0], FOLLOW_UP_INTERVAL_DAYS[1] + 1))
+        rot = rng.uniform(-REPOSITION_ROT_DEG, REPOSITION_ROT_DEG, size=3)
+        trans = rng.uniform(-REPOSITION_TRANS_MM, REPOSITION_TRANS_MM, size=3)
+        lesion = evolve_lesion(prev.lesion, rng, label=plan.label,
+                               inside=lambda c: _well_inside(plan, c))
+        acquisitions = {
+            role: replace(acq, motion_rot_deg=_xyz(np.add(acq.motion_rot_deg, rot)),
+                          motion_trans_mm=_xyz(np.add(acq.motion_trans_mm, trans)))
+            for role, acq in plan.acquisitions.items()}
+        contrasts = {}
+        for i, role in enumerate(ROLES):
+            fresh = draw_contrast(_rng(plan.seed, plan.index, "contrast", i, k))
+            contrasts[role] = replace(plan.contrasts[role], bias_field=fresh.bias_field,
+                                      bias_amp=fresh.bias_amp)
+        out.append(replace(prev, lesion=lesion, acquisitions=acquisitions, contrasts=contrasts,
+                           time_point=k, days_since_baseline=prev.days_since_baseline + days))
+    return tuple(out)
+
+
+def _xyz(v: np.ndarray) -> tuple[float, float, float]:
+    return float(v[0]), float(v[1]), float(v[2])
+
+
+def _well_inside(plan: SubjectPlan, centre_mm: np.ndarray) -> bool:
+    """Whether a lesion centre (3,) mm RAS+ of ``plan``'s head is deep in its brain, off the midline."""
+    tpl_pt = plan.deformation(np.asarray(centre_mm, dtype=np.float64)[:, None])
+    depth = -float(sample_template(tpl_pt, ("sdist",))["sdist"][0])
+    return depth >= FOLLOW_UP_MIN_DEPTH_MM and abs(float(tpl_pt[0, 0])) > FOLLOW_UP_MIN_MIDLINE_MM
+
+
 _CAND: list[np.ndarray] = []
 
 
@@ -116,8 +198,11 @@ def render(plan: SubjectPlan, box: tuple[slice, slice, slice]) -> dict[str, np.n
     """Render the subject on ``box`` (slices of the truth grid): float32 arrays of the box shape.
 
     Keys: ``T1``, ``T2``, ``T1ce`` (relative intensities incl. bias field and Rician noise),
-    ``brain`` (brain fraction 0-1), ``lesion`` (lesion fraction 0-1). Pointwise in world
-    coordinates, so a sub-box equals the matching crop of the full grid (tested).
+    ``brain`` (brain fraction 0-1), ``lesion`` (lesion fraction 0-1: enhancing wall plus enclosed
+    necrosis), ``enhancing`` (enhancing fraction 0-1, <= ``lesion``) and ``oedema`` (oedema
+    fraction 0-1, outside the lesion); the lesion compartments are already multiplied by the
+    brain fraction. Pointwise in world coordinates, so a sub-box equals the matching crop of the
+    full grid (tested). The noise of a follow-up (``plan.time_point > 0``) has its own seed.
     """
     shape, aff = truth_grid()
     bshape = tuple(s.stop - s.start for s in box)
@@ -153,7 +238,7 @@ def render(plan: SubjectPlan, box: tuple[slice, slice, slice]) -> dict[str, np.n
         fields = lesion_fields(les, *(ax[s] for ax, s in zip(axes, sub)), wm3, gm3)
         for k, v in fields.items():
             lf[k][sub_t] = v * b3 if k != "texture" else v
-    lesion_full = lf["lesion"]
+    lesion_full, enhancing_full, oedema_full = lf["lesion"], lf["enhancing"], lf["oedema"]
     lf = {k: v.ravel()[head] for k, v in lf.items()}  # every lesion field is 0 in the air
     del wm_full, gm_full
 
@@ -200,10 +285,15 @@ def render(plan: SubjectPlan, box: tuple[slice, slice, slice]) -> dict[str, np.n
         full = np.zeros(pts.shape[1], dtype=img.dtype)  # air: no signal before noise
         full[head] = img
         img = full * np.exp(np.float32(con.bias_amp) * con.bias_field.on_grid(*axes).ravel())
-        nz = noise_tiles((_TAG, plan.seed, plan.index, _STREAMS["noise"], ri), shape, box)
+        words: tuple[int, ...] = (_TAG, plan.seed, plan.index, _STREAMS["noise"], ri)
+        if plan.time_point:  # baseline noise as before follow-ups existed
+            words = (*words, _STREAMS["follow_up"], plan.time_point)
+        nz = noise_tiles(words, shape, box)
         sd_n = np.float32(con.noise_sd)
         img = np.sqrt((img + sd_n * nz[0].reshape(-1)) ** 2 + (sd_n * nz[1].reshape(-1)) ** 2)
         out[role] = img.reshape(bshape).astype(np.float32)
     out["brain"] = brain.reshape(bshape)
     out["lesion"] = lesion_full
+    out["enhancing"] = enhancing_full
+    out["oedema"] = oedema_full
     return out

@@ -1,8 +1,9 @@
-"""Subject truth on the 1 mm grid and the model-space tensor made from it."""
+"""Subject truth on the 1 mm grid, its lesion compartment volumes, and the model-space tensor
+made from it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
@@ -10,8 +11,13 @@ import numpy as np
 from ..stages.modelinput import InputSpec, make_model_input
 from .acquisition import Acquisition
 from .anatomy import truth_grid
-from .lesions import LesionParams
+from .lesions import INFLUENCE_MM, LesionParams
 from .subject import SubjectPlan, plan_subject, render
+
+#: volume (mL) of one truth-grid voxel (1 mm^3)
+VOXEL_ML = 0.001
+#: the compartment volumes of :func:`compartment_volumes`, in the order of ``follow_ups.csv``
+COMPARTMENTS = ("enhancing_ml", "necrotic_ml", "oedema_ml", "lesion_ml")
 
 #: half-width (voxels, 1 mm) of the truth sub-box rendered for a model-space tensor: covers the
 #: whole lesion (radius <= ~30 mm) and the 60 mm model box around its centroid with margin
@@ -44,6 +50,12 @@ class SubjectTruth:
     lesion:
         The drawn :class:`~recnec_cli.synth.lesions.LesionParams` (pattern, lesion quotient,
         oedema, latent ``z``: these reveal the label, do not train on them).
+    time_point, days_since_baseline:
+        0 and 0 for the baseline study; ``k`` and its distance in days for the k-th follow-up
+        (:func:`~recnec_cli.synth.subject.follow_up_plans`).
+    volumes_ml:
+        The lesion compartment volumes in mL, keys :data:`COMPARTMENTS`
+        (:func:`compartment_volumes`).
     """
 
     seed: int
@@ -58,6 +70,51 @@ class SubjectTruth:
     label: str
     acquisitions: Mapping[str, Acquisition]
     lesion: LesionParams
+    time_point: int = 0
+    days_since_baseline: int = 0
+    volumes_ml: Mapping[str, float] = field(default_factory=dict)
+
+
+def compartment_volumes(fields: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Lesion compartment volumes (mL) from soft compartments on the 1 mm truth grid.
+
+    ``fields``: :func:`~recnec_cli.synth.subject.render` output (any box that holds the whole
+    lesion and its oedema), float32 fractions in [0, 1] already multiplied by the brain fraction:
+    ``lesion``, ``enhancing`` (<= ``lesion``) and ``oedema``. Each volume is the sum of a voxel
+    fraction times :data:`VOXEL_ML` (0.001 mL per 1 mm^3 voxel), summed in float64:
+
+    * ``enhancing_ml``: the enhancing fraction;
+    * ``necrotic_ml``: inside the lesion outline but not enhancing, ``clip(lesion - enhancing, 0, 1)``
+      (the enclosed necrosis or cyst, what the renderer draws as necrotic);
+    * ``oedema_ml``: the vasogenic oedema fraction (outside the outline, mostly white matter);
+    * ``lesion_ml``: ``enhancing_ml + necrotic_ml`` (the outline, without oedema).
+    """
+    les = np.asarray(fields["lesion"], dtype=np.float64)
+    enh = np.asarray(fields["enhancing"], dtype=np.float64)
+    enhancing = float(enh.sum()) * VOXEL_ML
+    necrotic = float(np.clip(les - enh, 0.0, 1.0).sum()) * VOXEL_ML
+    oedema = float(np.asarray(fields["oedema"], dtype=np.float64).sum()) * VOXEL_ML
+    return {"enhancing_ml": enhancing, "necrotic_ml": necrotic, "oedema_ml": oedema,
+            "lesion_ml": enhancing + necrotic}
+
+
+def lesion_box(plan: SubjectPlan) -> tuple[slice, slice, slice]:
+    """Truth-grid sub-box (slices) outside which ``plan``'s lesion fields are zero: the
+    ``+-INFLUENCE_MM`` cube around the lesion centre, clipped to the grid."""
+    shape, aff = truth_grid()
+    box = []
+    for a in range(3):
+        lo = (plan.lesion.centre_mm[a] - INFLUENCE_MM - aff[a, 3]) / aff[a, a]
+        hi = (plan.lesion.centre_mm[a] + INFLUENCE_MM - aff[a, 3]) / aff[a, a]
+        lo, hi = min(lo, hi), max(lo, hi)
+        box.append(slice(max(0, int(np.floor(lo))), min(shape[a], int(np.ceil(hi)) + 1)))
+    return box[0], box[1], box[2]
+
+
+def plan_volumes(plan: SubjectPlan) -> dict[str, float]:
+    """:func:`compartment_volumes` of ``plan`` from a render of :func:`lesion_box` only (about a
+    second instead of a full head; equal to the full-head values up to float64 summation order)."""
+    return compartment_volumes(render(plan, lesion_box(plan)))
 
 
 def _centroid(lesion: np.ndarray, offset: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -69,15 +126,17 @@ def _centroid(lesion: np.ndarray, offset: np.ndarray, affine: np.ndarray) -> np.
 
 
 def truth_from_plan(plan: SubjectPlan) -> SubjectTruth:
-    """Render the full head of ``plan`` (several seconds; ~0.2 GB)."""
+    """Render the full head of ``plan`` (several seconds; ~0.3 GB), any time point."""
     shape, aff = truth_grid()
     vols = render(plan, (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2])))
     centroid = _centroid(vols["lesion"], np.zeros(3), aff)
+    volumes = compartment_volumes(vols)
     return SubjectTruth(
         seed=plan.seed, index=plan.index, t1=vols["T1"], t2=vols["T2"], t1ce=vols["T1ce"],
         affine=aff, brain_mask=vols["brain"] > 0.5, lesion_mask=vols["lesion"] > 0.5,
         lesion_centroid_ras_mm=centroid, label=plan.label, acquisitions=plan.acquisitions,
-        lesion=plan.lesion,
+        lesion=plan.lesion, time_point=plan.time_point,
+        days_since_baseline=plan.days_since_baseline, volumes_ml=volumes,
     )
 
 
