@@ -63,12 +63,8 @@ def main() -> None:
         shutil.rmtree(cohort, ignore_errors=True)
         write_cohort(cohort, n=args.n, seed=args.seed, fmt="nifti", space="study", follow_ups=args.follow_ups)
     t_synth = time.perf_counter() - t0
-    # the scan sees only the study folders (truth and masks stay outside its tree)
-    studies = work / "studies"
-    if not studies.exists():
-        studies.mkdir()
-        for sub in sorted(cohort.glob("sub-*")):
-            (studies / sub.name).symlink_to(sub.resolve(), target_is_directory=True)
+    # the cohort folder is the scan's tree: discovery ignores the CSVs and the `_lesion_mask` files
+    studies = cohort
     t1 = time.perf_counter()
     if not (args.reuse and (out / "report.csv").is_file()):
         settings = resolve_settings({"settle_minutes": 0, "workers": args.workers})
