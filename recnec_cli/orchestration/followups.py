@@ -32,8 +32,9 @@ def time_points(state: ScanState, rows: Sequence[Mapping[str, Any]]) -> list[tim
     return out
 
 
-def _digests(state: ScanState) -> dict[str, str]:
-    return state.map_digests()
+def _pair_key(digests: Mapping[str, str], sid: str, ref: str) -> str:
+    """The map digests a (study, reference) match was computed from (``-``: no map stored)."""
+    return f"{digests.get(sid, '-')}:{digests.get(ref, '-')}"
 
 
 def match_pending(state: ScanState, rows: Sequence[Mapping[str, Any]], *,
@@ -55,7 +56,7 @@ def match_pending(state: ScanState, rows: Sequence[Mapping[str, Any]], *,
             if prior is not None and tp.comparable:
                 priors[tp.study_id] = prior.study_id
     pairs = timeline.pairs_to_match(points)
-    digests = _digests(state)
+    digests = state.map_digests()
     t0, n = time.perf_counter(), 0
     cache: dict[str, Any] = {}
 
@@ -69,7 +70,7 @@ def match_pending(state: ScanState, rows: Sequence[Mapping[str, Any]], *,
         return cache[sid]
 
     for sid, ref in pairs:
-        key = f"{digests.get(sid, '-')}:{digests.get(ref, '-')}"
+        key = _pair_key(digests, sid, ref)
         if state.lesion_match(sid, ref, key) is not None:
             continue
         cur, old = load(sid), load(ref)
@@ -105,10 +106,10 @@ def _draw_pair(path: Path, cur: Any, old: Any, m: Any, sid: str, ref: str) -> No
 def matches_of(state: ScanState, points: Sequence[timeline.TimePoint]) -> dict[tuple[str, str], str]:
     """The recorded match state of every pair :func:`recnec_cli.timeline.compare` looks up, for
     the current maps (pairs matched for an older map count as not checked)."""
-    digests = _digests(state)
+    digests = state.map_digests()
     out = {}
     for sid, ref in timeline.pairs_to_match(points):
-        got = state.lesion_match(sid, ref, f"{digests.get(sid, '-')}:{digests.get(ref, '-')}")
+        got = state.lesion_match(sid, ref, _pair_key(digests, sid, ref))
         if got is not None:
             out[(sid, ref)] = got[0]
     return out
