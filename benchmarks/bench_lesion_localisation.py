@@ -95,7 +95,7 @@ def _segmenter(seg, images, brain, affine, ref, ref_enh=None) -> tuple[dict | No
     (roundness; the CSF shell when a T1 and a T2 are there), as in ``pipeline._find_lesion``."""
     from recnec_cli.errors import LesionError
     from recnec_cli.stages.lesion import ShellEvidence, normal_structure
-    from recnec_cli.stages.segment import ENHANCING, lesion_from_segmentation
+    from recnec_cli.stages.segment import lesion_from_segmentation, refine_boundary
 
     t0 = time.perf_counter()
     s = seg.segment(images, brain, affine)
@@ -104,11 +104,12 @@ def _segmenter(seg, images, brain, affine, ref, ref_enh=None) -> tuple[dict | No
              if images.get("T1") is not None and images.get("T2") is not None else None)
     try:
         les = lesion_from_segmentation(s, affine, not_a_lesion=lambda m: normal_structure(m, affine, shell))
+        les = refine_boundary(les, images["T1ce"], brain, affine)
     except LesionError:
         return None, seconds
     if ref is None:  # a lesion-free head: any lesion is a false one
         return {"false_lesion_ml": float(les.mask.sum()) * abs(float(np.linalg.det(affine[:3, :3]))) / 1000}, seconds
-    enh = les.mask & (s.labels == ENHANCING)
+    enh = les.enhancing
     return _figures(les.mask, _centroid(les.mask, affine), "A" if les.runner_up_ratio >= 0.5 else "", ref, affine,
                     enh, ref_enh), seconds
 
@@ -247,17 +248,22 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=9002, help="synthetic seed (never a training seed)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--segmenter", type=Path, default=None,
+                    help="folder with segmenter.onnx/.json for the synthetic heads (default: the shipped one; "
+                         "the scanned studies always use the shipped weights)")
+    ap.add_argument("--heads-only", action="store_true", help="only the synthetic heads (about 2 min)")
     args = ap.parse_args()
     from recnec_cli.config import default_weights_dir
     from recnec_cli.stages.segment import Segmenter
 
-    seg = Segmenter.load(default_weights_dir(), device="cpu", threads=1)
+    seg = Segmenter.load(args.segmenter or default_weights_dir(), device="cpu", threads=1)
     t0 = time.perf_counter()
     cases = synthetic_heads(args, seg)
     print(f"{len(cases)} synthetic heads in {time.perf_counter() - t0:.0f} s", flush=True)
-    with tempfile.TemporaryDirectory() as tmpd:
-        cases += scanned_cases(args, Path(tmpd))
-    cases += pyradiomics_cases(seg)
+    if not args.heads_only:
+        with tempfile.TemporaryDirectory() as tmpd:
+            cases += scanned_cases(args, Path(tmpd))
+        cases += pyradiomics_cases(seg)
 
     def cell(f: dict | None) -> str:
         if f is None:

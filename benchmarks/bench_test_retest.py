@@ -3,8 +3,11 @@
 Takes studies, writes perturbed copies of each and rescans all of them through the full pipeline
 (the library ``scan()`` call: conversion, registration, HD-BET, automatic lesion localisation,
 model input, ONNX ensemble), then prints p per variant, |Δp| against the unperturbed study, label
-flips, and the lesion the detector chose (volume in mL, RAS+ centroid shift in mm) because a
-flip usually comes from a different lesion component being picked.
+flips, and the lesion the detector chose (volume in mL; how far its RAS+ centroid lies from where
+the original's centroid went under the variant's known motion, :func:`expected_ras`, in mm)
+because a flip usually comes from a different lesion component being picked. Until 2026-12-05
+that distance included the motion itself (a 5-degree turn moves a point 60 mm from the centre by
+5 mm) and the mirror was taken about world x = 0 instead of the grid's centre.
 
 Studies (one run):
 
@@ -108,8 +111,25 @@ def perturb(img: sitk.Image, variant: str, *, is_t2: bool, centre: tuple[float, 
     raise ValueError(variant)
 
 
-def write_variants(study: Path, dest: Path, base: str) -> None:
-    """``dest/<base>~<variant>/`` for every variant; sidecars (``.json``) copied unchanged."""
+def expected_ras(c0_ras: np.ndarray, variant: str, centre_lps: tuple[float, float, float]) -> np.ndarray:
+    """Where the original study's lesion centroid (RAS+ mm) should be in ``variant``: the known
+    motion applied to it. :func:`perturb` resamples with ``sitk.Resample(img, img, T)``, so a
+    point ``q`` of the content ends at ``T^-1(q)`` (SimpleITK works in LPS); the mirror flips
+    about the T1ce grid's centre plane along x."""
+    q = np.array([-c0_ras[0], -c0_ras[1], c0_ras[2]], dtype=float)  # RAS -> LPS
+    if variant == "shift3mm":
+        q = q - np.array([3.0, 0.0, 0.0])
+    elif variant == "rot5deg":
+        t = sitk.Euler3DTransform(centre_lps, 0.0, 0.0, math.radians(5.0))
+        q = np.array(t.GetInverse().TransformPoint(tuple(float(v) for v in q)))
+    elif variant == "mirrorLR":
+        q[0] = 2.0 * centre_lps[0] - q[0]
+    return np.array([-q[0], -q[1], q[2]])
+
+
+def write_variants(study: Path, dest: Path, base: str) -> tuple[float, float, float]:
+    """``dest/<base>~<variant>/`` for every variant; sidecars (``.json``) copied unchanged.
+    Returns the centre of the motions (the T1ce's image centre, LPS mm)."""
     images = sorted(p for p in study.iterdir() if _is_image(p))
     ce = [p for p in images if re.search(r"ce|gad|t1c", p.name, re.I)] or images
     ref = sitk.ReadImage(str(ce[0]))
@@ -122,6 +142,7 @@ def write_variants(study: Path, dest: Path, base: str) -> None:
             sitk.WriteImage(img, str(out / p.name), useCompression=True)
         for side in study.glob("*.json"):
             shutil.copy2(side, out / side.name)
+    return tuple(float(v) for v in centre)
 
 
 def main() -> None:
@@ -143,14 +164,15 @@ def main() -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         studies = tmp / "studies"
         bases: dict[str, str] = {}
+        centres: dict[str, tuple[float, float, float]] = {}
         if args.n:
             info = write_cohort(tmp / "syn", n=args.n, seed=args.seed, fmt="nifti")
             for sid, label in zip(info.study_ids, info.labels):
-                write_variants(tmp / "syn" / sid, studies, sid)
+                centres[sid] = write_variants(tmp / "syn" / sid, studies, sid)
                 bases[sid] = f"synthetic ({label})"
         tcga = shared_real() / "nifti_tcga_fg_6692_lgg_siemens"
         if not args.no_real and tcga.is_dir():
-            write_variants(tcga, studies, "TCGA-FG-6692")
+            centres["TCGA-FG-6692"] = write_variants(tcga, studies, "TCGA-FG-6692")
             bases["TCGA-FG-6692"] = "real (untreated LGG)"
         elif not args.no_real:
             print(f"real case absent ({tcga}): synthetic only", flush=True)
@@ -186,10 +208,8 @@ def main() -> None:
                 r = rows.get(f"{base}{SEP}{variant}", {})
                 p = f(r, "p_recurrence")
                 c = np.array([f(r, f"lesion_{a}_mm") for a in "ras"])
-                if variant == "mirrorLR":
-                    c = c * np.array([-1.0, 1.0, 1.0])  # compare with the mirrored original position
                 dp = abs(p - p0)
-                moved = float(np.linalg.norm(c - c0))
+                moved = float(np.linalg.norm(c - expected_ras(c0, variant, centres[base])))
                 flip = bool(r.get("label") and ref.get("label") and r.get("label") != ref.get("label"))
                 group = "real" if kind.startswith("real") else "synthetic"
                 if variant != "original" and r.get("status") != "OK":

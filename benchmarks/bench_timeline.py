@@ -67,7 +67,7 @@ def main() -> None:
     studies = cohort
     t1 = time.perf_counter()
     if not (args.reuse and (out / "report.csv").is_file()):
-        settings = resolve_settings({"settle_minutes": 0, "workers": args.workers})
+        settings = resolve_settings({"settle_minutes": 0, "workers": args.workers, "threads": 1})
         summary = scan(studies, out=out / "report.csv", settings=settings)
         print(summary.line())
     t_scan = time.perf_counter() - t1

@@ -263,3 +263,51 @@ def test_scan_pipeline_takes_the_lesion_from_the_segmenter_with_or_without_flair
     row = result_row(r, threshold=None, model_version="")
     assert bool(row["flair_series"]) is flair
     assert row["lesion_source"] == "segmenter" and row["enhancing_volume_ml"] != ""
+
+
+def _ball(shape: tuple[int, int, int], centre: tuple[float, float, float], radius: float) -> np.ndarray:
+    g = np.indices(shape, dtype=np.float32)
+    return sum((g[a] - centre[a]) ** 2 for a in range(3)) <= radius ** 2
+
+
+@pytest.mark.parametrize("network_edge_mm", [-2.0, +2.0])
+def test_refine_boundary_moves_a_wrong_edge_onto_the_intensity_edge(network_edge_mm):
+    """The network's edge 2 mm inside (or outside) a rim-enhancing lesion on a 1 mm grid: the
+    redrawn enhancing rim and the necrotic core are within 6 % of the truth, and a bright vessel
+    6 mm outside the lesion does not join it (the band is 3 mm)."""
+    shape, c = (64, 64, 64), (32.0, 32.0, 32.0)
+    aff = np.eye(4)
+    outer, inner = _ball(shape, c, 14.0), _ball(shape, c, 8.0)
+    vessel = np.zeros(shape, bool)
+    vessel[28:31, 52:55, 10:54] = True  # a tube 6 mm beyond the lesion's edge (y = 46)
+    rng = np.random.default_rng(0)
+    t1ce = np.full(shape, 100.0) + rng.normal(0, 4, shape)
+    t1ce[outer & ~inner] = 175.0 + rng.normal(0, 4, int((outer & ~inner).sum()))
+    t1ce[inner] = 70.0
+    t1ce[vessel] = 190.0
+    brain = np.ones(shape, bool)
+    net_outer = _ball(shape, c, 14.0 + network_edge_mm)
+    net_inner = _ball(shape, c, 8.0 - network_edge_mm)
+    labels = np.zeros(shape, np.uint8)
+    labels[net_outer] = segment.ENHANCING
+    labels[net_inner] = segment.CORE
+    seg = segment.Segmentation(labels=labels, confidence=np.full(shape, 0.9, np.float32), seconds=0.0)
+    found = segment.lesion_from_segmentation(seg, aff)
+    true_rim, true_core = float((outer & ~inner).sum()) / 1000, float(inner.sum()) / 1000
+    assert abs(found.enhancing_ml - true_rim) > 0.15 * true_rim  # the network's edge is really off
+    refined = segment.refine_boundary(found, t1ce, brain, aff)
+    assert abs(refined.enhancing_ml - true_rim) <= 0.06 * true_rim, (refined.enhancing_ml, true_rim)
+    assert abs(refined.core_ml - true_core) <= 0.06 * true_core, (refined.core_ml, true_core)
+    assert not (refined.mask & vessel).any() and _dice(refined.mask, outer) > 0.97
+
+
+def test_refine_boundary_keeps_the_network_outline_without_contrast():
+    """A lesion barely brighter than its surroundings (5 %): the intensity edge is not trusted
+    and the network's outline stays as it was."""
+    shape = (48, 48, 48)
+    lesion = _ball(shape, (24.0, 24.0, 24.0), 9.0)
+    t1ce = np.where(lesion, 105.0, 100.0)
+    labels = np.where(_ball(shape, (24.0, 24.0, 24.0), 7.0), segment.ENHANCING, 0).astype(np.uint8)
+    seg = segment.Segmentation(labels=labels, confidence=np.full(shape, 0.9, np.float32), seconds=0.0)
+    found = segment.lesion_from_segmentation(seg, np.eye(4))
+    assert segment.refine_boundary(found, t1ce, np.ones(shape, bool), np.eye(4)) is found

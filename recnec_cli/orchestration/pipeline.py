@@ -441,6 +441,7 @@ def _find_lesion(ctx: StudyContext) -> None:
             found = segment.lesion_from_segmentation(
                 ctx.segmentation, ctx.grid_affine, min_volume_ml=ctx.settings.lesion_min_volume_ml,
                 not_a_lesion=lambda m: lesion.normal_structure(m, ctx.grid_affine, shell))
+            found = segment.refine_boundary(found, ctx.on_grid[SeriesRole.T1CE], brain, ctx.grid_affine)
         except LesionError as exc:
             voxel_ml = abs(float(np.linalg.det(np.asarray(ctx.grid_affine)[:3, :3]))) / 1000.0
             oedema_ml = float(np.count_nonzero(ctx.segmentation.labels == segment.OEDEMA)) * voxel_ml
