@@ -235,37 +235,48 @@ def refine_boundary(found: "SegmentedLesion", t1ce: np.ndarray, brain: np.ndarra
     aff = np.asarray(affine, dtype=np.float64)
     spacing = np.sqrt((aff[:3, :3] ** 2).sum(axis=0))
     voxel_ml = abs(float(np.linalg.det(aff[:3, :3]))) / 1000.0
-    img = np.asarray(t1ce, dtype=np.float32)
-    brain = np.asarray(brain, dtype=bool)
-    enh = found.enhancing
+    # everything below looks at most max(5 mm ring, band) beyond the lesion: work in that box
+    pad = np.ceil((max(5.0, band_mm) + 2.0 * spacing.max()) / spacing).astype(int)
+    lo = np.maximum(np.argwhere(found.mask).min(axis=0) - pad, 0)
+    hi = np.minimum(np.argwhere(found.mask).max(axis=0) + pad + 1, found.mask.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    img = np.asarray(t1ce[box], dtype=np.float32)
+    in_brain = np.asarray(brain[box], dtype=bool)
+    enh, lesion = found.enhancing[box], found.mask[box]
     st = np.ones((3, 3, 3), dtype=bool)
     deep = ndimage.binary_erosion(enh, st)
     i_in = float(np.median(img[deep] if np.count_nonzero(deep) >= 20 else img[enh]))
-    outside = ndimage.distance_transform_edt(~found.mask, sampling=spacing)
-    ring = brain & (outside > 2.0) & (outside <= 5.0) & ~found.mask
+    outside = ndimage.distance_transform_edt(~lesion, sampling=spacing)
+    ring = in_brain & (outside > 2.0) & (outside <= 5.0)
     if not ring.any():
         return found
     i_out = float(np.median(img[ring]))
     if i_in - i_out < MIN_EDGE_CONTRAST * max(abs(i_out), 1e-6):
         return found
     mid = 0.5 * (i_in + i_out)
-    band = (brain & (ndimage.distance_transform_edt(~enh, sampling=spacing) <= band_mm)
+    band = (in_brain & (ndimage.distance_transform_edt(~enh, sampling=spacing) <= band_mm)
             & (ndimage.distance_transform_edt(enh, sampling=spacing) <= band_mm))
-    new = (enh & ~band) | (band & (img > mid))
-    comps, _ = ndimage.label(new, structure=st)
-    ids = np.unique(comps[enh & new])
-    new = np.isin(comps, ids[ids > 0])
-    if not new.any():
+    new_box = (enh & ~band) | (band & (img > mid))
+    new_box = _connected(new_box, enh & new_box)
+    if not new_box.any():
         return found
-    core = found.mask & ~enh
-    outline = ndimage.binary_fill_holes(new)
-    mask = ndimage.binary_fill_holes(new | (core & ~band) | (core & outline))
-    grown, _ = ndimage.label(found.oedema | mask, structure=st)
-    keep = np.unique(grown[mask])
-    oedema = found.oedema & np.isin(grown, keep[keep > 0]) & ~mask
+    core = lesion & ~enh
+    outline = ndimage.binary_fill_holes(new_box)
+    new, mask = np.zeros_like(found.mask), np.zeros_like(found.mask)
+    new[box] = new_box
+    mask[box] = ndimage.binary_fill_holes(new_box | (core & ~band) | (core & outline))
+    oedema = _connected(found.oedema, mask) & ~mask
     return replace(found, mask=mask, enhancing=new, enhancing_ml=float(np.count_nonzero(new)) * voxel_ml,
                    core_ml=float(np.count_nonzero(mask & ~new)) * voxel_ml,
                    oedema_ml=float(np.count_nonzero(oedema)) * voxel_ml, oedema=oedema)
+
+
+def _connected(candidates: np.ndarray, seed: np.ndarray) -> np.ndarray:
+    """The ``candidates`` voxels 26-connected to ``seed`` through ``candidates | seed`` (bool
+    arrays of one shape)."""
+    grown, _ = ndimage.label(candidates | seed, structure=np.ones((3, 3, 3)))
+    ids = np.unique(grown[seed])
+    return candidates & np.isin(grown, ids[ids > 0])
 
 
 def lesion_from_segmentation(seg: Segmentation, affine: Affine, *, min_volume_ml: float = 0.1,
@@ -314,10 +325,7 @@ def lesion_from_segmentation(seg: Segmentation, affine: Affine, *, min_volume_ml
     runner_up = float(enh_ml[order[1]] / enh_ml[order[0]]) if len(order) > 1 else 0.0
     comp = comps == best
     filled = ndimage.binary_fill_holes(comp)
-    oed = lab == OEDEMA
-    grown, _ = ndimage.label(oed | filled, structure=np.ones((3, 3, 3)))
-    ids = np.unique(grown[filled])
-    oedema = oed & np.isin(grown, ids[ids > 0])
+    oedema = _connected(lab == OEDEMA, filled)
     return SegmentedLesion(
         mask=filled, enhancing_ml=float(np.count_nonzero(comp & enh)) * voxel_ml,
         core_ml=float(np.count_nonzero(filled & ~enh)) * voxel_ml,
