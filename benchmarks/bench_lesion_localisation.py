@@ -77,24 +77,31 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * float((a & b).sum()) / max(1.0, float(a.sum() + b.sum()))
 
 
-def _heuristic(t1ce, brain, affine, ref, **kw) -> dict | None:
+def _heuristic(t1ce, brain, affine, ref, **kw) -> tuple[dict | None, object | None]:
+    """The heuristic detector's figures and its :class:`~recnec_cli.stages.lesion.Lesion` (``None``
+    when it finds none), which the segmenter's ``lesion_confidence`` is checked against."""
     from recnec_cli.errors import LesionError
     from recnec_cli.stages.lesion import detect_enhancing_lesion
 
     try:
         les = detect_enhancing_lesion(t1ce, brain, affine, **kw)
     except LesionError:
-        return None
+        return None, None
     if ref is None:
-        return {"false_lesion_ml": les.volume_ml}
-    return _figures(les.mask, np.asarray(les.centroid_ras_mm), "A" if les.ambiguous else "", ref, affine)
+        return {"false_lesion_ml": les.volume_ml}, les
+    return _figures(les.mask, np.asarray(les.centroid_ras_mm), "A" if les.ambiguous else "", ref, affine), les
 
 
-def _segmenter(seg, images, brain, affine, ref, ref_enh=None) -> tuple[dict | None, float]:
+def _segmenter(seg, images, brain, affine, ref, ref_enh=None, heuristic=None) -> tuple[dict | None, float]:
     """The scan's lesion stage with the segmenter: segmentation, then the normal-structure tests
-    (roundness; the CSF shell when a T1 and a T2 are there), as in ``pipeline._find_lesion``."""
+    (roundness; the CSF shell when a T1 and a T2 are there), the redrawn outline and the
+    ``lesion_confidence`` the scan would report (:func:`~recnec_cli.orchestration.pipeline.lesion_confidence_of`:
+    the segmenter's mean probability, halved when the heuristic's lesion ``heuristic`` does not lie
+    inside), as in ``pipeline._find_lesion``. Flags: ``A`` ambiguous, ``D`` the detectors
+    disagree, ``L`` below :data:`~recnec_cli.stages.lesion.LOW_CONFIDENCE` (``LESION_LOW_CONFIDENCE``)."""
     from recnec_cli.errors import LesionError
-    from recnec_cli.stages.lesion import ShellEvidence, normal_structure
+    from recnec_cli.orchestration.pipeline import _inside, lesion_confidence_of
+    from recnec_cli.stages.lesion import LOW_CONFIDENCE, ShellEvidence, normal_structure
     from recnec_cli.stages.segment import lesion_from_segmentation, refine_boundary
 
     t0 = time.perf_counter()
@@ -107,11 +114,16 @@ def _segmenter(seg, images, brain, affine, ref, ref_enh=None) -> tuple[dict | No
         les = refine_boundary(les, images["T1ce"], brain, affine)
     except LesionError:
         return None, seconds
+    agrees = heuristic is not None and _inside(les.mask, np.asarray(heuristic.centroid_ras_mm), affine)
+    conf = lesion_confidence_of(les, heuristic_agrees=agrees, grown_edge=False)
+    flags = (("A" if les.runner_up_ratio >= 0.5 else "") + ("" if agrees else "D")
+             + ("L" if conf < LOW_CONFIDENCE else ""))
     if ref is None:  # a lesion-free head: any lesion is a false one
-        return {"false_lesion_ml": float(les.mask.sum()) * abs(float(np.linalg.det(affine[:3, :3]))) / 1000}, seconds
-    enh = les.enhancing
-    return _figures(les.mask, _centroid(les.mask, affine), "A" if les.runner_up_ratio >= 0.5 else "", ref, affine,
-                    enh, ref_enh), seconds
+        return {"false_lesion_ml": float(les.mask.sum()) * abs(float(np.linalg.det(affine[:3, :3]))) / 1000,
+                "lesion_confidence": conf, "flags": flags}, seconds
+    out = _figures(les.mask, _centroid(les.mask, affine), flags, ref, affine, les.enhancing, ref_enh)
+    out["lesion_confidence"] = conf
+    return out, seconds
 
 
 def synthetic_heads(args, seg) -> list[dict]:
@@ -130,16 +142,16 @@ def synthetic_heads(args, seg) -> list[dict]:
         imgs = segdata.render_images(np.random.default_rng([args.seed, i]), lm.labels, lm.t1_texture)
         brain = ndimage.binary_fill_holes(lm.brain | (ref & (lm.labels != segdata.OEDEMA)))
         imgs = {k: np.where(brain, v, 0.0).astype(np.float32) for k, v in imgs.items()}
-        s, sec = _segmenter(seg, imgs, brain, aff, ref, ref_enh)
-        h = _heuristic(imgs["T1ce"], brain, aff, ref, t1=imgs["T1"], t2=imgs["T2"])
+        h, h_les = _heuristic(imgs["T1ce"], brain, aff, ref, t1=imgs["T1"], t2=imgs["T2"])
+        s, sec = _segmenter(seg, imgs, brain, aff, ref, ref_enh, h_les)
         out.append({"case": f"head {i:02d}", "kind": f"synthetic head ({kind})", "status": "OK",
                     "segmenter": s, "heuristic": h, "segmenter_seconds": sec})
     for i in range(args.n_free):  # lesion-free heads: only the normally enhancing structures
         lm = segdata.draw_label_map(args.seed, 1000 + i, kind="none")
         imgs = segdata.render_images(np.random.default_rng([args.seed, 1000 + i]), lm.labels, lm.t1_texture)
         imgs = {k: np.where(lm.brain, v, 0.0).astype(np.float32) for k, v in imgs.items()}
-        s, sec = _segmenter(seg, imgs, lm.brain, aff, None)
-        h = _heuristic(imgs["T1ce"], lm.brain, aff, None, t1=imgs["T1"], t2=imgs["T2"])
+        h, h_les = _heuristic(imgs["T1ce"], lm.brain, aff, None, t1=imgs["T1"], t2=imgs["T2"])
+        s, sec = _segmenter(seg, imgs, lm.brain, aff, None, heuristic=h_les)
         out.append({"case": f"free {i:02d}", "kind": "lesion-free head", "status": "FREE", "segmenter": s,
                     "heuristic": h})
     return out
@@ -202,8 +214,8 @@ def scanned_cases(args, tmp: Path) -> list[dict]:
             scan_mask = _load(d / "lesion_mask.nii.gz")[0] > 0
             c_scan = np.array([float(row[f"lesion_{a}_mm"]) for a in "ras"])
             res["segmenter"] = _figures(scan_mask, c_scan, row["flags"], ref, aff)
-            res["lesion_confidence"] = row.get("lesion_confidence")
-        res["heuristic"] = _heuristic(t1ce, brain, aff, ref, t1=t1, t2=t2)
+            res["segmenter"]["lesion_confidence"] = float(row.get("lesion_confidence") or "nan")
+        res["heuristic"] = _heuristic(t1ce, brain, aff, ref, t1=t1, t2=t2)[0]
         out.append(res)
     return out
 
@@ -234,9 +246,10 @@ def pyradiomics_cases(seg) -> list[dict]:
         t1ce = register.resample_to_grid(vol, shape, gaff)
         brain = register.resample_to_grid(Volume(hdbet.brain_mask(vol).astype(np.float32), aff), shape, gaff) > 0.5
         ref = register.resample_to_grid(Volume(lab, laff), shape, gaff, order=0) > 0.5
-        s, sec = _segmenter(seg, {"T1ce": t1ce}, brain, gaff, ref)
+        h, h_les = _heuristic(t1ce, brain, gaff, ref)
+        s, sec = _segmenter(seg, {"T1ce": t1ce}, brain, gaff, ref, heuristic=h_les)
         out.append({"case": f"pyradiomics {name}", "kind": "real GBM (label; T1ce only)", "status": "OK",
-                    "segmenter": s, "heuristic": _heuristic(t1ce, brain, gaff, ref), "segmenter_seconds": sec})
+                    "segmenter": s, "heuristic": h, "segmenter_seconds": sec})
     return out
 
 
@@ -284,8 +297,9 @@ def main() -> None:
         if c["status"] != "OK":
             seg_cell = f"{c['status'][:27]:<27}"
         extra = ""
-        if c.get("segmenter") and c["segmenter"].get("flags"):
-            extra = " " + c["segmenter"]["flags"][:60]
+        if c.get("segmenter"):
+            f = c["segmenter"]
+            extra = f" conf {f.get('lesion_confidence', float('nan')):.2f} {f.get('flags', '')[:60]}"
         print(f"{c['case']:<16} {c['kind']:<32} {ref_ml:7.2f} | {seg_cell}       | {cell(c.get('heuristic'))}{extra}")
     heads = [c for c in cases if c["kind"].startswith("synthetic head")]
     for key in ("segmenter", "heuristic"):
@@ -305,6 +319,22 @@ def main() -> None:
             fl = [c[key]["false_lesion_ml"] for c in free if c[key]]
             print(f"lesion-free heads, {key}: a false lesion on {len(fl)}/{len(free)}"
                   + (f" (median {np.median(fl):.2f} mL)" if fl else "") + "; the rest NO_ENHANCING_LESION")
+    # "or say that you cannot": a wrong or false lesion is less harmful when the row is flagged
+    # LESION_LOW_CONFIDENCE (lesion_confidence < LOW_CONFIDENCE), as the scan would flag it
+    from recnec_cli.stages.lesion import LOW_CONFIDENCE
+
+    def low(f: dict) -> bool:
+        return bool(f.get("lesion_confidence", 1.0) < LOW_CONFIDENCE)
+
+    with_ref = [c for c in cases if c["status"] == "OK" and c.get("segmenter") is not None]
+    wrong = [c for c in with_ref if not c["segmenter"]["inside"]]
+    right = [c for c in with_ref if c["segmenter"]["inside"]]
+    false = [c for c in free if c.get("segmenter")]
+    print(f"segmenter, flagged LESION_LOW_CONFIDENCE (lesion_confidence < {LOW_CONFIDENCE}): "
+          f"wrong lesions {sum(low(c['segmenter']) for c in wrong)}/{len(wrong)} "
+          f"({', '.join(c['case'] for c in wrong) or '-'}), false lesions on lesion-free heads "
+          f"{sum(low(c['segmenter']) for c in false)}/{len(false)}, right lesions "
+          f"{sum(low(c['segmenter']) for c in right)}/{len(right)} (a needless flag)")
     secs = [c["segmenter_seconds"] for c in cases if "segmenter_seconds" in c]
     if secs:
         print(f"segmenter seconds per study (resampling included, 1 thread): median {np.median(secs):.2f}, "

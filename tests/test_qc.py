@@ -32,11 +32,13 @@ from recnec_cli.qc.figures import (
     BRAIN_RGB,
     LABEL_RGB,
     LESION_RGB,
+    OEDEMA_RGB,
     T2_EDGE_RGB,
     StudySnapshot,
     read_layout,
     read_rgb,
     render_study,
+    study_layout_size,
 )
 from recnec_cli.qc.index import write_index
 
@@ -142,6 +144,45 @@ def test_lesion_overlay_lies_where_the_lesion_is_on_the_side_labelled(tmp_path):
         panel = _panel(pic_r.layout, "T1ce", view)
         x0, _, x1, _ = panel["box_px"]
         assert _pixels(rgb_r, LESION_RGB, panel["box_px"]).mean(0)[0] < (x0 + x1) / 2  # now on the viewer's left
+
+
+def test_flair_gets_its_row_and_the_oedema_its_outline(tmp_path):
+    """A study with a FLAIR on the common grid gets a FLAIR row between the T1ce and the
+    registration check; the segmenter's T2/FLAIR hyperintensity (a 9-15 mm shell around the
+    lesion here) is outlined in violet where it is, on every anatomical row. Without a FLAIR the
+    picture keeps its four rows, the oedema outline included; a NO_ENHANCING_LESION study's
+    snapshot carries all of the segmenter's oedema."""
+    from recnec_cli.orchestration.pipeline import snapshot_of
+
+    ph = _phantom(tmp_path, "fl")
+    xyz = phantoms._world(phantoms.SHAPE, ph["affine"])
+    r = np.sqrt(((xyz - np.reshape(ph["centroid"], (3, 1, 1, 1))) ** 2).sum(0))
+    oedema = (r > LESION_RADIUS_MM) & (r <= 15.0)
+    flair = ph["vols"]["T2"] + 200.0 * oedema
+    snap = _snapshot(ph, FLAIR=flair)
+    snap.oedema = oedema
+    pic = render_study(snap, tmp_path / "fl.png", header=["h"], name="fl")
+    rgb, layout = read_rgb(pic.path), read_layout(pic.path)
+    assert rgb.shape[:2] == study_layout_size(5)[::-1] and layout["rows"]["FLAIR"]["source"].startswith("registered")
+    boxes = {row: _panel(layout, row, "axial")["box_px"] for row in ("T1ce", "FLAIR", "registration")}
+    assert boxes["T1ce"][1] < boxes["FLAIR"][1] < boxes["registration"][1]
+    for row in ("T1", "T2", "T1ce", "FLAIR"):
+        for view in ("axial", "coronal"):
+            panel = _panel(layout, row, view)
+            violet = _pixels(rgb, OEDEMA_RGB, panel["box_px"])
+            assert len(violet) > 40, (row, view)
+            radius = np.hypot(*(violet - _to_px(panel, ph["centroid"])).T) * layout["mm_per_px"]
+            assert np.median(radius) == pytest.approx(15.0, abs=2.5), (row, view)  # the outer edge
+    assert len(_pixels(rgb, OEDEMA_RGB, boxes["registration"])) == 0  # edges only there
+
+    four = render_study(_snapshot(ph), tmp_path / "no_flair.png", header=["h"], name="nf")
+    assert "FLAIR" not in four.layout["rows"] and read_rgb(four.path).shape[:2] == study_layout_size(4)[::-1]
+
+    labels = np.zeros(phantoms.SHAPE, np.uint8)
+    labels[oedema] = 3
+    ctx = SimpleNamespace(volumes={}, grid_affine=ph["affine"], on_grid={}, brain=ph["brain"], registration={},
+                          lesion=None, lesion_labels=None, segmentation=SimpleNamespace(labels=labels))
+    assert np.array_equal(snapshot_of(ctx).oedema, oedema)
 
 
 def test_long_header_lines_shrink_to_fit_instead_of_being_clipped(tmp_path):

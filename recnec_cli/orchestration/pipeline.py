@@ -651,6 +651,11 @@ def snapshot_of(ctx: StudyContext) -> Any:
         snap.lesion = ctx.lesion.mask
         snap.lesion_centroid_ras_mm = tuple(float(v) for v in ctx.lesion.centroid_ras_mm)
         snap.box_mm = float(ctx.resources.spec.size_vox[0] * ctx.resources.spec.spacing_mm)
+    if ctx.lesion_labels is not None:  # the oedema connected to the chosen lesion
+        snap.oedema = ctx.lesion_labels == 3
+    elif ctx.segmentation is not None:  # no lesion (NO_ENHANCING_LESION): all T2/FLAIR hyperintensity
+        from ..stages.segment import OEDEMA
+        snap.oedema = ctx.segmentation.labels == OEDEMA
     return snap
 
 

@@ -26,6 +26,10 @@ Intensity window of each greyscale panel: from the 0.5th percentile of the volum
 to the 99.5th percentile inside the brain mask (or of the upper half of the volume's intensities
 when no brain mask lies on its grid): bright enough for the brain, not blown out by fat or vessels.
 
+Rows: T1, T2, T1ce, then FLAIR when the study has one on the common grid (a fourth, optional
+role: the segmenter reads it, the model does not), then the registration check. The segmenter's
+T2/FLAIR hyperintensity (oedema) is outlined on every anatomical row.
+
 Registration check: edges (Sobel gradient magnitude of the windowed, Gaussian-smoothed (1 px)
 slice, above the 88th percentile of the slice's head pixels) of the T1 (cyan) and the T2
 (magenta) over the T1ce; where both coincide the pixel is orange. Aligned series give orange
@@ -58,6 +62,8 @@ T1_EDGE_RGB = (0, 255, 255)
 T2_EDGE_RGB = (255, 0, 255)
 BOTH_EDGES_RGB = (255, 140, 0)
 LABEL_RGB = (255, 255, 0)
+#: the segmenter's T2/FLAIR hyperintensity (oedema) connected to the lesion
+OEDEMA_RGB = (190, 90, 255)
 BACKGROUND_RGB = (16, 16, 16)
 TEXT_RGB = (235, 235, 235)
 
@@ -112,7 +118,9 @@ class StudySnapshot:
     ``volumes``: role name (``"T1"``, ``"T2"``, ``"T1ce"``) -> converted native
     :class:`~recnec_cli.study.Volume`; ``grid_affine``: the common grid's ``(4, 4)`` voxel -> RAS mm
     affine; ``on_grid``: role name -> float32 ``(X, Y, Z)`` on that grid (T1 and T2 registered);
-    ``brain`` / ``lesion``: bool ``(X, Y, Z)`` on that grid; ``lesion_centroid_ras_mm``: world mm;
+    ``brain`` / ``lesion``: bool ``(X, Y, Z)`` on that grid; ``oedema``: bool ``(X, Y, Z)`` on that
+    grid, the segmenter's T2/FLAIR hyperintensity connected to the lesion (``None`` without a
+    segmenter, a user mask or a lesion); ``lesion_centroid_ras_mm``: world mm;
     ``box_mm``: edge of the model-input box (mm) centred on the lesion; ``registration``: the
     per-role rigid offsets (``translation_mm``, ``rotation_deg``, ``brain_coverage``, ...).
     """
@@ -122,6 +130,7 @@ class StudySnapshot:
     on_grid: dict[str, np.ndarray] = field(default_factory=dict)
     brain: np.ndarray | None = None
     lesion: np.ndarray | None = None
+    oedema: np.ndarray | None = None
     lesion_centroid_ras_mm: tuple[float, float, float] | None = None
     box_mm: float | None = None
     registration: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -374,12 +383,14 @@ def _labels(c: _Canvas, view: View, x0: int, y0: int) -> dict[str, list[float]]:
 # the study picture
 # ---------------------------------------------------------------------------------------------
 STUDY_ROWS = ("T1", "T2", "T1ce", "registration")
+#: a study with a FLAIR on the common grid gets this row between the T1ce and the registration check
+FLAIR_ROW = "FLAIR"
 
 
-def study_layout_size() -> tuple[int, int]:
-    """``(width, height)`` in pixels of a study picture."""
+def study_layout_size(n_rows: int = len(STUDY_ROWS)) -> tuple[int, int]:
+    """``(width, height)`` in pixels of a study picture of ``n_rows`` rows (4, or 5 with a FLAIR)."""
     w = ROW_LABEL_PX + 3 * (PANEL_PX + GAP_PX) + SIDE_PX
-    h = HEADER_PX + len(STUDY_ROWS) * (PANEL_PX + GAP_PX) + FOOTER_PX
+    h = HEADER_PX + n_rows * (PANEL_PX + GAP_PX) + FOOTER_PX
     return w, h
 
 
@@ -393,7 +404,7 @@ def panel_box(row: int, col: int) -> tuple[int, int, int, int]:
 def _row_sources(snap: StudySnapshot) -> dict[str, tuple[np.ndarray, np.ndarray, str, np.ndarray | None] | None]:
     """Per role: ``(data, affine, what, brain on the same grid or None)`` of what can be drawn."""
     out: dict[str, Any] = {}
-    for role in ("T1", "T2", "T1ce"):
+    for role in ("T1", "T2", "T1ce", FLAIR_ROW):
         if role in snap.on_grid and snap.grid_affine is not None:
             what = "registered\nonto the T1ce" if role != "T1ce" else "on the\ncommon grid"
             out[role] = (snap.on_grid[role], np.asarray(snap.grid_affine), what, snap.brain)
@@ -421,7 +432,8 @@ def _fmt_reg(role: str, info: Mapping[str, Any] | None) -> str:
 def render_study(snap: StudySnapshot, path: Path, *, header: Sequence[str], name: str,
                  thumb: Path | None = None) -> QcPicture | None:
     """Draw and write the study picture of ``snap`` to ``path`` (and its T1ce axial panel to
-    ``thumb``): rows T1, T2, T1ce (brain outline green, lesion red, model box blue) and the
+    ``thumb``): rows T1, T2, T1ce, FLAIR when the study has one on the common grid (brain outline
+    green, lesion red, T2/FLAIR hyperintensity (oedema) violet, model box blue) and the
     registration check (T1 / T2 edges over the T1ce, offsets beside it), columns axial, coronal,
     sagittal through the lesion centroid.
 
@@ -452,7 +464,8 @@ def render_study(snap: StudySnapshot, path: Path, *, header: Sequence[str], name
         com = np.array(ndimage.center_of_mass(snap.brain))
         point = tuple((np.asarray(snap.grid_affine)[:3, :3] @ com + np.asarray(snap.grid_affine)[:3, 3]).tolist())
     frame = _frame(np.shape(ref[0]), ref[1], point)
-    w, h = study_layout_size()
+    roles = ("T1", "T2", "T1ce") + ((FLAIR_ROW,) if sources[FLAIR_ROW] is not None else ())
+    w, h = study_layout_size(len(roles) + 1)
     c = _Canvas(w, h)
     for i, line in enumerate(list(header)[:2]):
         c.text(10, 16 + 21 * i, line, size=9.5, weight="bold" if i == 0 else "normal", fit_px=w - 20)
@@ -462,8 +475,9 @@ def render_study(snap: StudySnapshot, path: Path, *, header: Sequence[str], name
         "lesion_centroid_ras_mm": None if snap.lesion_centroid_ras_mm is None
         else [round(float(v), 3) for v in snap.lesion_centroid_ras_mm],
         "mm_per_px": round(frame.mm_per_px, 6), "header": list(header)[:2],
-        "colours": {"lesion": LESION_RGB, "brain": BRAIN_RGB, "model_box": BOX_RGB, "t1_edges": T1_EDGE_RGB,
-                    "t2_edges": T2_EDGE_RGB, "both_edges": BOTH_EDGES_RGB, "labels": LABEL_RGB},
+        "colours": {"lesion": LESION_RGB, "oedema": OEDEMA_RGB, "brain": BRAIN_RGB, "model_box": BOX_RGB,
+                    "t1_edges": T1_EDGE_RGB, "t2_edges": T2_EDGE_RGB, "both_edges": BOTH_EDGES_RGB,
+                    "labels": LABEL_RGB},
         "rows": {}, "panels": [], "registration": {k: dict(v) for k, v in snap.registration.items()},
     }
     worlds = {v.name: _panel_world(frame, v) for v in VIEWS}
@@ -472,6 +486,9 @@ def render_study(snap: StudySnapshot, path: Path, *, header: Sequence[str], name
         if snap.grid_affine is not None and snap.brain is not None:
             grid_masks[v.name]["brain"] = _sample(snap.brain, snap.grid_affine, worlds[v.name], order=0,
                                                   outside=0.0) > 0.5
+        if snap.grid_affine is not None and snap.oedema is not None and np.any(snap.oedema):
+            grid_masks[v.name]["oedema"] = _sample(snap.oedema, snap.grid_affine, worlds[v.name], order=0,
+                                                   outside=0.0) > 0.5
         if snap.grid_affine is not None and snap.lesion is not None:
             grid_masks[v.name]["lesion"] = _sample(snap.lesion, snap.grid_affine, worlds[v.name], order=0,
                                                    outside=0.0) > 0.5
@@ -480,7 +497,7 @@ def render_study(snap: StudySnapshot, path: Path, *, header: Sequence[str], name
             grid_masks[v.name]["box"] = ((np.abs(wv[v.h] - cen[v.h]) <= half) & (np.abs(wv[v.v] - cen[v.v]) <= half))
     slices: dict[str, dict[str, np.ndarray]] = {}
     windows: dict[str, tuple[float, float]] = {}
-    for ri, role in enumerate(("T1", "T2", "T1ce")):
+    for ri, role in enumerate(roles):
         src = sources[role]
         y_mid = panel_box(ri, 0)[1] + PANEL_PX / 2
         c.text(8, y_mid - 8, role, size=12, weight="bold")
@@ -507,6 +524,8 @@ def render_study(snap: StudySnapshot, path: Path, *, header: Sequence[str], name
                 _paint(rgb, _outline(masks["brain"], 1), BRAIN_RGB)
             if "box" in masks:
                 _paint(rgb, _outline(masks["box"], 1), BOX_RGB)
+            if "oedema" in masks:
+                _paint(rgb, _outline(masks["oedema"], 1), OEDEMA_RGB)
             if "lesion" in masks:
                 _paint(rgb, _outline(masks["lesion"], 2), LESION_RGB)
             c.paste(x0, y0, rgb)
@@ -517,7 +536,7 @@ def render_study(snap: StudySnapshot, path: Path, *, header: Sequence[str], name
         c.text(sx, y_mid - 14, f"window {win[0]:.4g} - {win[1]:.4g}", size=8)
         c.text(sx, y_mid + 8, "0.5th percentile of the volume to\n99.5th of the brain", size=7)
     # registration check: T1 and T2 edges over the T1ce
-    ri = 3
+    ri = len(roles)
     y_mid = panel_box(ri, 0)[1] + PANEL_PX / 2
     c.text(8, y_mid - 10, "T1ce +", size=11, weight="bold")
     c.text(8, y_mid + 8, "T1 / T2 edges", size=8)
@@ -552,9 +571,10 @@ def render_study(snap: StudySnapshot, path: Path, *, header: Sequence[str], name
     # footer legend
     fy = h - FOOTER_PX / 2
     x = 10
-    for text, col in (("lesion", LESION_RGB), ("brain mask", BRAIN_RGB), ("model box", BOX_RGB)):
+    for text, col in (("lesion", LESION_RGB), ("oedema", OEDEMA_RGB), ("brain mask", BRAIN_RGB),
+                      ("model box", BOX_RGB)):
         c.text(x, fy, text, colour=col, size=8, weight="bold")
-        x += 8 + 7 * len(text)
+        x += 14 + 7 * len(text)
     c.text(x + 6, fy, "radiological convention: patient's right on the viewer's left (axial, coronal); "
            "sagittal: anterior on the left. RESEARCH USE ONLY", size=7.5)
     rgb = c.render()
