@@ -172,6 +172,7 @@ def test_a_late_study_is_compared_in_the_same_run_and_no_date_leaves_the_state(t
     assert first.counts["processed"] == 1
     row = next(csv.DictReader(open(out / "report.csv")))
     assert row["timeline_studies"] == "1" and row["prior_study_id"] == ""
+    assert row["trajectory_png"] == ""  # one study: no trajectory picture (README: two or more)
     phantoms.write_phantom_study(studies / "sub-01", "ses-01", lesion_radius_mm=9.0, seed=1,
                                  sidecar={"AcquisitionDateTime": dates["01"]})
     second = scan(studies, out=out / "report.csv", settings=settings)
@@ -181,6 +182,9 @@ def test_a_late_study_is_compared_in_the_same_run_and_no_date_leaves_the_state(t
     assert (late["timeline_index"], later["timeline_index"]) == ("1", "2")
     # 2024-01-10T10:00 -> 2024-03-20T09:30 (a leap year): 69.98 days
     assert later["prior_study_id"] == "sub-01/ses-01" and later["days_since_prior"] == "70.0"
+    # recomputed, not reprocessed: the row keeps the run that processed its images (README)
+    assert (later["run_id"], later["processed_utc"]) == (row["run_id"], row["processed_utc"])
+    assert late["run_id"] != row["run_id"]
     assert later["prior_lesion_match"] == "same_lesion", later["timeline_note"]
     enh = {k: float(rows[k]["enhancing_volume_ml"]) for k in rows}
     assert float(later["enhancing_change_vs_prior_ml"]) == pytest.approx(

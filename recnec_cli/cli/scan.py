@@ -42,7 +42,18 @@ StudyInstanceUID / SeriesInstanceUID whatever the folder layout; each NIfTI (.ni
 NRRD folder is one study, roles taken from file names (BIDS T1w / T2w / ce-gadolinium, BraTS
 t1n / t1c / t2w, tokens t1ce, post_gad ...). A file named lesion_mask.nii.gz in a NIfTI study
 folder (or DIR/<study_id>.nii.gz with --lesion-masks DIR) is used as the lesion mask; otherwise the
-enhancing lesion is found automatically (T1ce against the registered T1 inside the brain).
+lesion is the shipped segmenter's (T1, T2, T1ce and FLAIR when the study has one; enhancing,
+necrotic and oedema volumes in mL), after tests that reject vessels, sinuses, falx and choroid
+plexus: a T1ce with only those is NO_ENHANCING_LESION (no probability), and an unsure choice is
+flagged LESION_LOW_CONFIDENCE (lesion_confidence). --lesion-detector heuristic uses the older
+enhancement-map detector instead.
+
+Timeline: studies of one patient (same keyed PatientID + IssuerOfPatientID, or BIDS sub-<label>)
+are ordered by study date (or ses-<label>) and each is compared with the prior and the nadir:
+volume changes in mL and %, the same lesion or not (registration of the earlier T1ce), and a
+volumetric suggestion against the nadir (modified RANO thresholds; not a RANO assessment). Dates
+stay in the state; the report carries days. A late export is placed by its date and the
+comparisons it changes are recomputed in the same run.
 
 Nightly use: every finished study is committed to a SQLite state (REPORT's stem + .state.sqlite,
 or --state; keep it on a local disk, not NFS) and the report is regenerated from it, so a run

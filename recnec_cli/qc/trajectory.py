@@ -79,10 +79,11 @@ def draw_trajectory(path: Path, *, patient: str, points: Sequence[Mapping[str, A
     ax2.set_ylabel("p_recurrence")
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    if h1 or h2:
-        ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left")
-    ax.set_title(f"patient {patient[:12]} · {len(pts)} studies · research use only", fontsize=8)
-    fig.tight_layout()
+    if h1 or h2:  # below the axes: inside them it hid the first points
+        fig.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower center", ncol=3, frameon=False)
+    # the whole pseudonym, as in the report's patient column
+    ax.set_title(f"patient {patient} · {len(pts)} studies · research use only", fontsize=8)
+    fig.tight_layout(rect=(0.0, 0.07, 1.0, 1.0))
     _save(fig, path, TRAJECTORY_KEY, {"patient": patient, "points": pts})
     return Path(path)
 
