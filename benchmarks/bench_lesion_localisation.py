@@ -96,26 +96,27 @@ def _segmenter(seg, images, brain, affine, ref, ref_enh=None, heuristic=None) ->
     """The scan's lesion stage with the segmenter: segmentation, then the normal-structure tests
     (roundness; the CSF shell when a T1 and a T2 are there), the redrawn outline and the
     ``lesion_confidence`` the scan would report (:func:`~recnec_cli.orchestration.pipeline.lesion_confidence_of`:
-    the segmenter's mean probability, halved when the heuristic's lesion ``heuristic`` does not lie
-    inside), as in ``pipeline._find_lesion``. Flags: ``A`` ambiguous, ``D`` the detectors
-    disagree, ``L`` below :data:`~recnec_cli.stages.lesion.LOW_CONFIDENCE` (``LESION_LOW_CONFIDENCE``)."""
+    the lesion score of ``weights/lesion_score.json``, which weighs the heuristic's agreement; without
+    one the segmenter's mean probability, x 0.75 when the heuristic's lesion ``heuristic`` does not lie
+    inside), as in ``pipeline._find_lesion`` (:func:`recnec_cli.stages.segment.find_segmented_lesion`).
+    Flags: ``A`` ambiguous, ``D`` the detectors disagree, ``L`` below
+    :data:`~recnec_cli.stages.lesion.LOW_CONFIDENCE` (``LESION_LOW_CONFIDENCE``)."""
     from recnec_cli.errors import LesionError
     from recnec_cli.orchestration.pipeline import _inside, lesion_confidence_of
-    from recnec_cli.stages.lesion import LOW_CONFIDENCE, ShellEvidence, normal_structure
-    from recnec_cli.stages.segment import lesion_from_segmentation, refine_boundary
+    from recnec_cli.stages.lesion import LOW_CONFIDENCE
+    from recnec_cli.stages.segment import find_segmented_lesion
 
     t0 = time.perf_counter()
     s = seg.segment(images, brain, affine)
     seconds = time.perf_counter() - t0
-    shell = (ShellEvidence(brain, affine, t1=images["T1"], t2=images["T2"])
-             if images.get("T1") is not None and images.get("T2") is not None else None)
     try:
-        les = lesion_from_segmentation(s, affine, not_a_lesion=lambda m: normal_structure(m, affine, shell))
-        les = refine_boundary(les, images["T1ce"], brain, affine)
+        les = find_segmented_lesion(s, images, brain, affine, lesion_score=seg.lesion_score,
+                                    heuristic_centroid=None if heuristic is None else heuristic.centroid_ras_mm)
     except LesionError:
         return None, seconds
     agrees = heuristic is not None and _inside(les.mask, np.asarray(heuristic.centroid_ras_mm), affine)
-    conf = lesion_confidence_of(les, heuristic_agrees=agrees, grown_edge=False)
+    conf = lesion_confidence_of(les, heuristic_agrees=agrees, grown_edge=False,
+                                scored=seg.lesion_score is not None)
     flags = (("A" if les.runner_up_ratio >= 0.5 else "") + ("" if agrees else "D")
              + ("L" if conf < LOW_CONFIDENCE else ""))
     if ref is None:  # a lesion-free head: any lesion is a false one
@@ -123,6 +124,7 @@ def _segmenter(seg, images, brain, affine, ref, ref_enh=None, heuristic=None) ->
                 "lesion_confidence": conf, "flags": flags}, seconds
     out = _figures(les.mask, _centroid(les.mask, affine), flags, ref, affine, les.enhancing, ref_enh)
     out["lesion_confidence"] = conf
+    out["stage_seconds"] = time.perf_counter() - t0  # segmenter, scoring and redrawn outline
     return out, seconds
 
 
@@ -312,6 +314,8 @@ def main() -> None:
             if key == "segmenter":
                 de = np.median([x.get("dice_enhancing", 0.0) if x else 0.0 for x in f])
                 line += f", median Dice of the enhancing part {de:.2f}"
+            missed = [c["case"] for c in heads if c[key] is None]
+            line += f"; NO_ENHANCING_LESION on {len(missed)} ({', '.join(missed) or '-'})"
             print(line)
     free = [c for c in cases if c["status"] == "FREE"]
     for key in ("segmenter", "heuristic"):
@@ -339,6 +343,10 @@ def main() -> None:
     if secs:
         print(f"segmenter seconds per study (resampling included, 1 thread): median {np.median(secs):.2f}, "
               f"max {max(secs):.2f}")
+    stage = [c["segmenter"]["stage_seconds"] for c in cases if (c.get("segmenter") or {}).get("stage_seconds")]
+    if stage:
+        print(f"lesion stage seconds per study (segmenter, lesion score, redrawn outline): median "
+              f"{np.median(stage):.2f}, max {max(stage):.2f}")
     if args.json:
         args.json.write_text(json.dumps({"seed": args.seed, "n": args.n, "cases": cases}, indent=1, default=str))
 

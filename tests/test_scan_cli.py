@@ -120,6 +120,9 @@ def test_input_tree_untouched_and_manifest_written(batch_scan):
     assert manifest["execution_provider"] == "CPUExecutionProvider"
     assert manifest["hdbet_provider"] == "CPUExecutionProvider"  # HD-BET ran in ONNX Runtime in the workers
     assert manifest["model_checksums"] and all(len(v) == 64 for v in manifest["model_checksums"].values())
+    # the segmenter and the lesion score that chose the lesions: their checksums
+    segmenter, score = manifest["lesion_segmenter"].split("+")
+    assert len(segmenter) == 64 and len(score) == 64
     assert manifest["studies_discovered"] == 5
     assert manifest["status_counts"]["OK"] == 2
     assert out.with_suffix(".log").exists()

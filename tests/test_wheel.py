@@ -74,6 +74,7 @@ def test_installed_wheel_scans_the_readme_example(tmp_path):
     assert weights == site / "recnec_cli" / "weights"
     assert (weights / "manifest.json").is_file() and len(list(weights.glob("fold*.onnx"))) == 5
     assert (weights / "segmenter.json").is_file() and (weights / "segmenter.onnx").is_file()
+    assert (weights / "lesion_score.json").is_file()  # the lesion score ships with the segmenter
 
     recnec = str(site / "bin" / "recnec")  # the wheel's console script
     _run([recnec, "synth", "example", "--n", "2", "--format", "dicom"], cwd=work, env=env)

@@ -43,9 +43,10 @@ NRRD folder is one study, roles taken from file names (BIDS T1w / T2w / ce-gadol
 t1n / t1c / t2w, tokens t1ce, post_gad ...). A file named lesion_mask.nii.gz in a NIfTI study
 folder (or DIR/<study_id>.nii.gz with --lesion-masks DIR) is used as the lesion mask; otherwise the
 lesion is the shipped segmenter's (T1, T2, T1ce and FLAIR when the study has one; enhancing,
-necrotic and oedema volumes in mL), after tests that reject vessels, sinuses, falx and choroid
-plexus: a T1ce with only those is NO_ENHANCING_LESION (no probability), and an unsure choice is
-flagged LESION_LOW_CONFIDENCE (lesion_confidence). --lesion-detector heuristic uses the older
+necrotic and oedema volumes in mL), after tests that reject vessels, sinuses and falx and a
+lesion score (weights/lesion_score.json) that tells lesions from the choroid plexus: a T1ce with
+only those is NO_ENHANCING_LESION (no probability), and an unsure choice is flagged
+LESION_LOW_CONFIDENCE (lesion_confidence, the score). --lesion-detector heuristic uses the older
 enhancement-map detector instead.
 
 Timeline: studies of one patient (same keyed PatientID + IssuerOfPatientID, or BIDS sub-<label>)

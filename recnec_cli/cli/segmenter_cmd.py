@@ -25,14 +25,19 @@ inputs T1, T2, T1ce, FLAIR on a 2 mm grid) labels enhancing tissue, non-enhancin
 oedema; `recnec scan` takes the lesion from it.
 
 OUT receives segmenter.onnx and segmenter.json (SHA-256, configuration, validation Dice, library
-versions); nothing else in OUT is touched, so OUT may be the ensemble's folder. Work files
+versions) and then lesion_score.json: a logistic score fitted on 225 more synthetic heads (150
+with a lesion, 75 without) that ranks the segmenter's enhancing components and tells lesions from
+the choroid plexus and vessels (recnec scan's lesion_confidence; below 0.2 NO_ENHANCING_LESION).
+--lesion-score-only refits just that file for the segmenter already in OUT (about 6 min, 1 core).
+Nothing else in OUT is touched, so OUT may be the ensemble's folder. Work files
 (checkpoint every 100 steps, losses.csv) go to OUT/.segmenter-work: an interrupted run started
 again with the same options resumes there and ends with the same bytes.
 
 Examples:
 
 \b
-  recnec train-segmenter --reproduce-shipped --out weights/   # the shipped segmenter (~45 min, 1 core)
+  recnec train-segmenter --reproduce-shipped --out weights/   # the shipped segmenter (~50 min, 1 core)
+  recnec train-segmenter --lesion-score-only --out weights/   # the shipped lesion score alone
   recnec train-segmenter --out my_weights/ --steps 4000 --seed 1
 
 RESEARCH USE ONLY: trained on synthetic images, never on patients; not clinically validated.
@@ -53,6 +58,8 @@ def train_segmenter(
                                        show_default=False),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads; the weights' "
                                           "bytes depend on it [default: 1]", show_default=False),
+    lesion_score_only: bool = typer.Option(False, "--lesion-score-only", help="Only refit lesion_score.json "
+                                           "for the segmenter already in OUT (its shipped configuration)."),
     quiet: QuietOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
@@ -64,6 +71,11 @@ def train_segmenter(
         from ..train.segmenter import train_segmenter as run
 
         setup_logging(verbose=verbose, quiet=quiet)
+        if lesion_score_only:
+            if any(v is not None for v in (steps, seed, threads)):
+                raise UsageError("--lesion-score-only refits the score alone: drop --steps / --seed / --threads")
+            _fit_score(out, quiet)
+            raise typer.Exit(EXIT_OK)
         if reproduce_shipped and any(v is not None for v in (steps, seed, threads)):
             raise UsageError("--reproduce-shipped uses the shipped configuration: drop --steps / --seed / --threads")
         cfg = replace(SHIPPED, **{k: v for k, v in (("steps", steps), ("seed", seed), ("threads", threads))
@@ -96,4 +108,31 @@ def train_segmenter(
                 f"segmenter written to {out}: sha256 {manifest['files']['segmenter.onnx'][:12]}..., "
                 f"validation Dice (enhancing) median {v['dice_enhancing_median']:.3f} on {v['n']} synthetic "
                 f"images, {manifest['training_seconds']:.0f} s")
+        _fit_score(out, quiet)
     raise typer.Exit(EXIT_OK)
+
+
+def _fit_score(out: Path, quiet: bool) -> None:
+    """Fit ``out/lesion_score.json`` (:func:`recnec_cli.train.lesion_score.fit_lesion_score`) with a
+    progress bar on a terminal, log lines every 25 heads otherwise."""
+    from ..train.lesion_score import fit_lesion_score
+
+    if sys.stderr.isatty() and not quiet:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("fitting the lesion score"), BarColumn(),
+                       TextColumn("{task.completed}/{task.total} heads"), TimeRemainingColumn(), transient=True)
+        task = bar.add_task("score", total=None)
+        with bar:
+            doc = fit_lesion_score(out, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    else:
+        def progress(done: int, total: int) -> None:
+            if done % 25 == 0 or done == total:
+                log.info("lesion score: head %d/%d", done, total)
+
+        doc = fit_lesion_score(out, progress=progress)
+    if not quiet:
+        t = doc["training"]
+        results_console().print(
+            f"lesion score written to {out / 'lesion_score.json'}: {t['components']} components "
+            f"({t['lesion_components']} lesion) from {t['heads']} synthetic heads, {doc['seconds']:.0f} s")

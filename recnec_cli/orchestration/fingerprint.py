@@ -125,10 +125,12 @@ def study_fingerprint(study: Study, files: Sequence[tuple[str, int, int]], *, se
 
 def segmenter_version_of(settings: Settings) -> str:
     """The listed checksum of the segmenter the scan will use (``""`` with the heuristic detector or
-    when there is none), read without verifying: that happens when it is loaded."""
+    when there is none) and that of the lesion score beside it, read without verifying: that
+    happens when they are loaded."""
     if settings.lesion_detector != "segmenter":
         return ""
     from ..config import default_weights_dir
+    from ..stages.lesion_score import LESION_SCORE_FILE
     from ..stages.segment import SEGMENTER_FILE, SEGMENTER_MANIFEST, find_segmenter
 
     folder = find_segmenter(settings.weights_dir, default_weights_dir())
@@ -136,7 +138,9 @@ def segmenter_version_of(settings: Settings) -> str:
         return ""
     try:
         m = json.loads((folder / SEGMENTER_MANIFEST).read_text(encoding="utf-8"))
-        return str(m.get("files", {}).get(SEGMENTER_FILE, ""))
+        score = folder / LESION_SCORE_FILE
+        listed = json.loads(score.read_text(encoding="utf-8")).get("checksum", "") if score.is_file() else ""
+        return str(m.get("files", {}).get(SEGMENTER_FILE, "")) + (f"+{listed}" if listed else "")
     except (OSError, ValueError):
         return "unreadable"
 

@@ -388,13 +388,16 @@ EDGE_FACTOR = 0.5
 DISAGREE_FLAG = "LESION_DETECTORS_DISAGREE"
 
 
-def lesion_confidence_of(found: Any, *, heuristic_agrees: bool, grown_edge: bool) -> float:
+def lesion_confidence_of(found: Any, *, heuristic_agrees: bool, grown_edge: bool, scored: bool = False) -> float:
     """``lesion_confidence`` of a segmented lesion (:class:`recnec_cli.stages.segment.SegmentedLesion`):
-    the segmenter's mean probability over the lesion's voxels, times :data:`DISAGREEMENT_FACTOR`
-    when the heuristic detector's lesion centroid does not fall inside it, times :data:`EDGE_FACTOR`
-    when the brain mask was grown across its edge (the lesion lies partly outside HD-BET's brain)."""
-    return float(found.confidence * (1.0 if heuristic_agrees else DISAGREEMENT_FACTOR)
-                 * (EDGE_FACTOR if grown_edge else 1.0))
+    its ``confidence`` (with ``scored``, the lesion score of
+    :mod:`recnec_cli.stages.lesion_score`, which already weighs the heuristic detector's agreement;
+    else the segmenter's mean probability over the lesion's voxels, times
+    :data:`DISAGREEMENT_FACTOR` when the heuristic detector's lesion centroid does not fall inside
+    it), times :data:`EDGE_FACTOR` when the brain mask was grown across its edge (the lesion lies
+    partly outside HD-BET's brain)."""
+    agreement = 1.0 if (heuristic_agrees or scored) else DISAGREEMENT_FACTOR
+    return float(found.confidence * agreement * (EDGE_FACTOR if grown_edge else 1.0))
 
 
 def _find_lesion(ctx: StudyContext) -> None:
@@ -436,12 +439,10 @@ def _find_lesion(ctx: StudyContext) -> None:
         images = {r.value: ctx.on_grid.get(r) for r in (*SeriesRole.model_roles(), SeriesRole.FLAIR)}
         ctx.segmentation = seg.segment(images, brain, ctx.grid_affine)
         try:
-            shell = lesion.ShellEvidence(brain, ctx.grid_affine, t1=ctx.on_grid[SeriesRole.T1],
-                                         t2=ctx.on_grid[SeriesRole.T2])
-            found = segment.lesion_from_segmentation(
-                ctx.segmentation, ctx.grid_affine, min_volume_ml=ctx.settings.lesion_min_volume_ml,
-                not_a_lesion=lambda m: lesion.normal_structure(m, ctx.grid_affine, shell))
-            found = segment.refine_boundary(found, ctx.on_grid[SeriesRole.T1CE], brain, ctx.grid_affine)
+            found = segment.find_segmented_lesion(
+                ctx.segmentation, images, brain, ctx.grid_affine, lesion_score=seg.lesion_score,
+                heuristic_centroid=None if heuristic is None else heuristic.centroid_ras_mm,
+                min_volume_ml=ctx.settings.lesion_min_volume_ml)
         except LesionError as exc:
             voxel_ml = abs(float(np.linalg.det(np.asarray(ctx.grid_affine)[:3, :3]))) / 1000.0
             oedema_ml = float(np.count_nonzero(ctx.segmentation.labels == segment.OEDEMA)) * voxel_ml
@@ -462,7 +463,8 @@ def _find_lesion(ctx: StudyContext) -> None:
         labels[found.mask] = 2
         labels[found.mask & found.enhancing] = 1
         ctx.lesion_labels = labels
-        ctx.lesion_confidence = lesion_confidence_of(found, heuristic_agrees=agrees, grown_edge=grown_edge)
+        ctx.lesion_confidence = lesion_confidence_of(found, heuristic_agrees=agrees, grown_edge=grown_edge,
+                                                     scored=seg.lesion_score is not None)
         if ctx.lesion.ambiguous:
             ctx.flags.append(lesion.AMBIGUOUS_FLAG)
         if not agrees:

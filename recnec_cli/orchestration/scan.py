@@ -60,7 +60,14 @@ from ..study import Study
 from .batching import BATCH_WAIT_S, run_studies
 from .execution import require_distributed
 from .executors import make_executor
-from .fingerprint import folder_newest_mtimes, model_version_of, study_files, study_fingerprint, tree_listing
+from .fingerprint import (
+    folder_newest_mtimes,
+    model_version_of,
+    segmenter_version_of,
+    study_files,
+    study_fingerprint,
+    tree_listing,
+)
 from .paths import check_scan_paths, output_paths
 from .pipeline import Resources, qc_name_of, report_threshold_of, study_key
 from .report import COLUMNS, ROW_DISCLAIMER, result_row, run_manifest, write_report
@@ -468,6 +475,8 @@ class _RunContext:
         manifest.update(run_id=self.run_id, state=str(self.paths["state"].resolve()),
                         pseudonym_key_id=self.key_id, self_test_seconds=dict(self.self_test_s),
                         hdbet_provider=self.hdbet_provider or None,
+                        # SHA-256 of segmenter.onnx, '+' the lesion score's checksum ('' heuristic)
+                        lesion_segmenter=segmenter_version_of(self.settings),
                         runs=self.state.runs(limit=10))
         if self.execution:
             manifest["execution"] = dict(self.execution)
