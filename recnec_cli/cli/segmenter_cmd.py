@@ -27,7 +27,7 @@ oedema; `recnec scan` takes the lesion from it.
 OUT receives segmenter.onnx and segmenter.json (SHA-256, configuration, validation Dice, library
 versions) and then lesion_score.json: a logistic score fitted on 225 more synthetic heads (150
 with a lesion, 75 without) that ranks the segmenter's enhancing components and tells lesions from
-the choroid plexus and vessels (recnec scan's lesion_confidence; below 0.2 NO_ENHANCING_LESION).
+the choroid plexus and vessels (recnec scan's lesion_confidence; below 0.1 NO_ENHANCING_LESION).
 --lesion-score-only refits just that file for the segmenter already in OUT (about 6 min, 1 core).
 Nothing else in OUT is touched, so OUT may be the ensemble's folder. Work files
 (checkpoint every 100 steps, losses.csv) go to OUT/.segmenter-work: an interrupted run started
