@@ -163,14 +163,13 @@ class ComponentMeasurer:
 
         from .intensity import robust_zscore
 
-        self.labels, self.probability = labels, probability
+        self.probability = probability
         self.affine = np.asarray(affine, dtype=float)
         self.spacing = voxel_sizes(self.affine)
         self.voxel_ml = float(np.prod(self.spacing)) / 1000.0
-        brain = np.asarray(brain, dtype=bool)
-        z = {k: robust_zscore(np.asarray(v, dtype=np.float32), brain)
-             for k, v in images.items() if v is not None and k == "FLAIR"}
-        self.flair = z.get("FLAIR")
+        flair = images.get("FLAIR")
+        self.flair = None if flair is None else robust_zscore(np.asarray(flair, dtype=np.float32),
+                                                              np.asarray(brain, dtype=bool))
         self.shell = shell
         self.heuristic_ijk = None
         if heuristic_centroid is not None:

@@ -15,9 +15,10 @@ The lesion (:func:`lesion_from_segmentation`) is one connected component of enha
 voxels (26-connectivity), holes filled; its oedema is the oedema connected to it. Components with
 less enhancing tissue than ``min_volume_ml`` do not count, nor (in the scan, with a T1 and a T2)
 tubes, sheets and components whose surrounding shell is mostly CSF (the heuristic detector's tests,
-:func:`recnec_cli.stages.lesion.normal_structure`). Of the rest, the scan takes the one with the
-highest lesion score (:mod:`recnec_cli.stages.lesion_score`, fitted for this segmenter and shipped
-beside it) and rejects those scoring below :data:`~recnec_cli.stages.lesion_score.MIN_LESION_SCORE`:
+:func:`recnec_cli.stages.lesion.normal_structure`). Of the rest, the scan takes the largest credible
+one by the lesion score (:mod:`recnec_cli.stages.lesion_score`, fitted for this segmenter and shipped
+beside it; :data:`CREDIBLE_FRACTION`) and rejects those scoring below
+:data:`~recnec_cli.stages.lesion_score.MIN_LESION_SCORE`:
 the choroid plexus enhances normally and is what the shipped segmenter mistakes most often on
 synthetic heads, and its mean probability does not tell it apart. A study with none gets
 ``NO_ENHANCING_LESION``. Without a lesion score the component with the most enhancing tissue is
