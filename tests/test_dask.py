@@ -130,7 +130,7 @@ def test_cluster_scan_gives_the_rows_of_a_local_scan(tree, tmp_path, cluster, mo
     assert "sub-03_T1w.nii.gz=T1" in missing and "sub-03_ce-gadolinium_T1w.nii.gz=T1ce" in missing
 
 
-@pytest.mark.slow  # a LocalCluster of worker processes
+@pytest.mark.veryslow  # a worker killed mid-study (~20 s)
 def test_a_worker_killed_mid_study_is_retried_and_every_study_is_reported_once(tree, tmp_path, cluster, caplog):
     cl, client = cluster
     caplog.set_level(logging.INFO, logger="recnec_cli")
@@ -164,7 +164,7 @@ def test_a_worker_killed_mid_study_is_retried_and_every_study_is_reported_once(t
         [r.getMessage() for r in caplog.records][-10:]
 
 
-@pytest.mark.slow  # two worker restarts (~15 s)
+@pytest.mark.veryslow  # two worker restarts (~15 s)
 def test_a_study_that_kills_every_worker_becomes_worker_died(tree, tmp_path, cluster):
     cl, _ = cluster
     studies = _copy(tree, tmp_path / "studies", {"sub-01": (phantoms.DIE_FLAG, "")})
@@ -176,7 +176,7 @@ def test_a_study_that_kills_every_worker_becomes_worker_died(tree, tmp_path, clu
     assert summary.exit_code == 1
 
 
-@pytest.mark.slow  # a worker restart after the time limit (~15 s)
+@pytest.mark.veryslow  # a worker restart after the time limit (~13 s)
 def test_a_hung_study_becomes_timeout_and_its_worker_is_restarted(tree, tmp_path, cluster):
     cl, client = cluster
     studies = _copy(tree, tmp_path / "studies", {"sub-01": (phantoms.HANG_FLAG, "")})
@@ -198,7 +198,7 @@ def test_a_hung_study_becomes_timeout_and_its_worker_is_restarted(tree, tmp_path
     assert not set(client.run(os.getpid).values()) >= pids_before
 
 
-@pytest.mark.slow  # a LocalCluster of worker processes
+@pytest.mark.veryslow  # a second LocalCluster (~17 s); the cluster path stays in the default suite
 def test_gpu_tagged_worker_gets_the_studies_and_the_inference(tree, tmp_path, cluster):
     cl, client = cluster
     client.wait_for_workers(2, timeout=180)

@@ -94,7 +94,7 @@ def _wait_for(cond, timeout_s: float, proc: subprocess.Popen | None = None) -> N
         time.sleep(0.1)
 
 
-@pytest.mark.slow  # the scan runs in a child process
+@pytest.mark.veryslow  # a SIGKILL mid-batch (~65 s); the SIGTERM test stays in the default suite
 def test_sigkill_then_rerun_loses_nothing_and_redoes_nothing(phantom_tree, tmp_path):
     studies = _copy(phantom_tree, tmp_path)
     out = tmp_path / "out" / "report.csv"
@@ -429,7 +429,7 @@ def _children(pid: int) -> list[int]:
     return [int(x) for x in out]
 
 
-@pytest.mark.slow  # the scan runs in a child process
+@pytest.mark.veryslow  # orphaned workers after a SIGKILL (~10 s)
 def test_workers_die_with_a_killed_scan(phantom_tree, tmp_path):
     """SIGKILL of the scan leaves no worker behind (PR_SET_PDEATHSIG), even one stuck in a study."""
     studies = _copy(phantom_tree, tmp_path)

@@ -151,7 +151,7 @@ def test_lesions_are_matched_across_a_repositioned_head_and_told_apart_elsewhere
     assert match_lesions(empty, first).status == timeline.NOT_CHECKED
 
 
-@pytest.mark.slow
+@pytest.mark.veryslow  # three scans of follow-ups (~32 s)
 def test_a_late_study_is_compared_in_the_same_run_and_no_date_leaves_the_state(tmp_path, monkeypatch):
     """Two visits of one BIDS patient scanned out of order (the later one first) with the fake
     HD-BET: the late earlier visit makes the later one's comparisons appear without reprocessing

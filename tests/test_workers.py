@@ -70,6 +70,7 @@ def test_two_workers_give_the_rows_of_one(tree, tmp_path, caplog):
     assert a["sub-00"]["qc_png"] == ""  # the run without --qc drew nothing
 
 
+@pytest.mark.veryslow  # waits out a study time limit (~22 s)
 def test_hung_study_becomes_timeout_and_the_others_finish(tree, tmp_path):
     t0 = time.perf_counter()
     summary = scan(tree, out=tmp_path / "r.csv", settings=_settings(workers=2, threads=1, study_timeout_s=20),
@@ -81,6 +82,7 @@ def test_hung_study_becomes_timeout_and_the_others_finish(tree, tmp_path):
     assert summary.exit_code == 1 and elapsed < 300
 
 
+@pytest.mark.veryslow  # a worker past its memory limit (~10 s)
 def test_study_past_the_memory_limit_is_out_of_memory(tree, tmp_path):
     studies = tmp_path / "studies"
     shutil.copytree(tree / "sub-00", studies / "sub-00")
