@@ -28,7 +28,9 @@ Cases:
   picture of both agree), so that reference lay 94 mm from the tumour and every earlier "TCGA
   missed" figure measured against the wrong place;
 - pyradiomics brain1 and brain2 (real GBM, T1 post-Gd only, 6.5 mm slices, with lesion labels):
-  T1ce alone (HD-BET on the T1ce, 1 mm grid); brain2's label is a small non-enhancing region.
+  T1ce alone (HD-BET on the T1ce, 1 mm grid); brain2's label is a small (1.8 mL) cortical lesion
+  at the temporal surface, faintly enhancing (T1ce robust z of its voxels: mean 0.85, 90th
+  percentile 3.4, against 2.4 for the brain's 99th; earlier notes called it non-enhancing).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_lesion_localisation.py [--n-heads 24] [--n 6]
         [--seed 9002] [--workers 1] [--json out.json]
@@ -125,7 +127,33 @@ def _segmenter(seg, images, brain, affine, ref, ref_enh=None, heuristic=None) ->
     out = _figures(les.mask, _centroid(les.mask, affine), flags, ref, affine, les.enhancing, ref_enh)
     out["lesion_confidence"] = conf
     out["stage_seconds"] = time.perf_counter() - t0  # segmenter, scoring and redrawn outline
+    if seg.lesion_score is not None:
+        out["reference_region"] = _reference_region(s, images, brain, affine, ref, seg.lesion_score, heuristic)
     return out, seconds
+
+
+def _reference_region(s, images, brain, affine, ref, lesion_score, heuristic) -> str:
+    """Where the reference lesion stands among the segmenter's candidate regions (those passing the
+    normal-structure tests, as the scan ranks them): the score of the best-scoring region touching
+    the reference, its rank by score and by enhancing volume. Tells a ranking miss (the segmenter
+    saw the lesion, the choice went elsewhere) from a detection miss (no region touches it)."""
+    from recnec_cli.stages import lesion
+    from recnec_cli.stages.lesion_score import ComponentMeasurer
+    from recnec_cli.stages.segment import candidate_components
+
+    t1, t2 = images.get("T1"), images.get("T2")
+    shell = lesion.ShellEvidence(brain, affine, t1=t1, t2=t2) if t1 is not None and t2 is not None else None
+    cands, _ = candidate_components(s, affine, not_a_lesion=lambda m: lesion.normal_structure(m, affine, shell))
+    measure = ComponentMeasurer(s.labels, s.confidence, images, brain, affine, shell=shell,
+                                heuristic_centroid=None if heuristic is None else heuristic.centroid_ras_mm)
+    scores = [float(lesion_score(measure(c.component, c.filled, c.enhancing, c.oedema))[0]) for c in cands]
+    hits = [i for i, c in enumerate(cands) if (c.filled & ref).any()]
+    if not hits:
+        return f"no region of {len(cands)} touches it"
+    i = max(hits, key=lambda k: scores[k])
+    by_score = sorted(range(len(cands)), key=lambda k: -scores[k])
+    return (f"score {scores[i]:.2f} (best {max(scores):.2f}), rank {by_score.index(i) + 1} by score and "
+            f"{i + 1} by enhancing volume ({cands[i].enhancing_ml:.2f} mL) of {len(cands)}")
 
 
 def synthetic_heads(args, seg) -> list[dict]:
@@ -339,6 +367,13 @@ def main() -> None:
           f"({', '.join(c['case'] for c in wrong) or '-'}), false lesions on lesion-free heads "
           f"{sum(low(c['segmenter']) for c in false)}/{len(false)}, right lesions "
           f"{sum(low(c['segmenter']) for c in right)}/{len(right)} (a needless flag)")
+    shown = [c for c in with_ref if "reference_region" in c["segmenter"]
+             and (not c["segmenter"]["inside"] or not c["kind"].startswith("synthetic"))]
+    if shown:
+        print("the reference lesion among the segmenter's regions (misses and real cases):")
+        for c in shown:
+            print(f"  {c['case']:<16} {'inside' if c['segmenter']['inside'] else 'MISSED'}: "
+                  f"{c['segmenter']['reference_region']}")
     secs = [c["segmenter_seconds"] for c in cases if "segmenter_seconds" in c]
     if secs:
         print(f"segmenter seconds per study (resampling included, 1 thread): median {np.median(secs):.2f}, "
