@@ -103,6 +103,9 @@ class Settings:
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise UsageError(f"device (--device / RECNEC_DEVICE) must be auto, cpu, cuda or cuda:N, got {dev!r}")
+        if self.threads < 0:
+            raise UsageError(f"threads (--threads / RECNEC_THREADS) must be >= 0 (0 = cores // workers), "
+                             f"got {self.threads}")
         if self.workers < -1:
             raise UsageError(f"workers (--workers / RECNEC_WORKERS) must be >= 0 (or -1 = auto), got {self.workers}")
         if not (self.study_timeout_s >= 0) or self.max_memory_mb < 0:  # "not >=" also refuses NaN

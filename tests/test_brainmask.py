@@ -116,6 +116,34 @@ def test_skull_stripped_input_keeps_the_large_rim_lesion_that_hdbet_cut(tmp_path
     assert 0.5 * truth <= p.lesion_volume_ml <= 1.1 * truth, (p.lesion_volume_ml, truth)
 
 
+class MisplacedHdBet(phantoms.FakeHdBet):
+    """HD-BET failing outright: a brain-sized ball in a corner of the field of view, mostly where a
+    skull-stripped input holds no image (its mask fails the plausibility check: centroid)."""
+
+    def brain_mask(self, volume) -> np.ndarray:
+        aff = np.asarray(volume.affine, dtype=float)
+        ijk = np.indices(np.shape(volume.data)).reshape(3, -1)
+        xyz = (aff[:3, :3] @ ijk + aff[:3, 3:4]).reshape(3, *np.shape(volume.data))
+        corner = aff[:3, 3] + 10.0  # near voxel (0, 0, 0)
+        return np.linalg.norm(xyz - corner.reshape(3, 1, 1, 1), axis=0) <= 45.0
+
+
+@pytest.mark.slow  # the real pipeline steps (registration included) on a phantom, twice
+def test_a_failed_hdbet_mask_gives_way_to_a_skull_stripped_inputs_brain_and_only_to_it(tmp_path):
+    """HD-BET's mask failing its check (SKULLSTRIP_FAILED) on a skull-stripped input: the input's
+    own brain replaces it before the check (fresh-user trial: 2 mm skull-stripped heads failed
+    although the README promised the replacement), the lesion is found; on a head with skull the
+    failure stands."""
+    r = _run(write_study(tmp_path / "s" / "stripped", skull_stripped=True), MisplacedHdBet())
+    assert r.ok, (r.error_code, r.error_message)
+    p = r.preprocessed
+    assert p.brain_mask_source.startswith("input")
+    dist = float(np.linalg.norm(np.asarray(p.lesion_centroid_ras_mm) - LESION_CENTRE))
+    assert dist <= 0.4 * LESION_R, (p.lesion_centroid_ras_mm, dist)
+    r = _run(write_study(tmp_path / "h" / "skull", skull_stripped=False), MisplacedHdBet())
+    assert not r.ok and r.error_code == "SKULLSTRIP_FAILED", (r.error_code, r.error_message)
+
+
 @pytest.mark.slow  # the real pipeline steps (registration included) on a phantom
 def test_lesion_cut_at_the_edge_of_a_head_with_skull_is_grown_back_and_flagged(tmp_path):
     """Not skull-stripped (skull, noise): the solid enhancing lesion is cut by 2 mm less than its

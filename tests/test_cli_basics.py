@@ -177,10 +177,17 @@ def test_scan_command_passes_its_options_to_the_library_call(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("env", [{"RECNEC_MAX_MEMORY_MB": "400"}, {"RECNEC_STUDY_TIMEOUT_S": "nan"},
-                                 {"RECNEC_WORKERS": "-2"}])
+                                 {"RECNEC_WORKERS": "-2"}, {"RECNEC_THREADS": "-3"}])
 def test_worker_limits_refused_when_unusable(env):
     with pytest.raises(UsageError):
         resolve_settings({}, environ=env)
+
+
+def test_negative_threads_refused_on_the_command_line(tmp_path):
+    """--threads -3 ran and wrote "threads": -3 into the manifest (fresh-user trial): refused with
+    exit 2 before any study, as RECNEC_THREADS=-3 is."""
+    res = runner.invoke(app, ["scan", str(tmp_path), "--out", str(tmp_path / "r.csv"), "--threads", "-3"])
+    assert res.exit_code == 2 and "threads" in res.output and not (tmp_path / "r.csv").exists()
 
 
 def test_scan_help_defaults_come_from_settings():
@@ -207,3 +214,21 @@ def test_exit_codes_have_one_source():
             assert getattr(mod, name, getattr(exitcodes, name)) == getattr(exitcodes, name), (mod.__name__, name)
     text = " ".join(runner.invoke(app, ["scan", "--help"], terminal_width=400).output.split())
     assert f"{exitcodes.EXIT_LOCKED} another scan holds the state" in text
+
+
+def test_the_terminal_table_shows_the_lesion_confidence_and_its_flag(capsys):
+    """A flagged lesion must be visible in the terminal table, not only in the CSV (fresh-user
+    trial: a lesion-free head's row read "OK 0.909 recurrence" with nothing else)."""
+    from recnec_cli.cli.scan import _print_table
+
+    base = {"status": "OK", "error_message": "", "p_recurrence": "0.909455", "ensemble_spread": "0.1",
+            "label": "recurrence", "applicability": "in_distribution", "lesion_volume_ml": "0.65",
+            "lesion_source": "segmenter", "seconds_total": "14.0", "run_id": "20261206T000000Z"}
+    _print_table([{**base, "study_id": "sub-free2", "lesion_confidence": "0.103",
+                   "flags": "LESION_DETECTORS_DISAGREE LESION_LOW_CONFIDENCE"},
+                  {**base, "study_id": "sub-deep", "lesion_confidence": "0.833", "flags": ""}])
+    lines = capsys.readouterr().out.splitlines()
+    assert "lesion conf" in " ".join(lines)
+    assert "0.103 LOW" in next(line for line in lines if "sub-free2" in line)
+    row = next(line for line in lines if "sub-deep" in line)
+    assert "0.833" in row and "LOW" not in row

@@ -325,6 +325,10 @@ def test_scan_writes_pictures_named_by_pseudonym_with_the_result(qc_scan):
     assert f"label {ok['label']}" in layout["header"][1] and "patient -" in layout["header"][0]
     assert "roles: T1 (0." in layout["header"][0] and f"lesion {float(ok['lesion_volume_ml']):.2f} mL" in layout[
         "header"][0]
+    # the lesion's confidence as the report has it, LOW when the row is flagged (fresh-user trial)
+    conf = float(ok["lesion_confidence"])
+    assert f"confidence {conf:.2f}" in layout["header"][0]
+    assert (" LOW)" in layout["header"][0]) == ("LESION_LOW_CONFIDENCE" in ok["flags"])
     # the offsets printed beside the registration row are the report's
     assert layout["registration"]["T2"]["translation_mm"] == float(ok["t2_reg_translation_mm"])
     assert layout["registration"]["T1"]["rotation_deg"] == float(ok["t1_reg_rotation_deg"])

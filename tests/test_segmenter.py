@@ -18,6 +18,7 @@ import pytest
 
 from recnec_cli.config import default_weights_dir, resolve_settings
 from recnec_cli.errors import InferenceError, LesionError
+from recnec_cli.orchestration.fingerprint import segmenter_version_of
 from recnec_cli.stages import segment
 from recnec_cli.synth import segdata
 
@@ -203,6 +204,44 @@ def test_lesion_score_chooses_the_component_and_rejects_below_its_minimum():
     assert err.value.code == "NO_ENHANCING_LESION" and "2 scored below 0.9 as a lesion" in err.value.message
 
 
+def test_candidates_match_a_whole_grid_labelling_per_candidate():
+    """candidate_components works in each component's box with the oedema labelled once per study:
+    its components, filled masks, enhancing parts and connected oedema must equal the plain
+    whole-grid computation (fill holes on the grid, label oedema + component per candidate), on a
+    random segmentation with components touching the grid's edge, cavities and shared oedema."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(4)
+    shape = (48, 56, 40)
+    field = ndimage.gaussian_filter(rng.normal(size=shape), 2.0)
+    labels = np.zeros(shape, np.uint8)
+    labels[field > 0.04] = segment.OEDEMA
+    labels[field > 0.08] = segment.ENHANCING
+    labels[field > 0.11] = segment.CORE
+    labels[:, :, :2] = segment.ENHANCING  # a component along the grid's edge
+    idx = np.indices(shape)
+    r = np.sqrt(((idx - np.array([24.0, 28, 20]).reshape(3, 1, 1, 1)) ** 2).sum(0))
+    labels[(r > 4) & (r <= 6)] = segment.ENHANCING  # a closed shell: a cavity to fill
+    labels[r <= 4] = 0
+    labels[36:48, 0:14, 26:40] = 0  # oedema touching a component at one corner only (26-connected)
+    labels[40:43, 4:7, 30:33] = segment.ENHANCING
+    labels[43:46, 7:10, 33:36] = segment.OEDEMA
+    seg = segment.Segmentation(labels=labels, confidence=np.ones(shape, np.float32), seconds=0.0)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    cands, _ = segment.candidate_components(seg, aff)
+    assert next(c for c in cands if c.component[41, 5, 31]).oedema[44, 8, 34]
+    comps, _ = ndimage.label((labels == segment.ENHANCING) | (labels == segment.CORE), structure=np.ones((3, 3, 3)))
+    assert len(cands) >= 10
+    assert any(c.filled[24, 28, 20] and not c.component[24, 28, 20] for c in cands)  # the cavity filled
+    assert sum(c.oedema.any() for c in cands) >= 5
+    for c in cands:
+        comp = comps == comps[tuple(np.argwhere(c.component)[0])]
+        filled = ndimage.binary_fill_holes(comp)
+        assert (c.component == comp).all() and (c.filled == filled).all()
+        assert (c.enhancing == (comp & (labels == segment.ENHANCING))).all()
+        assert (c.oedema == segment._connected(labels == segment.OEDEMA, filled)).all()
+
+
 def test_shipped_lesion_score_is_verified_and_bound_to_its_segmenter(tmp_path, caplog):
     """lesion_score.json loads with the shipped segmenter; a changed number refuses to load
     (WEIGHTS_CHECKSUM_MISMATCH, also through the scan's loader); a score fitted for another
@@ -220,6 +259,9 @@ def test_shipped_lesion_score_is_verified_and_bound_to_its_segmenter(tmp_path, c
     seg = segment.Segmenter.load(d, device="cpu", threads=1)
     assert seg.lesion_score is not None
     assert seg.lesion_score.segmenter_sha256 == seg.manifest["files"][segment.SEGMENTER_FILE]
+    # the report manifest's lesion_segmenter: segmenter + the score that ranks the lesions
+    used = segmenter_version_of(resolve_settings({"weights_dir": d}, environ={}))
+    assert used == f"{seg.manifest['files'][segment.SEGMENTER_FILE]}+{seg.lesion_score.checksum}"
     doc = json.loads((SHIPPED / LESION_SCORE_FILE).read_text())
     doc["fitted"]["coef"][0] += 0.5
     (d / LESION_SCORE_FILE).write_text(json.dumps(doc))
@@ -234,6 +276,53 @@ def test_shipped_lesion_score_is_verified_and_bound_to_its_segmenter(tmp_path, c
     with caplog.at_level(logging.WARNING):
         assert segment.Segmenter.load(d, device="cpu", threads=1).lesion_score is None
     assert "fitted for another segmenter" in caplog.text
+    # a score that is not used is not named as the one that chose the lesions
+    assert segmenter_version_of(resolve_settings({"weights_dir": d}, environ={})) == used.split("+")[0]
+
+
+def test_a_weights_folder_without_a_segmenter_says_it_uses_the_shipped_one(tmp_path, caplog):
+    """A weights folder from ``recnec train`` (an ensemble only) uses the shipped segmenter and the
+    log says so; a folder holding a segmenter.onnx without its segmenter.json is refused
+    (WEIGHTS_MANIFEST_INVALID) instead of silently replaced by the shipped one."""
+    import logging
+
+    from recnec_cli.errors import EnvironmentBroken
+    from recnec_cli.orchestration.pipeline import load_segmenter
+
+    d = tmp_path / "ensemble-only"
+    d.mkdir()
+    with caplog.at_level(logging.INFO, logger="recnec_cli"):
+        seg = load_segmenter(resolve_settings({"weights_dir": d}, environ={}))
+    assert seg.folder.resolve() == SHIPPED.resolve() and "the shipped one is used" in caplog.text
+    shutil.copy2(SHIPPED / segment.SEGMENTER_FILE, d / segment.SEGMENTER_FILE)
+    with pytest.raises(EnvironmentBroken) as err:
+        load_segmenter(resolve_settings({"weights_dir": d}, environ={}))
+    assert err.value.code == "WEIGHTS_MANIFEST_INVALID" and segment.SEGMENTER_MANIFEST in err.value.message
+
+
+@pytest.mark.slow  # one worker process
+def test_a_tampered_lesion_score_stops_a_worker_pool_scan_with_its_own_code(tmp_path):
+    """In a worker pool, the start-up check loads the segmenter in a worker: an edited
+    lesion_score.json must stop the scan with WEIGHTS_CHECKSUM_MISMATCH and the file's name, as
+    without workers, not with a guess about memory."""
+    import json
+
+    from recnec_cli.errors import EnvironmentBroken
+    from recnec_cli.orchestration.workers import WorkerPool
+    from recnec_cli.stages.lesion_score import LESION_SCORE_FILE
+
+    d = tmp_path / "w"
+    shutil.copytree(SHIPPED, d)
+    doc = json.loads((d / LESION_SCORE_FILE).read_text())
+    doc["fitted"]["intercept"] = float(doc["fitted"]["intercept"]) + 0.001
+    (d / LESION_SCORE_FILE).write_text(json.dumps(doc))
+    pool = WorkerPool(1, threads_per_worker=1)
+    try:
+        with pytest.raises(EnvironmentBroken) as err:
+            pool.self_test(resolve_settings({"weights_dir": d}, environ={}))
+    finally:
+        pool.shutdown(cancel_futures=True)
+    assert err.value.code == "WEIGHTS_CHECKSUM_MISMATCH" and LESION_SCORE_FILE in err.value.message
 
 
 def test_lesion_free_heads_get_no_lesion_or_a_low_confidence_one(shipped):
@@ -384,6 +473,10 @@ def test_scan_pipeline_takes_the_lesion_from_the_segmenter_with_or_without_flair
     row = result_row(r, threshold=None, model_version="")
     assert bool(row["flair_series"]) is flair
     assert row["lesion_source"] == "segmenter" and row["enhancing_volume_ml"] != ""
+    from recnec_cli.qc.captions import qc_header
+
+    header = qc_header(r, "x")  # the QC picture names the FLAIR it draws (fresh-user trial)
+    assert ("FLAIR (" in header) is flair and f"confidence {p.lesion_confidence:.2f}" in header
 
 
 def _ball(shape: tuple[int, int, int], centre: tuple[float, float, float], radius: float) -> np.ndarray:

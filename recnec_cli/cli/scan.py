@@ -44,9 +44,11 @@ t1n / t1c / t2w, tokens t1ce, post_gad ...). A file named lesion_mask.nii.gz in 
 folder (or DIR/<study_id>.nii.gz with --lesion-masks DIR) is used as the lesion mask; otherwise the
 lesion is the shipped segmenter's (T1, T2, T1ce and FLAIR when the study has one; enhancing,
 necrotic and oedema volumes in mL), after tests that reject vessels, sinuses and falx and a
-lesion score (weights/lesion_score.json) that tells lesions from the choroid plexus: a T1ce with
-only those is NO_ENHANCING_LESION (no probability), and an unsure choice is flagged
-LESION_LOW_CONFIDENCE (lesion_confidence, the score). --lesion-detector heuristic uses the older
+lesion score (weights/lesion_score.json) that rates each remaining region as a lesion: with no
+region scoring 0.1 the row is NO_ENHANCING_LESION (no probability), and a choice scoring under 0.5
+is flagged LESION_LOW_CONFIDENCE (lesion_confidence, the score). On lesion-free synthetic heads
+the choroid plexus still gives a flagged lesion more often than NO_ENHANCING_LESION: read a
+flagged row as "maybe no lesion" and check its QC picture. --lesion-detector heuristic uses the older
 enhancement-map detector instead.
 
 Timeline: studies of one patient (same keyed PatientID + IssuerOfPatientID, or BIDS sub-<label>)
@@ -268,12 +270,18 @@ def scan(
     raise typer.Exit(summary.exit_code)
 
 
+def _confidence_cell(row) -> str:
+    """``lesion_confidence``, with ``LOW`` when the row is flagged ``LESION_LOW_CONFIDENCE``."""
+    low = " LOW" if "LESION_LOW_CONFIDENCE" in str(row.get("flags", "")).split() else ""
+    return f"{row.get('lesion_confidence', '')}{low}"
+
+
 def _print_table(rows) -> None:
     from rich.table import Table
 
     table = Table(title="recnec scan (research use only; synthetic-cohort weights, not clinically validated)")
     for col in ("study", "status", "p_recurrence", "spread", "label", "applicability", "lesion mL", "lesion src",
-                "seconds", "run"):
+                "lesion conf", "seconds", "run"):
         table.add_column(col, overflow="fold")
     for row in rows:
         msg = str(row["error_message"])
@@ -286,5 +294,6 @@ def _print_table(rows) -> None:
         table.add_row(sid if len(sid) <= 32 else "..." + sid[-29:], status, str(row["p_recurrence"]),
                       str(row["ensemble_spread"]), str(row["label"]), str(row.get("applicability", "")),
                       str(row["lesion_volume_ml"]),
-                      str(row["lesion_source"]), str(row["seconds_total"]), str(row.get("run_id", ""))[:16])
+                      str(row["lesion_source"]), _confidence_cell(row), str(row["seconds_total"]),
+                      str(row.get("run_id", ""))[:16])
     results_console().print(table)

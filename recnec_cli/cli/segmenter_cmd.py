@@ -28,7 +28,7 @@ OUT receives segmenter.onnx and segmenter.json (SHA-256, configuration, validati
 versions) and then lesion_score.json: a logistic score fitted on 225 more synthetic heads (150
 with a lesion, 75 without) that ranks the segmenter's enhancing components and tells lesions from
 the choroid plexus and vessels (recnec scan's lesion_confidence; below 0.1 NO_ENHANCING_LESION).
---lesion-score-only refits just that file for the segmenter already in OUT (about 6 min, 1 core).
+--lesion-score-only refits just that file for the segmenter already in OUT (about 5.5 min, 1 core).
 Nothing else in OUT is touched, so OUT may be the ensemble's folder. Work files
 (checkpoint every 100 steps, losses.csv) go to OUT/.segmenter-work: an interrupted run started
 again with the same options resumes there and ends with the same bytes.
@@ -36,7 +36,7 @@ again with the same options resumes there and ends with the same bytes.
 Examples:
 
 \b
-  recnec train-segmenter --reproduce-shipped --out weights/   # the shipped segmenter (~50 min, 1 core)
+  recnec train-segmenter --reproduce-shipped --out weights/   # the shipped segmenter (33 min, 1 core)
   recnec train-segmenter --lesion-score-only --out weights/   # the shipped lesion score alone
   recnec train-segmenter --out my_weights/ --steps 4000 --seed 1
 

@@ -55,7 +55,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ..config import Settings, parse_resources
 from ..devices import set_thread_environment
-from ..errors import EnvironmentBroken
+from ..errors import EnvironmentBroken, RecnecError
 from ..study import Series, Study
 from .execution import require_distributed
 from .seam import WorkerLost
@@ -380,7 +380,7 @@ class DaskExecutor(cf.Executor):
         for addr, fut in futs.items():
             try:
                 out[addr] = fut.result(timeout=self.timeout)
-            except EnvironmentBroken as exc:
+            except RecnecError as exc:  # e.g. WEIGHTS_CHECKSUM_MISMATCH: the worker's own code and message
                 raise EnvironmentBroken(f"worker {addr}: {exc.message}", code=exc.code) from None
             except Exception as exc:  # noqa: BLE001 - the worker cannot even start its models
                 raise EnvironmentBroken(f"self-test failed: Dask worker {addr} could not load recnec's models "

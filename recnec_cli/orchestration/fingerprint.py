@@ -125,8 +125,9 @@ def study_fingerprint(study: Study, files: Sequence[tuple[str, int, int]], *, se
 
 def segmenter_version_of(settings: Settings) -> str:
     """The listed checksum of the segmenter the scan will use (``""`` with the heuristic detector or
-    when there is none) and that of the lesion score beside it, read without verifying: that
-    happens when they are loaded."""
+    when there is none) and ``+`` that of the lesion score beside it when the score will be used
+    (fitted for this segmenter: :func:`recnec_cli.stages.lesion_score.find_lesion_score`), read
+    without verifying: that happens when they are loaded."""
     if settings.lesion_detector != "segmenter":
         return ""
     from ..config import default_weights_dir
@@ -138,9 +139,12 @@ def segmenter_version_of(settings: Settings) -> str:
         return ""
     try:
         m = json.loads((folder / SEGMENTER_MANIFEST).read_text(encoding="utf-8"))
+        seg_sha = str(m.get("files", {}).get(SEGMENTER_FILE, ""))
         score = folder / LESION_SCORE_FILE
-        listed = json.loads(score.read_text(encoding="utf-8")).get("checksum", "") if score.is_file() else ""
-        return str(m.get("files", {}).get(SEGMENTER_FILE, "")) + (f"+{listed}" if listed else "")
+        doc = json.loads(score.read_text(encoding="utf-8")) if score.is_file() else {}
+        fitted_for = str(doc.get("segmenter_sha256", ""))
+        listed = str(doc.get("checksum", "")) if not fitted_for or fitted_for == seg_sha else ""
+        return seg_sha + (f"+{listed}" if listed else "")
     except (OSError, ValueError):
         return "unreadable"
 

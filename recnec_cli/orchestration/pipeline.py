@@ -48,7 +48,7 @@ import numpy as np
 
 from ..config import Settings
 from ..devices import prepare_torch, resolve_hdbet_device
-from ..errors import EnvironmentBroken, LesionError, RecnecError, RegistrationError
+from ..errors import EnvironmentBroken, LesionError, RecnecError, RegistrationError, SkullStripError
 from ..naming import safe_component
 from ..qc.captions import qc_header, qc_result_line
 from ..results import STAGES, Preprocessed, StudyFailure, StudyResult
@@ -129,24 +129,35 @@ class Resources:
 
 
 def load_segmenter(settings: Settings) -> Any:
-    """The lesion segmenter of ``settings.weights_dir`` (else the shipped one), or ``None`` with
-    ``--lesion-detector heuristic`` or when neither folder has one (WARNING: the heuristic is used).
+    """The lesion segmenter of ``settings.weights_dir`` (else the shipped one, INFO: a weights folder
+    from ``recnec train`` holds only an ensemble), or ``None`` with ``--lesion-detector heuristic``
+    or when neither folder has one (WARNING: the heuristic is used).
 
     Raises
     ------
+    EnvironmentBroken
+        ``WEIGHTS_MANIFEST_INVALID`` when ``settings.weights_dir`` holds a ``segmenter.onnx``
+        without its ``segmenter.json`` (the shipped segmenter would silently replace it).
     InferenceError
         ``WEIGHTS_CHECKSUM_MISMATCH`` when ``segmenter.onnx`` differs from ``segmenter.json``.
     """
     if settings.lesion_detector != "segmenter":
         return None
     from ..config import default_weights_dir
-    from ..stages.segment import Segmenter, find_segmenter
+    from ..stages.segment import SEGMENTER_FILE, SEGMENTER_MANIFEST, Segmenter, find_segmenter
 
-    folder = find_segmenter(settings.weights_dir, default_weights_dir())
+    own = Path(settings.weights_dir)
+    if (own / SEGMENTER_FILE).is_file() and not (own / SEGMENTER_MANIFEST).is_file():
+        raise EnvironmentBroken(f"{own} holds {SEGMENTER_FILE} without its {SEGMENTER_MANIFEST} (its checksum "
+                                "and input grid): restore it, or remove the segmenter to use the shipped one",
+                                code="WEIGHTS_MANIFEST_INVALID")
+    folder = find_segmenter(own, default_weights_dir())
     if folder is None:
         log.warning("no lesion segmenter (segmenter.json) in %s or the shipped weights: lesions come from the "
                     "heuristic detector", settings.weights_dir)
         return None
+    if folder.resolve() != own.resolve():
+        log.info("no lesion segmenter in %s: the shipped one is used (%s)", own, folder)
     return Segmenter.load(folder, device=settings.device, threads=settings.threads)
 
 
@@ -337,7 +348,19 @@ def _skullstrip(ctx: StudyContext) -> None:
     fixed = ctx.volumes[SeriesRole.T1CE]
     native = ctx.images.brain_mask(ctx.assignment.chosen[SeriesRole.T1CE].series_id,
                                    fixed, ctx.resources.hdbet)
-    check = skullstrip.check_brain_mask(native, fixed.affine)
+    try:
+        check = skullstrip.check_brain_mask(native, fixed.affine)
+    except SkullStripError as exc:
+        # a skull-stripped input whose own brain will replace HD-BET's (_refine_brain_mask: HD-BET
+        # put part of its mask where the input holds no image) is judged by that brain instead
+        from ..stages import brainmask
+
+        own = brainmask.input_foreground(fixed.data, native, fixed.affine)
+        if own is None or brainmask.hdbet_in_background(native, own) <= brainmask.MAX_HDBET_IN_BACKGROUND:
+            raise
+        log.warning("study %s: HD-BET's brain mask failed its check (%s); the skull-stripped input's own "
+                    "brain replaces it", study_key(ctx.study), exc.message)
+        check = skullstrip.check_brain_mask(own, fixed.affine)
     ctx.native_brain_mask, ctx.brain_volume_ml = native, check.volume_ml
     ctx.brain = register.resample_to_grid(Volume(native.astype(np.float32), fixed.affine),
                                           ctx.grid_shape, ctx.grid_affine) > 0.5

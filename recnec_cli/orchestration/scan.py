@@ -612,7 +612,8 @@ def _process(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dic
             counts["processed"] += 1
             if not r.ok:
                 counts["failed"] += 1
-            msg = (f"p_recurrence={row['p_recurrence']} label={row['label']}" if r.ok
+            low = " LESION_LOW_CONFIDENCE" if "LESION_LOW_CONFIDENCE" in str(row.get("flags", "")).split() else ""
+            msg = (f"p_recurrence={row['p_recurrence']} label={row['label']}{low}" if r.ok
                    else r.error_message if r.error_message.startswith(r.error_code)
                    else f"{r.error_code}: {r.error_message}")
             log.info("[%d/%d] %s %s %s (%.1f s)", counts["processed"], len(todo), row["study_id"], r.status, msg,

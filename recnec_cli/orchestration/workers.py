@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 from ..config import Settings
 from ..devices import set_thread_environment
-from ..errors import EnvironmentBroken
+from ..errors import EnvironmentBroken, RecnecError
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +223,8 @@ class WorkerPool(cf.Executor):
                                        timeout=WORKER_START_TIMEOUT_S).result()
         except EnvironmentBroken:
             raise
+        except RecnecError as exc:  # e.g. WEIGHTS_CHECKSUM_MISMATCH from loading the segmenter: its own code
+            raise EnvironmentBroken(f"self-test failed in a worker: {exc.message}", code=exc.code) from None
         except Exception as exc:  # noqa: BLE001 - the worker cannot even start its models
             raise EnvironmentBroken(worker_start_failure(exc, self.max_memory_mb)) from None
 

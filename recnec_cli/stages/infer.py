@@ -125,8 +125,9 @@ def read_manifest(weights_dir: Path, *, verify: bool = True) -> dict[str, Any]:
     return manifest
 
 
-def verify_checksums(weights_dir: Path, files: Mapping[str, str]) -> None:
-    """Check ``sha256(weights_dir / name) == digest`` for every entry of ``files``.
+def verify_checksums(weights_dir: Path, files: Mapping[str, str], manifest: str = "manifest.json") -> None:
+    """Check ``sha256(weights_dir / name) == digest`` for every entry of ``files`` (listed in the
+    file named ``manifest``, which the messages name).
 
     Raises
     ------
@@ -140,14 +141,14 @@ def verify_checksums(weights_dir: Path, files: Mapping[str, str]) -> None:
         path = _safe_member(Path(weights_dir), name)
         if not path.is_file():
             raise EnvironmentBroken(
-                f"weights file {name} listed in the manifest is missing from {weights_dir}",
+                f"weights file {name} listed in {manifest} is missing from {weights_dir}",
                 code="WEIGHTS_MISSING",
             )
         if sha256_file(path) != str(expected).lower():
             bad.append(name)
     if bad:
         raise InferenceError(
-            f"SHA-256 of {', '.join(sorted(bad))} in {weights_dir} does not match manifest.json; "
+            f"SHA-256 of {', '.join(sorted(bad))} in {weights_dir} does not match {manifest}; "
             "the weights were modified or corrupted: refusing to use them",
             code="WEIGHTS_CHECKSUM_MISMATCH",
         )

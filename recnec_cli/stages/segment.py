@@ -153,7 +153,7 @@ class Segmenter:
         if manifest.get("format") != SEGMENTER_FORMAT or SEGMENTER_FILE not in manifest.get("files", {}):
             raise EnvironmentBroken(f"{mpath} is not a recnec segmenter manifest ({SEGMENTER_FORMAT})",
                                     code="WEIGHTS_MANIFEST_INVALID")
-        verify_checksums(folder, {SEGMENTER_FILE: manifest["files"][SEGMENTER_FILE]})
+        verify_checksums(folder, {SEGMENTER_FILE: manifest["files"][SEGMENTER_FILE]}, SEGMENTER_MANIFEST)
         ort = import_ort()
         providers, _ = resolve_providers(device, ort.get_available_providers())
         sess = ort.InferenceSession(str(folder / SEGMENTER_FILE), sess_options=session_options(ort, threads),
@@ -391,15 +391,26 @@ def candidate_components(seg: Segmentation, affine: Affine, *, min_volume_ml: fl
     if len(ok) == 0:
         raise LesionError(f"the segmenter's largest enhancing region is {float(enh_ml.max()):.2f} mL "
                           f"(minimum {min_volume_ml} mL)", code="NO_ENHANCING_LESION")
+    # each component's own box (one voxel of margin): filling holes and finding the oedema it
+    # touches there gives what the whole grid gives (outside the box is background), once per
+    # study instead of a whole-grid labelling per candidate
+    oedema_lab, _ = ndimage.label(oedema_all, structure=np.ones((3, 3, 3)))
+    boxes = ndimage.find_objects(comps)
     out, why = [], []
     for i in ok[np.argsort(enh_ml[ok])[::-1]]:
-        comp = comps == i + 1
-        filled = ndimage.binary_fill_holes(comp)
+        box = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, size)) for b, size in zip(boxes[i], comps.shape))
+        comp_box = comps[box] == i + 1
+        filled_box = ndimage.binary_fill_holes(comp_box)
+        comp, filled = np.zeros(comps.shape, bool), np.zeros(comps.shape, bool)
+        comp[box], filled[box] = comp_box, filled_box
         reason = not_a_lesion(filled) if not_a_lesion is not None else ""
         if reason:
             why.append(reason)
             continue
-        out.append(Candidate(comp, filled, comp & enh, _connected(oedema_all, filled), float(enh_ml[i])))
+        touched = np.unique(oedema_lab[box][ndimage.binary_dilation(filled_box, structure=np.ones((3, 3, 3)))])
+        touched = touched[touched > 0]
+        oedema = np.isin(oedema_lab, touched) if len(touched) else np.zeros(comps.shape, bool)
+        out.append(Candidate(comp, filled, comp & enh, oedema, float(enh_ml[i])))
     return out, why
 
 
