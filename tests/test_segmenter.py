@@ -294,6 +294,15 @@ def test_a_weights_folder_without_a_segmenter_says_it_uses_the_shipped_one(tmp_p
     with caplog.at_level(logging.INFO, logger="recnec_cli"):
         seg = load_segmenter(resolve_settings({"weights_dir": d}, environ={}))
     assert seg.folder.resolve() == SHIPPED.resolve() and "the shipped one is used" in caplog.text
+    assert "is not used" not in caplog.text
+    # a lesion score without its segmenter is not read: the log says so (fresh-user re-check)
+    from recnec_cli.stages.lesion_score import LESION_SCORE_FILE
+
+    shutil.copy2(SHIPPED / LESION_SCORE_FILE, d / LESION_SCORE_FILE)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="recnec_cli"):
+        load_segmenter(resolve_settings({"weights_dir": d}, environ={}))
+    assert f"{LESION_SCORE_FILE} is not used" in caplog.text
     shutil.copy2(SHIPPED / segment.SEGMENTER_FILE, d / segment.SEGMENTER_FILE)
     with pytest.raises(EnvironmentBroken) as err:
         load_segmenter(resolve_settings({"weights_dir": d}, environ={}))

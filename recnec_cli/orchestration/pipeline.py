@@ -158,6 +158,12 @@ def load_segmenter(settings: Settings) -> Any:
         return None
     if folder.resolve() != own.resolve():
         log.info("no lesion segmenter in %s: the shipped one is used (%s)", own, folder)
+        from ..stages.lesion_score import LESION_SCORE_FILE
+
+        if (own / LESION_SCORE_FILE).is_file():
+            log.warning("%s is not used: a lesion score is read only beside its segmenter (%s and %s in the "
+                        "same folder); the shipped segmenter's own score is used", own / LESION_SCORE_FILE,
+                        SEGMENTER_FILE, SEGMENTER_MANIFEST)
     return Segmenter.load(folder, device=settings.device, threads=settings.threads)
 
 
