@@ -137,16 +137,12 @@ def _reference_region(s, images, brain, affine, ref, lesion_score, heuristic) ->
     normal-structure tests, as the scan ranks them): the score of the best-scoring region touching
     the reference, its rank by score and by enhancing volume. Tells a ranking miss (the segmenter
     saw the lesion, the choice went elsewhere) from a detection miss (no region touches it)."""
-    from recnec_cli.stages import lesion
-    from recnec_cli.stages.lesion_score import ComponentMeasurer
-    from recnec_cli.stages.segment import candidate_components
+    from recnec_cli.stages.segment import candidate_components, lesion_tests
 
-    t1, t2 = images.get("T1"), images.get("T2")
-    shell = lesion.ShellEvidence(brain, affine, t1=t1, t2=t2) if t1 is not None and t2 is not None else None
-    cands, _ = candidate_components(s, affine, not_a_lesion=lambda m: lesion.normal_structure(m, affine, shell))
-    measure = ComponentMeasurer(s.labels, s.confidence, images, brain, affine, shell=shell,
-                                heuristic_centroid=None if heuristic is None else heuristic.centroid_ras_mm)
-    scores = [float(lesion_score(measure(c.component, c.filled, c.enhancing, c.oedema))[0]) for c in cands]
+    not_a_lesion, score = lesion_tests(s, images, brain, affine, lesion_score=lesion_score,
+                                       heuristic_centroid=None if heuristic is None else heuristic.centroid_ras_mm)
+    cands, _ = candidate_components(s, affine, not_a_lesion=not_a_lesion)
+    scores = [score(c.component, c.filled, c.enhancing, c.oedema) for c in cands]
     hits = [i for i, c in enumerate(cands) if (c.filled & ref).any()]
     if not hits:
         return f"no region of {len(cands)} touches it"

@@ -272,8 +272,9 @@ def scan(
 
 def _confidence_cell(row) -> str:
     """``lesion_confidence``, with ``LOW`` when the row is flagged ``LESION_LOW_CONFIDENCE``."""
-    low = " LOW" if "LESION_LOW_CONFIDENCE" in str(row.get("flags", "")).split() else ""
-    return f"{row.get('lesion_confidence', '')}{low}"
+    from ..qc.index import low_confidence
+
+    return f"{row.get('lesion_confidence', '')}{' LOW' if low_confidence(row) else ''}"
 
 
 def _print_table(rows) -> None:

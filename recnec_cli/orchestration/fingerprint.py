@@ -131,7 +131,7 @@ def segmenter_version_of(settings: Settings) -> str:
     if settings.lesion_detector != "segmenter":
         return ""
     from ..config import default_weights_dir
-    from ..stages.lesion_score import LESION_SCORE_FILE
+    from ..stages.lesion_score import LESION_SCORE_FILE, fitted_for
     from ..stages.segment import SEGMENTER_FILE, SEGMENTER_MANIFEST, find_segmenter
 
     folder = find_segmenter(settings.weights_dir, default_weights_dir())
@@ -142,8 +142,7 @@ def segmenter_version_of(settings: Settings) -> str:
         seg_sha = str(m.get("files", {}).get(SEGMENTER_FILE, ""))
         score = folder / LESION_SCORE_FILE
         doc = json.loads(score.read_text(encoding="utf-8")) if score.is_file() else {}
-        fitted_for = str(doc.get("segmenter_sha256", ""))
-        listed = str(doc.get("checksum", "")) if not fitted_for or fitted_for == seg_sha else ""
+        listed = str(doc.get("checksum", "")) if fitted_for(str(doc.get("segmenter_sha256", "")), seg_sha) else ""
         return seg_sha + (f"+{listed}" if listed else "")
     except (OSError, ValueError):
         return "unreadable"

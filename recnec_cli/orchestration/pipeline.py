@@ -144,6 +144,7 @@ def load_segmenter(settings: Settings) -> Any:
     if settings.lesion_detector != "segmenter":
         return None
     from ..config import default_weights_dir
+    from ..stages.lesion_score import LESION_SCORE_FILE
     from ..stages.segment import SEGMENTER_FILE, SEGMENTER_MANIFEST, Segmenter, find_segmenter
 
     own = Path(settings.weights_dir)
@@ -158,8 +159,6 @@ def load_segmenter(settings: Settings) -> Any:
         return None
     if folder.resolve() != own.resolve():
         log.info("no lesion segmenter in %s: the shipped one is used (%s)", own, folder)
-        from ..stages.lesion_score import LESION_SCORE_FILE
-
         if (own / LESION_SCORE_FILE).is_file():
             log.warning("%s is not used: a lesion score is read only beside its segmenter (%s and %s in the "
                         "same folder); the shipped segmenter's own score is used", own / LESION_SCORE_FILE,
@@ -362,7 +361,7 @@ def _skullstrip(ctx: StudyContext) -> None:
         from ..stages import brainmask
 
         own = brainmask.input_foreground(fixed.data, native, fixed.affine)
-        if own is None or brainmask.hdbet_in_background(native, own) <= brainmask.MAX_HDBET_IN_BACKGROUND:
+        if own is None or not brainmask.hdbet_failed_on(native, own):
             raise
         log.warning("study %s: HD-BET's brain mask failed its check (%s); the skull-stripped input's own "
                     "brain replaces it", study_key(ctx.study), exc.message)

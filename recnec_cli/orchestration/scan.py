@@ -55,6 +55,7 @@ from ..atomic import atomic_write_text, remove_stale_temporaries
 from ..config import Settings
 from ..errors import RecnecError, UsageError
 from ..exitcodes import EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, EXIT_STUDY_FAILED, EXIT_USAGE
+from ..qc.index import low_confidence
 from ..results import StudyResult
 from ..study import Study
 from .batching import BATCH_WAIT_S, run_studies
@@ -612,7 +613,7 @@ def _process(todo: Sequence[tuple[Study, str]], *, ctx: _RunContext, counts: dic
             counts["processed"] += 1
             if not r.ok:
                 counts["failed"] += 1
-            low = " LESION_LOW_CONFIDENCE" if "LESION_LOW_CONFIDENCE" in str(row.get("flags", "")).split() else ""
+            low = " LESION_LOW_CONFIDENCE" if low_confidence(row) else ""
             msg = (f"p_recurrence={row['p_recurrence']} label={row['label']}{low}" if r.ok
                    else r.error_message if r.error_message.startswith(r.error_code)
                    else f"{r.error_code}: {r.error_message}")

@@ -3,6 +3,7 @@ ids, series numbers of DICOM series and failure codes, never names, paths or mes
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from ..study import SeriesRole
@@ -18,34 +19,29 @@ def roles_text(r: StudyResult) -> str:
         return "roles: not assigned"
     conf = {d.series_id: d.confidence for d in r.assignment.decisions}
     parts = []
-    for role in SeriesRole.model_roles():
+    for role in (*SeriesRole.model_roles(), SeriesRole.FLAIR):
         series = r.assignment.chosen.get(role)
         if series is None:
-            parts.append(f"{role.value} missing")
+            if role is not SeriesRole.FLAIR:  # optional: named only when the study has one
+                parts.append(f"{role.value} missing")
             continue
         num = f" = series {series.header.series_number}" if series.source == "dicom" and \
             series.header.series_number is not None else ""
         c = conf.get(series.series_id)
         parts.append(f"{role.value}{num}" + (f" ({c:.2f})" if c is not None else ""))
-    flair = r.assignment.chosen.get(SeriesRole.FLAIR)  # optional: named only when the study has one
-    if flair is not None:
-        num = f" = series {flair.header.series_number}" if flair.source == "dicom" and \
-            flair.header.series_number is not None else ""
-        c = conf.get(flair.series_id)
-        parts.append(f"{SeriesRole.FLAIR.value}{num}" + (f" ({c:.2f})" if c is not None else ""))
     return "roles: " + ", ".join(parts)
 
 
 def qc_header(r: StudyResult, name: str) -> str:
     """First header line of a QC picture: QC id, patient pseudonym, roles, lesion (volume, source,
-    ``lesion_confidence`` and ``LOW CONFIDENCE`` below :data:`recnec_cli.stages.lesion.LOW_CONFIDENCE`)."""
+    ``lesion_confidence``, ``LOW`` below :data:`recnec_cli.stages.lesion.LOW_CONFIDENCE`)."""
     from ..stages.lesion import LOW_CONFIDENCE
 
     p = r.preprocessed
     lesion = ""
     if p is not None:
         conf = p.lesion_confidence
-        sure = "" if conf != conf else f", confidence {conf:.2f}" + (" LOW" if conf < LOW_CONFIDENCE else "")
+        sure = "" if math.isnan(conf) else f", confidence {conf:.2f}" + (" LOW" if conf < LOW_CONFIDENCE else "")
         lesion = f" · lesion {p.lesion_volume_ml:.2f} mL ({p.lesion_source}{sure})"
     return (f"recnec QC · study {name} · patient {r.study.patient_pseudonym or '-'} · {roles_text(r)}"
             f"{lesion}")

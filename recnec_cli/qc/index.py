@@ -22,6 +22,13 @@ from .files import INDEX_NAME, thumb_name
 TEMPLATE = "qc_index.html.j2"
 
 
+def low_confidence(row: Mapping[str, Any]) -> bool:
+    """True when a report row carries ``LESION_LOW_CONFIDENCE``: its ``lesion_confidence`` is below
+    the lesion stage's threshold (:data:`recnec_cli.stages.lesion.LOW_CONFIDENCE_FLAG`, spelt out
+    here so that the index needs no numpy). Used by the index, the terminal table and the log line."""
+    return "LESION_LOW_CONFIDENCE" in str(row.get("flags") or "").split()
+
+
 def _num(v: Any) -> float | None:
     try:
         f = float(v)
@@ -57,8 +64,7 @@ def index_entries(qc_dir: Path, rows: Iterable[Mapping[str, Any]]) -> list[dict[
             "lesion_ml": vol, "lesion_text": "" if vol is None else f"{vol:.2f}",
             "lesion_source": str(row.get("lesion_source") or ""),
             "confidence": conf, "confidence_text": "" if conf is None else f"{conf:.2f}",
-            # the lesion stage's threshold (recnec_cli.stages.lesion.LOW_CONFIDENCE), from the row's flag
-            "low_confidence": "LESION_LOW_CONFIDENCE" in str(row.get("flags") or "").split(),
+            "low_confidence": low_confidence(row),
             "png": png if png and (qc_dir / png).is_file() else "",
             "thumb": thumb if thumb and (qc_dir / thumb).is_file() else "",
             "explain": explain if explain and (qc_dir / explain).is_file() else "",

@@ -127,7 +127,7 @@ def input_foreground(t1ce: VolumeRAS, hdbet_mask: MaskRAS, affine: Affine) -> Ma
         return None
     hd = np.asarray(hdbet_mask, dtype=bool)
     agree = float(np.count_nonzero(fg & hd)) / max(1, int(fg.sum()))
-    if agree < MIN_HDBET_AGREEMENT and hdbet_in_background(hd, fg) <= MAX_HDBET_IN_BACKGROUND:
+    if agree < MIN_HDBET_AGREEMENT and not hdbet_failed_on(hd, fg):
         return None
     return fg
 
@@ -138,6 +138,12 @@ def hdbet_in_background(hdbet_mask: MaskRAS, foreground: MaskRAS) -> float:
     input (z-scored inputs confuse it) and the input's own foreground is the brain."""
     hd = np.asarray(hdbet_mask, dtype=bool)
     return float(np.count_nonzero(hd & ~np.asarray(foreground, dtype=bool))) / max(1, int(hd.sum()))
+
+
+def hdbet_failed_on(hdbet_mask: MaskRAS, foreground: MaskRAS) -> bool:
+    """HD-BET failed on a skull-stripped input (:func:`hdbet_in_background` above
+    :data:`MAX_HDBET_IN_BACKGROUND`): the input's own ``foreground`` replaces its mask."""
+    return hdbet_in_background(hdbet_mask, foreground) > MAX_HDBET_IN_BACKGROUND
 
 
 def refine_brain_mask(hdbet_mask: MaskRAS, affine: Affine, *, t1ce: VolumeRAS, t1: VolumeRAS | None = None,
@@ -156,7 +162,7 @@ def refine_brain_mask(hdbet_mask: MaskRAS, affine: Affine, *, t1ce: VolumeRAS, t
     added_input = 0.0
     if input_mask is not None:
         own = np.asarray(input_mask, dtype=bool)
-        if hdbet_in_background(mask, own) > MAX_HDBET_IN_BACKGROUND:  # HD-BET failed on this input
+        if hdbet_failed_on(mask, own):
             log.warning("HD-BET put %.0f %% of its brain mask where the skull-stripped input holds no image: "
                         "the input's own brain is used", 100 * hdbet_in_background(mask, own))
             merged, source = ndimage.binary_fill_holes(own), "input"

@@ -195,6 +195,12 @@ class ComponentMeasurer:
                          shell[0], shell[1], flair_z, agrees], dtype=float)
 
 
+def fitted_for(score_segmenter_sha256: str, segmenter_sha256: str) -> bool:
+    """A lesion score recording ``score_segmenter_sha256`` may rank the components of the segmenter
+    ``segmenter_sha256`` (same digest, or none recorded)."""
+    return not score_segmenter_sha256 or score_segmenter_sha256 == segmenter_sha256
+
+
 def find_lesion_score(folder: Path, segmenter_sha256: str) -> LesionScore | None:
     """The verified lesion score beside a segmenter (``folder/lesion_score.json``), ``None`` when
     there is none or it was fitted for another segmenter (WARNING: the scan then ranks components
@@ -211,7 +217,7 @@ def find_lesion_score(folder: Path, segmenter_sha256: str) -> LesionScore | None
                     "lesion_confidence is the segmenter's mean probability", LESION_SCORE_FILE, folder)
         return None
     score = LesionScore.load(path)
-    if score.segmenter_sha256 and score.segmenter_sha256 != segmenter_sha256:
+    if not fitted_for(score.segmenter_sha256, segmenter_sha256):
         log.warning("%s was fitted for another segmenter (%s, this one %s): not used; refit it with "
                     "recnec train-segmenter --lesion-score-only", path, score.segmenter_sha256[:12],
                     segmenter_sha256[:12])

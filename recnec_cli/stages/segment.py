@@ -432,8 +432,25 @@ def find_segmented_lesion(seg: Segmentation, images: Mapping[str, np.ndarray | N
     LesionError
         ``NO_ENHANCING_LESION`` (:func:`lesion_from_segmentation`).
     """
+    from .lesion_score import MIN_LESION_SCORE
+
+    not_a_lesion, score = lesion_tests(seg, images, brain, affine, lesion_score=lesion_score,
+                                       heuristic_centroid=heuristic_centroid)
+    found = lesion_from_segmentation(seg, affine, min_volume_ml=min_volume_ml, score=score,
+                                     min_score=MIN_LESION_SCORE, not_a_lesion=not_a_lesion)
+    return refine_boundary(found, np.asarray(images["T1ce"]), brain, affine)
+
+
+def lesion_tests(seg: Segmentation, images: Mapping[str, np.ndarray | None], brain: np.ndarray, affine: Affine, *,
+                 lesion_score: Any = None, heuristic_centroid: np.ndarray | None = None
+                 ) -> tuple[Callable[[np.ndarray], str], Callable[..., float] | None]:
+    """The scan's two judges of a candidate component (arguments as :func:`find_segmented_lesion`):
+    ``not_a_lesion(filled)``, the reason it is a normally enhancing structure or ``""``
+    (:func:`recnec_cli.stages.lesion.normal_structure`, with the CSF shell when ``images`` has a T1
+    and a T2), and ``score(component, filled, enhancing, oedema)`` in [0, 1] (``lesion_score`` over a
+    :class:`~recnec_cli.stages.lesion_score.ComponentMeasurer`; ``None`` without a lesion score)."""
     from . import lesion
-    from .lesion_score import MIN_LESION_SCORE, ComponentMeasurer
+    from .lesion_score import ComponentMeasurer
 
     t1, t2 = images.get("T1"), images.get("T2")
     shell = lesion.ShellEvidence(brain, affine, t1=t1, t2=t2) if t1 is not None and t2 is not None else None
@@ -445,7 +462,4 @@ def find_segmented_lesion(seg: Segmentation, images: Mapping[str, np.ndarray | N
         def score(*masks: np.ndarray) -> float:
             return float(lesion_score(measure(*masks))[0])
 
-    found = lesion_from_segmentation(seg, affine, min_volume_ml=min_volume_ml, score=score,
-                                     min_score=MIN_LESION_SCORE,
-                                     not_a_lesion=lambda m: lesion.normal_structure(m, affine, shell))
-    return refine_boundary(found, np.asarray(images["T1ce"]), brain, affine)
+    return (lambda m: lesion.normal_structure(m, affine, shell)), score
